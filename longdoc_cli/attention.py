@@ -1,0 +1,341 @@
+"""Longformer attention as pure tensor functions.
+
+Units: ``window`` is always the **one-sided** window w (query i sees keys i + d*k for |k| <= w);
+Hugging Face's ``attention_window`` is the two-sided width 2*w. ``dilation`` is d >= 1, per head.
+
+Masks are booleans with one meaning each: ``attention_mask`` True = real token (False = padding),
+``global_mask`` True = global token.
+
+Semantics (Hugging Face's, the spec in :func:`reference_attention`):
+- a local (non-global) query row takes one softmax over the band keys united with the global keys,
+  each key counted once, padded keys excluded;
+- a global query row uses the global projections and sees every real token;
+- padded query rows are zeros (never NaN).
+
+Every fast path here is tested equal to :func:`reference_attention`, the only O(n^2) function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# The spec: one predicate and a dense masked attention (tests and short references only).
+
+
+def band_predicate(i: Tensor, j: Tensor, window: int, dilation: Tensor | int) -> Tensor:
+    """True where query i may see key j through the (dilated) sliding window."""
+    diff = j - i
+    return (diff.abs() <= window * dilation) & (diff.remainder(dilation) == 0)
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v over ``allowed`` keys in fp32; rows with no key give 0."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v.to(acc)).to(q.dtype)
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor,
+    k_global: Tensor,
+    v_global: Tensor,
+    *,
+    window: int,
+    dilation: Sequence[int] | int = 1,
+    attention_mask: Tensor | None = None,
+    global_mask: Tensor | None = None,
+) -> Tensor:
+    """Dense O(n^2) Longformer attention: the specification every fast path must equal.
+
+    All projections are (B, H, n, Dh); the result is (B, H, n, Dh).
+    """
+    B, H, n, _ = q.shape
+    attention_mask = _default_mask(attention_mask, B, n, True, q.device)
+    global_mask = _default_mask(global_mask, B, n, False, q.device) & attention_mask
+    dil = torch.as_tensor(_per_head(dilation, H), device=q.device)
+    idx = torch.arange(n, device=q.device)
+    band = band_predicate(idx[:, None], idx[None, :], window, dil[:, None, None])  # (H, n, n)
+    real_key = attention_mask[:, None, None, :]  # (B, 1, 1, n)
+    local_ok = (band[None] | global_mask[:, None, None, :]) & real_key  # (B, H, n, n)
+    out_local = _masked_attention(q, k, v, local_ok)
+    out_global = _masked_attention(q_global, k_global, v_global, real_key.expand(B, H, n, n))
+    out = torch.where(global_mask[:, None, :, None], out_global, out_local)
+    return out * attention_mask[:, None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast paths: banded local attention (O(n * w)), dilation by interleaving, global rows.
+
+
+def global_indices(global_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of the global tokens, padded to the batch maximum G.
+
+    Returns ``index`` (B, G) long and ``valid`` (B, G) bool. Computed once per forward pass,
+    so layers never call ``nonzero``.
+    """
+    counts = global_mask.sum(dim=1)
+    G = int(counts.max()) if global_mask.numel() else 0
+    # Stable sort puts global positions first, in order.
+    order = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)
+    index = order[:, :G]
+    valid = torch.arange(G, device=global_mask.device)[None, :] < counts[:, None]
+    return index, valid
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, H, n, Dh), index (B, G) -> (B, H, G, Dh)."""
+    B, H, _, Dh = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], Dh))
+
+
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    dilation: Sequence[int] | int = 1,
+    attention_mask: Tensor | None = None,
+    global_index: Tensor | None = None,
+    global_valid: Tensor | None = None,
+    dropout_p: float = 0.0,
+    block: int | None = None,
+) -> Tensor:
+    """Banded (and per-head dilated) attention of the local rows, with the global keys joined in.
+
+    q, k, v: (B, H, n, Dh) from the local projections. ``global_index``/``global_valid`` come from
+    :func:`global_indices`. Returns (B, H, n, Dh): padded rows are 0; the rows of global tokens hold
+    their local result, which the caller replaces with :func:`global_attention`.
+    Time and memory O(n * (w + G)); no (n, n) tensor is built.
+    """
+    B, H, n, Dh = q.shape
+    attention_mask = _default_mask(attention_mask, B, n, True, q.device)
+    band_key = attention_mask.clone()
+    g_keys = g_values = None
+    if global_index is not None and global_index.shape[1] > 0:
+        # Global keys join every local row's softmax once: out of the band, in front of it.
+        band_key.scatter_(1, global_index, ~global_valid & band_key.gather(1, global_index))
+        g_keys, g_values = _gather_rows(k, global_index), _gather_rows(v, global_index)
+    dilations = _per_head(dilation, H)
+    groups: dict[int, list[int]] = {}
+    for head, d in enumerate(dilations):
+        groups.setdefault(d, []).append(head)
+
+    def run(heads: list[int] | None, d: int) -> Tensor:
+        sel = (lambda t: t) if heads is None else (lambda t: t[:, heads])
+        gk = None if g_keys is None else sel(g_keys)
+        gv = None if g_values is None else sel(g_values)
+        return _dilated_band(
+            sel(q), sel(k), sel(v), window, d, attention_mask, band_key, gk, gv, global_valid,
+            dropout_p, block,
+        )  # fmt: skip
+
+    if len(groups) == 1:
+        return run(None, dilations[0])
+    out = q.new_empty(B, H, n, Dh)
+    for d, heads in groups.items():
+        out[:, heads] = run(heads, d)
+    return out
+
+
+def _dilated_band(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    dilation: int,
+    query_ok: Tensor,
+    key_ok: Tensor,
+    g_keys: Tensor | None,
+    g_values: Tensor | None,
+    g_valid: Tensor | None,
+    dropout_p: float,
+    block: int | None,
+) -> Tensor:
+    """Dilation d as d interleaved sequences: keys i + d*k all share i mod d."""
+    if dilation == 1:
+        return _band(q, k, v, window, query_ok, key_ok, g_keys, g_values, g_valid, dropout_p, block)
+    B, H, n, Dh = q.shape
+    d = dilation
+    m = -(-n // d)
+    pad = m * d - n
+
+    def split(t: Tensor) -> Tensor:  # (B, H, n, Dh) -> (B*d, H, m, Dh)
+        t = F.pad(t, (0, 0, 0, pad)).view(B, H, m, d, Dh)
+        return t.permute(0, 3, 1, 2, 4).reshape(B * d, H, m, Dh)
+
+    def split_mask(t: Tensor) -> Tensor:  # (B, n) -> (B*d, m)
+        return F.pad(t, (0, pad), value=False).view(B, m, d).transpose(1, 2).reshape(B * d, m)
+
+    def repeat(t: Tensor | None) -> Tensor | None:  # (B, ...) -> (B*d, ...)
+        return None if t is None else t.repeat_interleave(d, dim=0)
+
+    out = _band(
+        split(q), split(k), split(v), window, split_mask(query_ok), split_mask(key_ok),
+        repeat(g_keys), repeat(g_values), repeat(g_valid), dropout_p, block,
+    )  # fmt: skip
+    # (B*d, H, m, Dh) -> (B, H, m, d, Dh) -> (B, H, n, Dh)
+    out = out.view(B, d, H, m, Dh).permute(0, 2, 3, 1, 4).reshape(B, H, m * d, Dh)
+    return out[:, :, :n]
+
+
+def _band(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    query_ok: Tensor,
+    key_ok: Tensor,
+    g_keys: Tensor | None,
+    g_values: Tensor | None,
+    g_valid: Tensor | None,
+    dropout_p: float,
+    block: int | None,
+) -> Tensor:
+    """Undilated sliding window: query i sees band keys j (|i-j| <= w, ``key_ok``) and the globals.
+
+    Queries are cut into blocks of b; block s sees the b + 2w keys [s*b - w, s*b + b + w) (a view of
+    the padded keys, copied once) plus the G global keys, and one fused scaled-dot-product call
+    does all blocks with a boolean mask. Rows of ``~query_ok`` are unmasked (no NaN) and zeroed.
+    """
+    B, H, n, Dh = q.shape
+    w = window
+    G = 0 if g_keys is None else g_keys.shape[2]
+    if n <= w + 1:
+        return _dense_short(q, k, v, query_ok, key_ok, g_keys, g_values, g_valid, dropout_p)
+    b = block or _block_size(w, n)
+    nb = -(-n // b)
+    L = b + 2 * w  # band keys per block
+    right = nb * b - n + w
+
+    def blocks(t: Tensor) -> Tensor:  # (B, H, n, Dh) -> (B*nb, H, L, Dh)
+        t = F.pad(t, (0, 0, w, right)).unfold(2, L, b)  # (B, H, nb, Dh, L)
+        return t.permute(0, 2, 1, 4, 3).reshape(B * nb, H, L, Dh)
+
+    kb, vb = blocks(k), blocks(v)
+    qb = F.pad(q, (0, 0, 0, nb * b - n)).view(B, H, nb, b, Dh).transpose(1, 2)
+    qb = qb.reshape(B * nb, H, b, Dh)
+    r = torch.arange(b, device=q.device)[:, None]
+    c = torch.arange(L, device=q.device)[None, :]
+    in_band = (c >= r) & (c <= r + 2 * w)  # (b, L): key s*b - w + c within w of query s*b + r
+    band_ok = F.pad(key_ok, (w, right), value=False).unfold(1, L, b)  # (B, nb, L)
+    mask = in_band & band_ok[:, :, None, :]  # (B, nb, b, L)
+    if G:
+        g_ok = g_valid[:, None, None, :].expand(B, nb, b, G)
+        mask = torch.cat([g_ok, mask], dim=-1)  # (B, nb, b, G + L)
+        gk = g_keys[:, None].expand(B, nb, H, G, Dh).reshape(B * nb, H, G, Dh)
+        gv = g_values[:, None].expand(B, nb, H, G, Dh).reshape(B * nb, H, G, Dh)
+        kb, vb = torch.cat([gk, kb], dim=2), torch.cat([gv, vb], dim=2)
+    q_ok = F.pad(query_ok, (0, nb * b - n), value=False).view(B, nb, b, 1)
+    mask = mask | ~q_ok  # padded rows see everything: finite, and zeroed below
+    out = F.scaled_dot_product_attention(
+        qb, kb, vb, attn_mask=mask.view(B * nb, 1, b, G + L), dropout_p=dropout_p
+    )  # (B*nb, H, b, Dh)
+    out = out.view(B, nb, H, b, Dh).transpose(1, 2).reshape(B, H, nb * b, Dh)[:, :, :n]
+    return out * query_ok[:, None, :, None]
+
+
+def _dense_short(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    query_ok: Tensor,
+    key_ok: Tensor,
+    g_keys: Tensor | None,
+    g_values: Tensor | None,
+    g_valid: Tensor | None,
+    dropout_p: float,
+) -> Tensor:
+    """The whole sequence fits in one window: every key is in band, so attention is dense."""
+    if g_keys is not None:
+        k, v = torch.cat([g_keys, k], dim=2), torch.cat([g_values, v], dim=2)
+        key_ok = torch.cat([g_valid, key_ok], dim=1)
+    key_ok = key_ok | ~key_ok.any(dim=1, keepdim=True)  # an all-padding row stays finite
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :], dropout_p=dropout_p)
+    return out * query_ok[:, None, :, None]
+
+
+def _block_size(window: int, n: int) -> int:
+    """Query block b: the band costs (b + 2w) / (2w + 1) of the exact FLOPs; small b adds calls.
+    b = 64 measured fastest at w = 256 on the 2-core CPU (benchmarks/README.md)."""
+    return max(1, min(64, max(16, window), n))
+
+
+def global_attention(
+    q_global: Tensor, k_global: Tensor, v_global: Tensor, attention_mask: Tensor, dropout_p: float = 0.0
+) -> Tensor:
+    """Global rows: q_global (B, H, G, Dh) against all real keys (B, H, n, Dh) -> (B, H, G, Dh)."""
+    acc = torch.promote_types(q_global.dtype, torch.float32)
+    scores = torch.matmul(q_global.to(acc), k_global.to(acc).transpose(-1, -2))
+    scores = scores / math.sqrt(q_global.shape[-1])
+    probs = _global_probs(scores, attention_mask, dropout_p)
+    return torch.matmul(probs.to(v_global.dtype), v_global)
+
+
+def global_attention_from_hidden(
+    q_global: Tensor,
+    hidden: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor | None,
+    value_weight: Tensor,
+    value_bias: Tensor | None,
+    attention_mask: Tensor,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """:func:`global_attention` with k_global = hidden W_k^T + b_k (same for v), reassociated.
+
+    (q W_k_h) hidden^T and (P hidden) W_v_h^T cost O(G n d + G d^2) per head instead of the
+    O(n d^2) of projecting every token with the global key and value weights.
+    q_global: (B, H, G, Dh); hidden: (B, n, d); weights (H*Dh, d). Returns (B, H, G, Dh).
+    """
+    B, H, G, Dh = q_global.shape
+    d = hidden.shape[-1]
+    acc = torch.promote_types(q_global.dtype, torch.float32)
+    qk = torch.matmul(q_global, key_weight.view(H, Dh, d))  # (B, H, G, d)
+    scores = torch.matmul(qk.to(acc).view(B, H * G, d), hidden.to(acc).transpose(1, 2))
+    scores = scores.view(B, H, G, -1)  # (B, H, G, n)
+    if key_bias is not None:  # q . b_k is constant over keys: softmax ignores it, kept for parity
+        scores = scores + (q_global.to(acc) * key_bias.to(acc).view(1, H, 1, Dh)).sum(-1, keepdim=True)
+    probs = _global_probs(scores / math.sqrt(Dh), attention_mask, dropout_p)
+    ph = torch.matmul(probs.to(hidden.dtype).view(B, H * G, -1), hidden).view(B, H, G, d)
+    out = torch.matmul(ph, value_weight.view(H, Dh, d).transpose(1, 2))  # (B, H, G, Dh)
+    if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
+        out = out + value_bias.view(1, H, 1, Dh)
+    return out
+
+
+def _global_probs(scores: Tensor, attention_mask: Tensor, dropout_p: float) -> Tensor:
+    """fp32 softmax over real keys; (B, H, G, n) scores."""
+    scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _per_head(value: Sequence[int] | int, heads: int) -> list[int]:
+    values = [int(value)] * heads if isinstance(value, int) else [int(x) for x in value]
+    if len(values) != heads:
+        raise ValueError(f"dilation: {len(values)} values given for {heads} heads")
+    if min(values) < 1:
+        raise ValueError(f"dilation: every value must be >= 1, got {values}")
+    return values
+
+
+def _default_mask(mask: Tensor | None, B: int, n: int, fill: bool, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.full((B, n), fill, dtype=torch.bool, device=device)
+    return mask.to(device=device, dtype=torch.bool)

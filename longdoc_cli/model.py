@@ -1,0 +1,572 @@
+"""The Longformer encoder and its task heads, top to bottom, with Hugging Face's parameter names.
+
+config -> embeddings -> self-attention -> layer -> encoder -> heads (classification, QA) -> loading.
+Weights load from and save to Hugging Face-format directories (``config.json`` +
+``model.safetensors``/``pytorch_model.bin``) that ``transformers.Longformer*`` read unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import global_attention_from_hidden, global_indices, local_attention
+from .errors import LongdocError
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class LongformerConfig:
+    """Hugging Face's ``LongformerConfig`` fields (defaults: longformer-base-4096) plus two of ours.
+
+    ``attention_window`` is HF's **two-sided** width, one per layer (one-sided w = width // 2).
+    ``attention_dilation`` (ours): an int, one per layer, or one list per layer with one value per
+    head. ``position_style`` (ours): "roberta" (positions from padding_idx + 1, as HF Longformer)
+    or "bert" (positions from 0).
+    """
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 4098
+    type_vocab_size: int = 1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    sep_token_id: int | None = 2
+    attention_window: int | list[int] = 512
+    attention_dilation: int | list[int] | list[list[int]] = 1
+    position_style: str = "roberta"
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    problem_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, kept on save
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise LongdocError(
+                f"config: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        windows = self.windows
+        for i, width in enumerate(windows):
+            if width <= 0 or width % 2:
+                raise LongdocError(
+                    f"config: attention_window[{i}] = {width}: the two-sided window must be a positive even number"
+                )
+        self.dilations  # noqa: B018 - validates
+        if self.position_style not in ("roberta", "bert"):
+            raise LongdocError(f"config: position_style must be 'roberta' or 'bert', got {self.position_style!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise LongdocError(f"config: hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+
+    @property
+    def windows(self) -> list[int]:
+        """Two-sided window per layer."""
+        w = self.attention_window
+        windows = [int(w)] * self.num_hidden_layers if isinstance(w, int) else [int(x) for x in w]
+        if len(windows) != self.num_hidden_layers:
+            raise LongdocError(
+                f"config: attention_window has {len(windows)} values for {self.num_hidden_layers} layers"
+            )
+        return windows
+
+    @property
+    def dilations(self) -> list[list[int]]:
+        """Dilation per layer, per head."""
+        L, H = self.num_hidden_layers, self.num_attention_heads
+        d = self.attention_dilation
+        per_layer = [d] * L if isinstance(d, int) else list(d)
+        if len(per_layer) != L:
+            raise LongdocError(f"config: attention_dilation has {len(per_layer)} values for {L} layers")
+        out = []
+        for i, x in enumerate(per_layer):
+            heads = [int(x)] * H if isinstance(x, int) else [int(y) for y in x]
+            if len(heads) != H:
+                raise LongdocError(f"config: attention_dilation[{i}] has {len(heads)} values for {H} heads")
+            if min(heads) < 1:
+                raise LongdocError(f"config: attention_dilation[{i}] = {heads}: every dilation must be >= 1")
+            out.append(heads)
+        return out
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input the position table allows."""
+        if self.position_style == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LongformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "num_labels"}
+        extra.pop("label2id", None)
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as e:
+            raise LongdocError(f"config: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        data["model_type"] = "longformer"
+        data["attention_window"] = self.windows
+        if self.id2label is not None:
+            data["label2id"] = {v: k for k, v in self.id2label.items()}
+        return data
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu,
+               "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class LongformerEmbeddings(nn.Module):
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.padding_idx = config.pad_token_id
+        self.position_style = config.position_style
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        B, T = input_ids.shape
+        if self.position_style == "roberta":  # HF: real tokens count up from padding_idx + 1
+            real = input_ids.ne(self.padding_idx).long()
+            positions = torch.cumsum(real, dim=1) * real + self.padding_idx
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-attention: local band (+ dilation) for every row, global projections for the global rows
+
+
+@dataclass(frozen=True)
+class AttentionMasks:
+    """Masks of one batch, computed once and shared by every layer (no per-layer nonzero())."""
+
+    attention: Tensor  # (B, T) bool, True = real token
+    global_index: Tensor  # (B, G) long
+    global_valid: Tensor  # (B, G) bool
+
+
+class LongformerSelfAttention(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.query_global, self.key_global, self.value_global = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.window = config.windows[layer_id] // 2  # one-sided
+        self.dilation = config.dilations[layer_id]
+        self.dropout = config.attention_probs_dropout_prob
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, H, T, Dh)
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
+        B, T, d = x.shape
+        p = self.dropout if self.training else 0.0
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        out = local_attention(
+            q, k, v, window=self.window, dilation=self.dilation, attention_mask=masks.attention,
+            global_index=masks.global_index, global_valid=masks.global_valid, dropout_p=p,
+        )  # (B, H, T, Dh)  # fmt: skip
+        G = masks.global_index.shape[1]
+        if G:
+            idx = masks.global_index
+            x_g = x.gather(1, idx[:, :, None].expand(B, G, d))  # (B, G, d)
+            q_g = self.query_global(x_g).view(B, G, self.num_heads, self.head_dim).transpose(1, 2)
+            out_g = global_attention_from_hidden(
+                q_g, x, self.key_global.weight, self.key_global.bias, self.value_global.weight,
+                self.value_global.bias, masks.attention, dropout_p=p,
+            )  # (B, H, G, Dh)  # fmt: skip
+            rows = idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)
+            out_g = torch.where(masks.global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows))
+            out = out.scatter(2, rows, out_g)
+        return out.transpose(1, 2).reshape(B, T, d)
+
+
+class LongformerSelfOutput(nn.Module):
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class LongformerAttention(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self = LongformerSelfAttention(config, layer_id)
+        self.output = LongformerSelfOutput(config)
+
+    def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
+        return self.output(self.self(x, masks), x)
+
+
+class LongformerIntermediate(nn.Module):
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class LongformerOutput(nn.Module):
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class LongformerLayer(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention = LongformerAttention(config, layer_id)
+        self.intermediate = LongformerIntermediate(config)
+        self.output = LongformerOutput(config)
+
+    def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
+        x = self.attention(x, masks)
+        return self.output(self.intermediate(x), x)
+
+
+class LongformerLayers(nn.Module):
+    """HF's ``encoder`` submodule: the stack of layers."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, masks, use_reentrant=False)
+            else:
+                x = layer(x, masks)
+        return x
+
+
+class LongformerPooler(nn.Module):
+    """Kept so checkpoints round-trip with ``LongformerModel``; the encoder returns hidden states."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: shared loading/saving, the encoder, the two task heads
+
+
+class _PretrainedMixin(nn.Module):
+    """from_pretrained / save_pretrained for Hugging Face-format directories."""
+
+    hf_architecture: ClassVar[str]
+    prefix: ClassVar[str]  # where the encoder's keys live in a checkpoint of this class
+    head_keys: ClassVar[tuple[str, ...]] = ()
+
+    config: LongformerConfig
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+                if m.padding_idx is not None:
+                    m.weight.data[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        encoder = self if isinstance(self, LongformerEncoder) else self.longformer
+        encoder.encoder.gradient_checkpointing = enabled
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, init_missing_head: bool = False, config: LongformerConfig | None = None
+    ):
+        """Load a Hugging Face-format Longformer directory (keys with prefix '', 'longformer.' or
+        'roberta.'). A task head missing from the checkpoint is an error unless
+        ``init_missing_head`` (then it starts from random weights, as for fine-tuning)."""
+        path = Path(path)
+        config = config or load_config(path)
+        state = load_state_dict(path)
+        model = cls(config)
+        model._load_checked(state, path, init_missing_head)
+        return model.eval()
+
+    def _load_checked(self, state: dict[str, Tensor], path: Path, init_missing_head: bool) -> None:
+        encoder_state = _strip_prefix(state, path)
+        ours = self.state_dict()
+        new_state: dict[str, Tensor] = {}
+        missing = []
+        for key, param in ours.items():
+            src = key[len(self.prefix) :] if key.startswith(self.prefix) else None
+            value = encoder_state.get(src) if src is not None else state.get(key)
+            if value is None:
+                missing.append(key)
+                continue
+            if tuple(value.shape) != tuple(param.shape):
+                raise LongdocError(
+                    f"{path}: weight {key} has shape {tuple(value.shape)} but config.json implies "
+                    f"{tuple(param.shape)}"
+                )
+            new_state[key] = value.to(param.dtype)
+        head_missing = [k for k in missing if k.startswith(self.head_keys)] if self.head_keys else []
+        body_missing = [k for k in missing if k not in head_missing and not k.startswith("pooler.")]
+        if body_missing:
+            shown = ", ".join(body_missing[:3]) + (" ..." if len(body_missing) > 3 else "")
+            raise LongdocError(f"{path}: checkpoint lacks {len(body_missing)} encoder weights ({shown})")
+        if head_missing and not init_missing_head:
+            raise LongdocError(f"{path}: checkpoint has no {self.head_name} head ({head_missing[0]} missing)")
+        self.load_state_dict(new_state, strict=False)
+
+    head_name: ClassVar[str] = ""
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json + model.safetensors, loadable by transformers' matching class."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        data = self.config.to_dict()
+        data["architectures"] = [self.hf_architecture]
+        (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+class LongformerEncoder(_PretrainedMixin):
+    """Embeddings + layers; ``forward`` returns the last hidden state (B, T, d)."""
+
+    hf_architecture = "LongformerModel"
+    prefix = ""
+
+    def __init__(self, config: LongformerConfig, add_pooler: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = LongformerEmbeddings(config)
+        self.encoder = LongformerLayers(config)
+        self.pooler = LongformerPooler(config) if add_pooler else None
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        global_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        B, T = input_ids.shape
+        if T > self.config.max_tokens:
+            raise LongdocError(
+                f"input has {T} tokens but the model's positions allow {self.config.max_tokens}; "
+                "split it into windows"
+            )
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        glob = torch.zeros_like(real) if global_attention_mask is None else global_attention_mask.bool() & real
+        index, valid = global_indices(glob)
+        masks = AttentionMasks(real, index, valid)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, d)
+        return self.encoder(x, masks)
+
+
+class LongformerClassificationHead(nn.Module):
+    """HF's head: x[:, 0] -> dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
+        return self.out_proj(self.dropout(x))
+
+
+class LongformerForSequenceClassification(_PretrainedMixin):
+    """Returns logits (B, num_labels). With no global mask, the first token is global (as HF)."""
+
+    hf_architecture = "LongformerForSequenceClassification"
+    prefix = "longformer."
+    head_keys = ("classifier.",)
+    head_name = "sequence-classification"
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.longformer = LongformerEncoder(config, add_pooler=False)
+        self.classifier = LongformerClassificationHead(config)
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        global_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        if global_attention_mask is None:
+            global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            global_attention_mask[:, 0] = True
+        hidden = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
+        return self.classifier(hidden)
+
+
+class LongformerForQuestionAnswering(_PretrainedMixin):
+    """Returns (start_logits, end_logits), each (B, T). With no global mask, the tokens before the
+    first separator (the question) are global (as HF)."""
+
+    hf_architecture = "LongformerForQuestionAnswering"
+    prefix = "longformer."
+    head_keys = ("qa_outputs.",)
+    head_name = "question-answering"
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.longformer = LongformerEncoder(config, add_pooler=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        global_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if global_attention_mask is None:
+            global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
+        hidden = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
+        logits = self.qa_outputs(hidden)  # (B, T, 2)
+        return logits[..., 0], logits[..., 1]
+
+
+def question_global_mask(input_ids: Tensor, sep_token_id: int | None) -> Tensor:
+    """True on every token before the first separator of each row (the question)."""
+    if sep_token_id is None:
+        raise LongdocError("config: sep_token_id is not set, so the question tokens cannot be found")
+    is_sep = input_ids.eq(sep_token_id)
+    if not bool(is_sep.any(dim=1).all()):
+        raise LongdocError("every QA input row needs a separator token after the question")
+    first = is_sep.int().argmax(dim=1)  # (B,)
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < first[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def load_config(path: Path) -> LongformerConfig:
+    file = path / "config.json"
+    if not path.is_dir():
+        raise LongdocError(f"{path}: not a directory (expected a model directory with config.json)")
+    if not file.is_file():
+        raise LongdocError(f"{path}: no config.json, so this is not a Hugging Face-format model directory")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LongdocError(f"{file}: cannot read it as JSON ({e})") from e
+    model_type = data.get("model_type")
+    if model_type != "longformer":
+        hint = " (run `longdoc convert` first)" if model_type in ("bert", "roberta") else ""
+        raise LongdocError(f"{file}: model_type is {model_type!r}, not 'longformer'{hint}")
+    return LongformerConfig.from_dict(data)
+
+
+def load_state_dict(path: Path) -> dict[str, Tensor]:
+    """Weights from model.safetensors, else pytorch_model.bin (``weights_only=True``)."""
+    st, pt = path / "model.safetensors", path / "pytorch_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if pt.is_file():
+            return torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a weight file at all
+        bad = st if st.is_file() else pt
+        raise LongdocError(f"{bad}: cannot read the weights ({str(e).splitlines()[0][:200]})") from e
+    raise LongdocError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _strip_prefix(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """The encoder's weights with their checkpoint prefix ('', 'longformer.' or 'roberta.') removed."""
+    for prefix in ("", "longformer.", "roberta."):
+        if prefix + "embeddings.word_embeddings.weight" in state:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    raise LongdocError(f"{path}: the weights hold no Longformer encoder (no embeddings.word_embeddings.weight)")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "LongformerConfig",
+    "LongformerEncoder",
+    "LongformerForQuestionAnswering",
+    "LongformerForSequenceClassification",
+]
