@@ -205,9 +205,11 @@ def _band(
 ) -> Tensor:
     """Undilated sliding window: query i sees band keys j (|i-j| <= w, ``key_ok``) and the globals.
 
-    Queries are cut into blocks of b; block s sees the b + 2w keys [s*b - w, s*b + b + w) (a view of
-    the padded keys, copied once) plus the G global keys, and one fused scaled-dot-product call
-    does all blocks with a boolean mask. Rows of ``~query_ok`` are unmasked (no NaN) and zeroed.
+    Queries are cut into blocks of b; block s sees the b + 2w keys [s*b - w, s*b + b + w) of the
+    padded keys (an unfolded view) plus the G global keys. Chunks of blocks are copied into one
+    (blocks, H, G + b + 2w, Dh) tensor each and run through one fused scaled-dot-product call with a
+    boolean mask; chunks keep that copy within ``_CHUNK_ELEMENTS`` (memory O(n d) in all, not
+    O(n d (b + 2w) / b)). Rows of ``~query_ok`` are unmasked (no NaN) and zeroed.
     """
     B, H, n, Dh = q.shape
     w = window
@@ -218,32 +220,45 @@ def _band(
     nb = -(-n // b)
     L = b + 2 * w  # band keys per block
     right = nb * b - n + w
+    k_pad, v_pad = F.pad(k, (0, 0, w, right)), F.pad(v, (0, 0, w, right))  # (B, H, w + nb*b + w, Dh)
+    q_pad = F.pad(q, (0, 0, 0, nb * b - n))  # (B, H, nb*b, Dh)
 
-    def blocks(t: Tensor) -> Tensor:  # (B, H, n, Dh) -> (B*nb, H, L, Dh)
-        t = F.pad(t, (0, 0, w, right)).unfold(2, L, b)  # (B, H, nb, Dh, L)
-        return t.permute(0, 2, 1, 4, 3).reshape(B * nb, H, L, Dh)
-
-    kb, vb = blocks(k), blocks(v)
-    qb = F.pad(q, (0, 0, 0, nb * b - n)).view(B, H, nb, b, Dh).transpose(1, 2)
-    qb = qb.reshape(B * nb, H, b, Dh)
     r = torch.arange(b, device=q.device)[:, None]
     c = torch.arange(L, device=q.device)[None, :]
     in_band = (c >= r) & (c <= r + 2 * w)  # (b, L): key s*b - w + c within w of query s*b + r
     band_ok = F.pad(key_ok, (w, right), value=False).unfold(1, L, b)  # (B, nb, L)
     mask = in_band & band_ok[:, :, None, :]  # (B, nb, b, L)
     if G:
-        g_ok = g_valid[:, None, None, :].expand(B, nb, b, G)
-        mask = torch.cat([g_ok, mask], dim=-1)  # (B, nb, b, G + L)
-        gk = g_keys[:, None].expand(B, nb, H, G, Dh).reshape(B * nb, H, G, Dh)
-        gv = g_values[:, None].expand(B, nb, H, G, Dh).reshape(B * nb, H, G, Dh)
-        kb, vb = torch.cat([gk, kb], dim=2), torch.cat([gv, vb], dim=2)
+        mask = torch.cat([g_valid[:, None, None, :].expand(B, nb, b, G), mask], dim=-1)  # (B, nb, b, G + L)
     q_ok = F.pad(query_ok, (0, nb * b - n), value=False).view(B, nb, b, 1)
     mask = mask | ~q_ok  # padded rows see everything: finite, and zeroed below
-    out = F.scaled_dot_product_attention(
-        qb, kb, vb, attn_mask=mask.view(B * nb, 1, b, G + L), dropout_p=dropout_p
-    )  # (B*nb, H, b, Dh)
-    out = out.view(B, nb, H, b, Dh).transpose(1, 2).reshape(B, H, nb * b, Dh)[:, :, :n]
+
+    def keys(t: Tensor, g: Tensor | None, s0: int, s1: int) -> Tensor:  # -> (B*cb, H, G + L, Dh)
+        # One copy: the globals and the unfolded band of blocks s0..s1-1 written in place (no cat).
+        out = t.new_empty(B, s1 - s0, H, G + L, Dh)
+        out[:, :, :, G:] = t[:, :, s0 * b : s1 * b + 2 * w].unfold(2, L, b).permute(0, 2, 1, 4, 3)
+        if g is not None:
+            out[:, :, :, :G] = g[:, None]
+        return out.view(-1, H, G + L, Dh)
+
+    chunk = max(1, _CHUNK_ELEMENTS // (B * H * (G + L) * Dh))  # blocks per call
+    outs = []
+    for s0 in range(0, nb, chunk):
+        s1 = min(nb, s0 + chunk)
+        qb = q_pad[:, :, s0 * b : s1 * b].view(B, H, s1 - s0, b, Dh).transpose(1, 2)
+        qb = qb.reshape(-1, H, b, Dh)  # (B*cb, H, b, Dh)
+        out = F.scaled_dot_product_attention(
+            qb, keys(k_pad, g_keys, s0, s1), keys(v_pad, g_values, s0, s1),
+            attn_mask=mask[:, s0:s1].reshape(-1, 1, b, G + L), dropout_p=dropout_p,
+        )  # (B*cb, H, b, Dh)  # fmt: skip
+        outs.append(out.view(B, s1 - s0, H, b, Dh))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, nb, H, b, Dh)
+    out = out.transpose(1, 2).reshape(B, H, nb * b, Dh)[:, :, :n]
     return out * query_ok[:, None, :, None]
+
+
+# Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _dense_short(

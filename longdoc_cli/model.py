@@ -69,13 +69,18 @@ class LongformerConfig:
         for i, width in enumerate(windows):
             if width <= 0 or width % 2:
                 raise LongdocError(
-                    f"config: attention_window[{i}] = {width}: the two-sided window must be a positive even number"
+                    f"config: attention_window[{i}] = {width}: "
+                    "the two-sided window must be a positive even number"
                 )
         self.dilations  # noqa: B018 - validates
         if self.position_style not in ("roberta", "bert"):
-            raise LongdocError(f"config: position_style must be 'roberta' or 'bert', got {self.position_style!r}")
+            raise LongdocError(
+                f"config: position_style must be 'roberta' or 'bert', got {self.position_style!r}"
+            )
         if self.hidden_act not in ACTIVATIONS:
-            raise LongdocError(f"config: hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+            raise LongdocError(
+                f"config: hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})"
+            )
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -195,7 +200,7 @@ class LongformerSelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.query_global, self.key_global, self.value_global = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.query_global, self.key_global, self.value_global = (nn.Linear(d, d) for _ in range(3))
         self.window = config.windows[layer_id] // 2  # one-sided
         self.dilation = config.dilations[layer_id]
         self.dropout = config.attention_probs_dropout_prob
@@ -222,7 +227,9 @@ class LongformerSelfAttention(nn.Module):
                 self.value_global.bias, masks.attention, dropout_p=p,
             )  # (B, H, G, Dh)  # fmt: skip
             rows = idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)
-            out_g = torch.where(masks.global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows))
+            out_g = torch.where(
+                masks.global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows)
+            )
             out = out.scatter(2, rows, out_g)
         return out.transpose(1, 2).reshape(B, T, d)
 
@@ -416,14 +423,18 @@ class LongformerEncoder(_PretrainedMixin):
         global_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
     ) -> Tensor:
-        B, T = input_ids.shape
-        if T > self.config.max_tokens:
+        length = input_ids.shape[1]
+        if length > self.config.max_tokens:
             raise LongdocError(
-                f"input has {T} tokens but the model's positions allow {self.config.max_tokens}; "
+                f"input has {length} tokens but the model's positions allow {self.config.max_tokens}; "
                 "split it into windows"
             )
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        glob = torch.zeros_like(real) if global_attention_mask is None else global_attention_mask.bool() & real
+        real = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        glob = (
+            torch.zeros_like(real) if global_attention_mask is None else global_attention_mask.bool() & real
+        )
         index, valid = global_indices(glob)
         masks = AttentionMasks(real, index, valid)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, d)
@@ -557,7 +568,9 @@ def _strip_prefix(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     for prefix in ("", "longformer.", "roberta."):
         if prefix + "embeddings.word_embeddings.weight" in state:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    raise LongdocError(f"{path}: the weights hold no Longformer encoder (no embeddings.word_embeddings.weight)")
+    raise LongdocError(
+        f"{path}: the weights hold no Longformer encoder (no embeddings.word_embeddings.weight)"
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,871 @@
+"""The `longdoc` command line: parse options, call the library, render results.
+
+Results go to stdout (a rich table on a TTY, JSON lines when piped or with --format); progress,
+logs and warnings go to stderr. Errors are one line on stderr with exit code 1 (2 for usage and
+config errors), or a full traceback with LONGDOC_DEBUG=1. Heavy imports (torch, transformers)
+happen inside commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+
+from . import __version__
+from .errors import LongdocError
+
+app = typer.Typer(
+    name="longdoc",
+    help="Classify long documents and answer questions over them with a Longformer encoder.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"longdoc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Classify long documents and answer questions over them with a Longformer encoder."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared plumbing: errors, stderr console, output of records
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LONGDOC_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one error line on stderr and return the Exit to raise."""
+    typer.echo(f"longdoc: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def errors() -> Iterator[None]:
+    """Turn expected failures into one line on stderr and an exit code (traceback with LONGDOC_DEBUG=1)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except LongdocError as e:
+        if debug_enabled():
+            raise
+        raise fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        typer.echo("longdoc: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        raise typer.Exit(0) from None
+    except (OSError, MemoryError, RuntimeError, ValueError) as e:
+        if debug_enabled():
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "out of memory" in text.lower() or isinstance(e, MemoryError):
+            text = f"out of memory ({text[:160]}); try a smaller --batch-size or shorter inputs"
+        raise fail(f"{type(e).__name__}: {text}") from None
+
+
+def _quiet_broken_pipe() -> None:
+    # `longdoc ... | head`: the reader went away; silence Python's flush error at exit.
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def stderr_console(quiet: bool = False):
+    """A rich console on stderr (colour off with NO_COLOR or when not a TTY)."""
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def output_format(fmt: str | None) -> str:
+    """'table' on a TTY, else 'jsonl', unless --format says otherwise."""
+    if fmt:
+        if fmt not in ("table", "jsonl", "json", "tsv"):
+            raise LongdocError(f"--format must be table, jsonl, json or tsv, not {fmt!r}", exit_code=2)
+        return fmt
+    return "table" if sys.stdout.isatty() else "jsonl"
+
+
+def write_jsonl(record: dict[str, Any]) -> None:
+    """One JSON object per line, flushed at once so pipelines see results as they come."""
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: convert, models/env
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="A Hugging Face BERT or RoBERTa directory with its tokenizer."),
+    out: str = typer.Argument(..., help="New directory for the Longformer (must not exist or be empty)."),
+    max_positions: int = typer.Option(
+        4096, "--max-positions", help="Longest input of the result in tokens, special tokens included."
+    ),
+    attention_window: int = typer.Option(
+        512, "--attention-window", help="Two-sided local attention width in tokens (512 = 256 each side)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Write into a non-empty OUT (replaces same-named files, keeps the rest)."
+    ),
+) -> None:
+    """Turn a short-context BERT/RoBERTa checkpoint into a Longformer (positions copied, global
+    projections from the local ones, tokenizer length raised)."""
+    from pathlib import Path
+
+    with errors():
+        from .convert import convert_checkpoint
+
+        path = convert_checkpoint(Path(src), Path(out), max_positions, attention_window, force=force)
+        typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
+
+
+def _environment() -> dict[str, Any]:
+    import tokenizers
+    import torch
+    import transformers
+
+    from .models import cache_entries, default_model_status, longdoc_home
+
+    cuda = torch.cuda.is_available()
+    return {
+        "default_model": default_model_status(),
+        "longdoc_model": os.environ.get("LONGDOC_MODEL") or "default",
+        "longdoc_home": str(longdoc_home()),
+        "cached_models": cache_entries(),
+        "device": "cuda" if cuda else "cpu",
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "versions": {
+            "longdoc": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": sys.version.split()[0],
+        },
+    }
+
+
+@app.command("models")
+def models_cmd(
+    fmt: str = typer.Option(None, "--format", "-f", help="table (default on a TTY) or json."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Also resolve this model (converting it if needed) and describe it."
+    ),
+    allow_download: bool = typer.Option(
+        False, "--allow-download", help="Allow fetching a Hugging Face hub id given to --model."
+    ),
+) -> None:
+    """Show the default model (source, sha256, cache path, converted yet?), LONGDOC_HOME, the device
+    and library versions."""
+    with errors():
+        kind = output_format(fmt)
+        env = _environment()
+        if model is not None:
+            from .models import model_info, resolve_model
+
+            env["model"] = model_info(resolve_model(model, allow_download=allow_download))
+        if kind != "table":
+            sys.stdout.write(json.dumps(env, indent=None if kind == "jsonl" else 2) + "\n")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        d = env["default_model"]
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        rows = [
+            ("default model", d["source"]),
+            ("  sha256", d["sha256"]),
+            ("  package", d.get("package_dir") or d.get("problem", "not installed")),
+            ("  cache", d["cache_path"]),
+            ("  converted", "yes" if d["converted"] else "no (converted on first use)"),
+            ("  max tokens / window", f"{d['max_tokens']} / {d['attention_window']} (two-sided)"),
+            ("LONGDOC_MODEL", env["longdoc_model"]),
+            ("LONGDOC_HOME", env["longdoc_home"]),
+            ("cached models", ", ".join(env["cached_models"]) or "none"),
+            ("device", env["device"] + (f" ({env['cuda_device']})" if env["cuda_device"] else "")),
+        ]
+        rows += [(name, version) for name, version in env["versions"].items()]
+        rows += [(f"model {k}", v) for k, v in env.get("model", {}).items()]
+        for k, v in rows:
+            table.add_row(k, str(v))
+        Console(no_color=bool(os.environ.get("NO_COLOR")) or None).print(table)
+
+
+@app.command("env", hidden=True)
+def env_cmd(
+    fmt: str = typer.Option(None, "--format", "-f", help="table (default on a TTY) or json."),
+    model: str = typer.Option(None, "--model", "-m", help="Also resolve and describe this model."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching a hub id."),
+) -> None:
+    """Alias of `longdoc models`."""
+    models_cmd(fmt, model, allow_download)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+@app.command()
+def bench(
+    seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens."),
+    seq_lens: str = typer.Option(None, "--seq-lens", help="Comma-separated lengths, e.g. 1024,4096,16384."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="base | large | tiny (random weights, published sizes) or a model PATH."
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch."),
+    device: str = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(None, "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
+    mode: str = typer.Option(None, "--mode", help="infer, or train (forward + backward)."),
+    globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G)."),
+    impls: str = typer.Option(
+        None, "--impls", help="Comma-separated: longdoc, longdoc-int8, hf, full, longdoc-attn."
+    ),
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8: also time longdoc with int8 dynamic quantization (CPU)."
+    ),
+    layers: int = typer.Option(None, "--layers", help="Use only the first N layers (time is linear in N)."),
+    warmup: int = typer.Option(None, "--warmup", help="Untimed runs first (default 1)."),
+    iters: int = typer.Option(None, "--iters", help="Timed runs (default 5)."),
+    check: bool = typer.Option(
+        None, "--check/--no-check", help="Correctness gate before timing (default on)."
+    ),
+    isolate: bool = typer.Option(
+        None, "--isolate/--no-isolate", help="One child process per measurement (peak memory; default on)."
+    ),
+    time_budget: float = typer.Option(
+        None, "--time-budget", help="Seconds per measurement; slower baselines are skipped (default 300)."
+    ),
+    config: str = typer.Option(
+        None, "--config", "-c", help="YAML sweep (configs/bench.yaml); flags override it."
+    ),
+    fmt: str = typer.Option(None, "--format", "-f", help="table (default on a TTY), json or jsonl."),
+) -> None:
+    """Time longdoc against transformers' Longformer and full attention on the same weights:
+    median/p95 latency, tokens/s, peak memory, FLOPs and GFLOP/s against the measured matmul peak."""
+    with errors():
+        from .bench import load_spec, parse_lengths, run_bench, spec_from_dict
+
+        kind = output_format(fmt)
+        if kind not in ("table", "json", "jsonl"):
+            raise LongdocError(f"bench: --format must be table, json or jsonl, not {kind!r}", exit_code=2)
+        import dataclasses
+
+        data = dataclasses.asdict(load_spec(config)) if config else {}
+        if seq_len is not None and seq_lens is not None:
+            raise LongdocError("give --seq-len or --seq-lens, not both", exit_code=2)
+        if seq_len is not None:
+            if seq_len <= 0:
+                raise LongdocError(f"--seq-len: {seq_len} is not a positive length", exit_code=2)
+            data["seq_lens"] = [seq_len]
+        if seq_lens is not None:
+            data["seq_lens"] = list(parse_lengths(seq_lens))
+        singles = {"models": model, "batch_sizes": batch_size, "dtypes": dtype, "modes": mode}
+        data.update({k: [v] for k, v in singles.items() if v is not None})
+        if impls is not None:
+            data["impls"] = [x.strip() for x in impls.split(",") if x.strip()]
+        scalars = {"device": device, "globals": globals_, "layers": layers, "warmup": warmup, "iters": iters,
+                   "check": check, "isolate": isolate, "time_budget": time_budget}  # fmt: skip
+        data.update({k: v for k, v in scalars.items() if v is not None})
+        if quantize not in (None, "none", "int8"):
+            raise LongdocError(f"--quantize must be int8 or none, not {quantize!r}", exit_code=2)
+        if quantize == "int8":
+            names = list(data.get("impls") or ("longdoc", "hf", "full"))
+            if "longdoc-int8" not in names:
+                at = names.index("longdoc") + 1 if "longdoc" in names else 0
+                names.insert(at, "longdoc-int8")
+            data["impls"] = names
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        spec = spec_from_dict(data, source="bench options")
+        console = stderr_console()
+        progress = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console.is_terminal else None
+        report = run_bench(spec, progress=progress)
+        for note in report.notes:
+            typer.echo(f"longdoc: warning: {note}", err=True)
+        _render_bench(report, kind)
+
+
+def _render_bench(report: Any, kind: str) -> None:
+    from .bench import ratios
+
+    if kind == "json":
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        return
+    vs_hf = ratios(report, "hf")
+    if kind == "jsonl":
+        write_jsonl({"type": "environment", **report.environment})
+        for p in report.peaks:
+            write_jsonl({"type": "matmul_peak", **dataclasses_asdict(p)})
+        for c in report.checks:
+            write_jsonl({"type": "check", **dataclasses_asdict(c)})
+        for m in report.measurements:
+            key = (m.model, m.seq_len, m.batch_size, m.dtype, m.mode, m.impl)
+            write_jsonl({"type": "measurement", **dataclasses_asdict(m), "time_vs_hf": vs_hf.get(key)})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(x: float | None, f: str) -> str:
+        return "-" if x is None else format(x, f)
+
+    env = report.environment
+    table = Table(
+        title=f"longdoc bench: {env['device_name']}, {env['threads']} threads, torch {env['torch']}"
+    )
+    for col in ("model", "impl", "n", "batch", "dtype", "mode", "median s", "p95 s", "tokens/s", "peak MiB",
+                "GFLOP", "GFLOP/s", "% peak", "× hf", "note"):  # fmt: skip
+        table.add_column(
+            col, justify="left" if col in ("model", "impl", "dtype", "mode", "note") else "right"
+        )
+    for m in report.measurements:
+        key = (m.model, m.seq_len, m.batch_size, m.dtype, m.mode, m.impl)
+        table.add_row(
+            m.model, m.impl, str(m.seq_len), str(m.batch_size), m.dtype, m.mode, num(m.median_s, ".4f"),
+            num(m.p95_s, ".4f"), num(m.tokens_per_s, ".0f"), num(m.peak_mem_mib, ".0f"),
+            num(m.flops and m.flops / 1e9, ".3g"), num(m.gflops, ".1f"),
+            num(m.peak_share and 100 * m.peak_share, ".0f"), num(vs_hf.get(key), ".2f"),
+            m.note if m.status == "ok" else f"skipped: {m.note}",
+        )  # fmt: skip
+    console = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console.print(table)
+    for p in report.peaks:
+        console.print(f"matmul peak ({p.device}, {p.dtype}, {p.size}x{p.size}): {p.gflops:.0f} GFLOP/s")
+    for c in report.checks:
+        diff = "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e}"
+        mark = "ok" if c.passed else "FAILED"
+        console.print(f"check {c.name} (n={c.length}): {diff} <= {c.tolerance:g} {mark} {c.note}")
+
+
+def dataclasses_asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# train / evaluate / config (fine-tuning from one YAML config)
+
+config_app = typer.Typer(help="Write and check longdoc YAML configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("init")
+def config_init(
+    path: str = typer.Argument("-", help="Where to write the config ('-' = stdout)."),
+    task: str = typer.Option("classify", "--task", "-t", help="classify | qa"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a complete, commented config with every key at its default."""
+    from pathlib import Path
+
+    from .config import config_to_yaml, default_config
+
+    with errors():
+        text = config_to_yaml(default_config(task))
+        if path == "-":
+            sys.stdout.write(text)
+            return
+        if Path(path).exists() and not force:
+            raise LongdocError(f"{path}: exists; pass --force to overwrite it", exit_code=2)
+        Path(path).write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {path}", err=True)
+
+
+@config_app.command("validate")
+def config_validate(
+    path: str = typer.Argument(..., help="A YAML config ('-' = stdin)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved config."),
+) -> None:
+    """Check a config strictly: every unknown key, wrong type or bad value, one line each."""
+    from .config import config_to_yaml, load_config
+
+    with errors():
+        cfg = load_config(path, overrides)
+        if show:
+            sys.stdout.write(config_to_yaml(cfg))
+        typer.echo(f"{path}: ok ({cfg.task})", err=True)
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="YAML config (see `longdoc config init`)."),
+    output: str = typer.Option(
+        "runs/longdoc", "--output", "-o", help="Output directory (best/, last/, log)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Start from this model (overrides model.name)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last exactly."),
+    force: bool = typer.Option(False, "--force", help="Replace best/, last/ and the log in OUTPUT."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Fine-tune a classification or QA head (and the encoder) on your data; writes OUTPUT/best and
+    OUTPUT/last as Hugging Face-format model directories that `classify`/`qa` load with -m."""
+    from .config import load_config
+
+    with errors():
+        extra = [f"model.name={model}"] if model else []
+        extra += ["data.skip_bad_lines=true"] if skip_bad_lines else []
+        cfg = load_config(config, [*overrides, *extra])
+        from .train import train
+
+        console = stderr_console(quiet=quiet or os.environ.get("RANK", "0") != "0")
+        with _TrainDisplay(console) as display:
+            result = train(cfg, output, resume=resume, force=force, on_event=display)
+        best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
+        console.print(
+            f"done: {result.steps}/{result.total_steps} steps"
+            f"{' (stopped early)' if result.stopped_early else ''}; "
+            f"best dev {result.metric} {best} at step {result.best_step}; model in {result.output_dir}/best"
+        )
+
+
+class _TrainDisplay:
+    """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY, a line per eval otherwise."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self.progress = None
+        self.task = None
+        self.metric = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "start":
+            notes = event["notes"]
+            for note in notes[:20]:  # warnings: shown even with --quiet
+                typer.echo(f"longdoc: warning: {note}", err=True)
+            if len(notes) > 20:
+                typer.echo(f"longdoc: warning: ... {len(notes) - 20} more (all in the model card)", err=True)
+            self.console.print(
+                f"training on {event['n_train']} examples ({event['n_features']} windows), "
+                f"dev {event['n_dev']}, "
+                f"{event['total_steps']} steps, {event['device']}{' bf16' if event['bf16'] else ''}, "
+                f"{event['world_size']} process(es)"
+            )
+            if self.console.is_terminal and not self.console.quiet:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.progress = Progress(
+                    TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(), console=self.console, transient=True,
+                )  # fmt: skip
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=event["total_steps"], info="")
+                self.progress.update(self.task, completed=event["step"])
+        elif kind == "step" and self.progress is not None:
+            info = f"loss {event['loss']:.4f} lr {event['lr']:.2e} {self.metric}"
+            self.progress.update(self.task, completed=event["step"], info=info)
+        elif kind == "eval":
+            value = "n/a" if event["value"] is None else f"{event['value']:.4f}"
+            self.metric = f"{event['metric']} {value}"
+            self.console.print(
+                f"step {event['step']}: dev {event['metric']} {value} (best {event['best']:.4f})"
+            )
+        elif kind == "early_stop":
+            self.console.print(f"early stopping at step {event['step']}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: str = typer.Argument(..., help="Labelled JSONL/CSV (classification) or SQuAD-format JSONL (QA)."),
+    model: str = typer.Option("default", "--model", "-m", help="A model directory saved by `train`."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Config (default: the model's longdoc.yaml)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="table | json (default: table on a TTY)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
+) -> None:
+    """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
+    buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
+    from .config import load_config
+    from .evaluate import evaluate_model
+
+    with errors():
+        out_fmt = output_format(fmt)
+        cfg = load_config(config) if config else None
+        extra = ["data.skip_bad_lines=true"] if skip_bad_lines else []
+        report = evaluate_model(model, data, cfg, [*overrides, *extra])
+        for line in report.skipped + report.not_in_context:
+            typer.echo(f"longdoc: warning: {line}", err=True)
+        if out_fmt != "table":
+            write_jsonl(report.to_dict())
+            return
+        _render_eval(report)
+
+
+def _render_eval(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console.print(f"{report.task} · {report.model} · {report.data} · n = {report.n}")
+    table = Table("metric", "value")
+    for k, v in report.metrics.items():
+        table.add_row(k, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+    console.print(table)
+    m = report.classification
+    if m is None:
+        return
+    per = Table("label", "precision", "recall", "f1", "support", title="per label")
+    for label, s in m.per_label.items():
+        per.add_row(label, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.support))
+    console.print(per)
+    if m.confusion is not None:
+        conf = Table("gold \\ predicted", *m.labels, title="confusion matrix")
+        for label, row in zip(m.labels, m.confusion, strict=True):
+            conf.add_row(label, *map(str, row))
+        console.print(conf)
+    buckets = Table("tokens", "n", "accuracy", "macro_f1", title="by document length")
+    for name, b in m.by_length.items():
+        buckets.add_row(name, str(b["n"]), f"{b['accuracy']:.3f}", f"{b['macro_f1']:.3f}")
+    console.print(buckets)
+
+
+# ----------------------------------------------------------------------------------------------
+# The main jobs: classify and qa
+
+_MODEL_HELP = "default, a model directory (Longformer, or BERT/RoBERTa converted on the fly) or a hub id."
+
+
+def _task_setup(task: str, config_path: str | None, model: str | None, allow_download: bool):
+    """The effective config and model directory: --config, else the model directory's own config,
+    else the defaults; command-line options override either afterwards."""
+    from .config import check_task, default_config, load_config, load_model_dir_config
+    from .models import resolve_model
+
+    cfg = load_config(config_path) if config_path else None
+    if cfg is not None:
+        check_task(cfg, task, config_path)
+    name = model or (cfg.model.name if cfg is not None and cfg.model.name != "default" else None)
+    allow = allow_download or (cfg is not None and cfg.model.allow_download)
+    model_dir = resolve_model(name, allow_download=allow)
+    if cfg is None:
+        cfg = load_model_dir_config(model_dir) or default_config(task)
+    return cfg, model_dir
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _paths_or_stdin(paths: list[str] | None) -> list[str]:
+    if paths:
+        return paths
+    if not sys.stdin.isatty():
+        return ["-"]
+    raise LongdocError("give at least one PATH (or - for stdin)", exit_code=2)
+
+
+class _Emitter:
+    """Writes records as they come: JSON lines / TSV streamed, a table or a JSON array at the end."""
+
+    def __init__(self, fmt: str, columns: list[str]) -> None:
+        self.fmt, self.columns, self.rows = fmt, columns, []
+        if fmt == "tsv":
+            sys.stdout.write("\t".join(columns) + "\n")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            write_jsonl(record)
+        elif self.fmt == "tsv":
+            cells = [str(record.get(c, "")).replace("\t", " ").replace("\n", " ") for c in self.columns]
+            sys.stdout.write("\t".join(cells) + "\n")
+            sys.stdout.flush()
+        else:
+            self.rows.append(record)
+
+    def close(self, title: str) -> None:
+        if self.fmt == "json":
+            sys.stdout.write(json.dumps(self.rows, ensure_ascii=False, indent=2) + "\n")
+        elif self.fmt == "table" and self.rows:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title, show_lines=False)
+            for c in self.columns:
+                table.add_column(c, overflow="fold", justify="right" if c in ("score", "tokens") else "left")
+            for r in self.rows:
+                table.add_row(*[_cell(r, c) for c in self.columns])
+            Console(no_color=bool(os.environ.get("NO_COLOR")) or None).print(table)
+
+
+def _cell(record: dict[str, Any], column: str) -> str:
+    value = record.get(column)
+    if column == "scores" and isinstance(value, dict):
+        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+    if column == "evidence":
+        return "\n".join(f"[{p['start']}:{p['end']}] {p['text']}" for p in record.get("passages", []))
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def _progress(console, label: str):
+    """A transient counter on stderr (only on a TTY)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal or console.quiet,
+    )  # fmt: skip
+
+
+def _report_input(console, item) -> bool:
+    """Warn about an input problem; True if the item is an error."""
+    from .tasks.inputs import InputError
+
+    if isinstance(item, InputError):
+        console.print(f"longdoc: error: {item.message}", markup=False, highlight=False)
+        return True
+    if item.n_replaced:
+        console.print(
+            f"longdoc: warning: {item.id}: {item.n_replaced} invalid UTF-8 byte sequence(s) replaced",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    return False
+
+
+@app.command()
+def classify(
+    paths: list[str] = typer.Argument(
+        None, help="Text files, - for stdin, directories (with -r), .jsonl files."
+    ),
+    model: str | None = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching a hub model."),
+    config: str | None = typer.Option(None, "--config", help="YAML config (options given here override it)."),
+    labels: str | None = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
+    labels_file: str | None = typer.Option(
+        None, "--labels-file", help="Zero-shot labels, one per line, optionally label<TAB>description."
+    ),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
+    text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),
+    id_key: str | None = typer.Option(None, "--id-key", help="JSON-lines key holding the document id."),
+    aggregate: str | None = typer.Option(None, "--aggregate", help="Combine windows by mean or max."),
+    top_k: int | None = typer.Option(None, "--top-k", help="How many labels to report in scores."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Multi-label decision threshold."),
+    explain: int | None = typer.Option(
+        None, "--explain", help="Report the N passages that most support the label."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per forward pass."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per window, specials included."),
+    stride: int | None = typer.Option(None, "--stride", help="Tokens shared by consecutive windows."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16."),
+    quantize: str | None = typer.Option(None, "--quantize", help="none or int8 (CPU, opt-in, ~1% error)."),
+    shard: str | None = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K."),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr."),
+) -> None:
+    """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
+    --labels (or the 17 IPTC media topics). One result per document."""
+    with errors():
+        from .tasks.classify import Classifier, load_labels
+        from .tasks.inputs import iter_inputs, parse_shard
+        from .tasks.runner import batched, load_task_model
+
+        fmt = output_format(fmt)
+        cfg, model_dir = _task_setup("classify", config, model, allow_download)
+        inf, tk, mc = cfg.inference, cfg.tokenization, cfg.model
+        label_list = [x for x in labels.split(",")] if labels else list(inf.labels) or None
+        chosen = (
+            load_labels(label_list, labels_file or inf.labels_file)
+            if label_list or labels_file or inf.labels_file
+            else None
+        )
+        tm = load_task_model(
+            model_dir, task="classify", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
+            quantize=_pick(quantize, mc.quantize), max_length=_pick(max_length, mc.max_length),
+            attention_window=mc.attention_window,
+        )  # fmt: skip
+        bs = _pick(batch_size, inf.batch_size)
+        clf = Classifier(
+            tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
+            threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
+            stride=_pick(stride, tk.stride),
+        )  # fmt: skip
+        items = iter_inputs(
+            _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
+            id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+        )  # fmt: skip
+        columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
+        emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
+        console = stderr_console(quiet)
+        failed = False
+        with _progress(console, "documents") as progress:
+            task = progress.add_task("classify", total=None)
+            for chunk in batched(items, max(4 * bs, 8)):
+                docs = [x for x in chunk if not _report_input(console, x)]
+                failed |= len(docs) < len(chunk)
+                for doc, result in zip(docs, clf.classify([(d.id, d.text) for d in docs]), strict=True):
+                    record = result.to_record(doc.key)
+                    emit(
+                        {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
+                    )
+                    progress.advance(task)
+        emit.close(f"longdoc classify ({'zero-shot' if clf.zero_shot else 'fine-tuned'}: {tm.path.name})")
+        if failed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def qa(
+    paths: list[str] = typer.Argument(
+        None, help="Text files, - for stdin, directories (with -r), .jsonl files."
+    ),
+    question: list[str] = typer.Option([], "--question", "-Q", help="A question (repeatable)."),
+    questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
+    model: str | None = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching a hub model."),
+    config: str | None = typer.Option(None, "--config", help="YAML config (options given here override it)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
+    text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),
+    id_key: str | None = typer.Option(None, "--id-key", help="JSON-lines key holding the document id."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Answers per question."),
+    n_best: int | None = typer.Option(None, "--n-best", help="Start/end candidates per window (QA head)."),
+    max_answer_len: int | None = typer.Option(
+        None, "--max-answer-len", help="Longest answer in tokens (QA head)."
+    ),
+    null_threshold: float | None = typer.Option(
+        None, "--null-threshold", help="No answer when the null score beats the best span by this (QA head)."
+    ),
+    doc_stride: int | None = typer.Option(None, "--doc-stride", help="Tokens shared by consecutive windows."),
+    max_question_len: int | None = typer.Option(None, "--max-question-len", help="Question tokens kept."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per forward pass."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per window, specials included."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16."),
+    quantize: str | None = typer.Option(None, "--quantize", help="none or int8 (CPU, opt-in, ~1% error)."),
+    shard: str | None = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K."),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr."),
+) -> None:
+    """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
+    the sentence that best answers it. One result per question and document."""
+    with errors():
+        from .tasks.inputs import iter_inputs, parse_shard
+        from .tasks.qa import QuestionAnswerer
+        from .tasks.runner import load_task_model
+
+        fmt = output_format(fmt)
+        asked = [q.strip() for q in question if q.strip()]
+        if questions_file:
+            try:
+                if questions_file == "-":
+                    text = sys.stdin.read()
+                else:
+                    with open(questions_file, encoding="utf-8") as f:
+                        text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise LongdocError(
+                    f"{questions_file}: cannot read the questions ({e.__class__.__name__})"
+                ) from e
+            asked += [line.strip() for line in text.splitlines() if line.strip()]
+        if not asked:
+            raise LongdocError(
+                "give a question with --question (or a file of them with --questions)", exit_code=2
+            )
+        if questions_file == "-" and (not paths or "-" in paths):
+            raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
+        cfg, model_dir = _task_setup("qa", config, model, allow_download)
+        inf, tk, mc = cfg.inference, cfg.tokenization, cfg.model
+        tm = load_task_model(
+            model_dir, task="qa", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
+            quantize=_pick(quantize, mc.quantize), max_length=_pick(max_length, mc.max_length),
+            attention_window=mc.attention_window,
+        )  # fmt: skip
+        answerer = QuestionAnswerer(
+            tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
+            max_answer_length=_pick(max_answer_len, inf.max_answer_length),
+            null_threshold=_pick(null_threshold, inf.null_threshold),
+            batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
+            max_question_length=_pick(max_question_len, tk.max_question_length),
+        )  # fmt: skip
+        items = iter_inputs(
+            _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
+            id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+        )  # fmt: skip
+        emit = _Emitter(fmt, ["path", "question", "answer", "score", "start", "end"])
+        console = stderr_console(quiet)
+        failed = False
+        with _progress(console, "answers") as progress:
+            task = progress.add_task("qa", total=None)
+            for item in items:
+                if _report_input(console, item):
+                    failed = True
+                    continue
+                for result in answerer.answer(item.id, item.text, asked):
+                    record = result.to_record(item.key)
+                    emit(
+                        {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
+                    )
+                    if result.truncated and not quiet:
+                        cut = answerer.max_question_length
+                        console.print(
+                            f"longdoc: warning: question cut to {cut} tokens: {result.question[:60]}",
+                            markup=False, highlight=False,
+                        )  # fmt: skip
+                    progress.advance(task)
+        emit.close(
+            f"longdoc qa ({'extractive span' if tm.head == 'qa' else 'zero-shot sentence'}: {tm.path.name})"
+        )
+        if failed:
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)

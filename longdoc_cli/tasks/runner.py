@@ -1,0 +1,186 @@
+"""Loading a model for a task and running token windows through it in length-sorted batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LongdocError
+from ..model import (
+    LongformerConfig,
+    LongformerEncoder,
+    LongformerForQuestionAnswering,
+    LongformerForSequenceClassification,
+    load_config,
+)
+from ..models import pooling_of
+from ..tokenize import DocumentTokenizer, Window
+
+HEADS = {
+    "LongformerForSequenceClassification": "classification",
+    "LongformerForQuestionAnswering": "qa",
+}
+
+
+@dataclass
+class TaskModel:
+    """A loaded model with what the tasks need to drive it."""
+
+    model: nn.Module
+    head: str  # "encoder" (no task head), "classification" or "qa"
+    tokenizer: DocumentTokenizer
+    config: LongformerConfig
+    device: torch.device
+    dtype: torch.dtype
+    pooling: str  # how the checkpoint was trained to pool token states: "mean" or "cls"
+    path: Path
+    max_length: int  # tokens per window, specials included
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise LongdocError(f"--device must be auto, cpu or cuda, not {name!r}", exit_code=2)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LongdocError("--device cuda: no CUDA GPU is available here (use --device cpu)", exit_code=2)
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise LongdocError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}", exit_code=2)
+    if device.type == "cpu" and name == "fp16":
+        raise LongdocError("--dtype fp16 is not supported on the CPU (use fp32)", exit_code=2)
+    return table[name]
+
+
+def head_of(model_dir: Path) -> str:
+    """Which task head a checkpoint has, from config.json's ``architectures``."""
+    data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    for arch in data.get("architectures") or []:
+        if arch in HEADS:
+            return HEADS[arch]
+    return "encoder"
+
+
+def load_task_model(
+    model_dir: Path,
+    *,
+    task: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str = "none",
+    max_length: int | None = None,
+    attention_window: int | None = None,
+) -> TaskModel:
+    """Load ``model_dir`` for ``task`` ("classify" or "qa"); a checkpoint with the other task's head
+    is refused, one without a head runs zero-shot with its encoder."""
+    config = load_config(model_dir)
+    if attention_window is not None:
+        config = dataclasses.replace(config, attention_window=int(attention_window))
+    head = head_of(model_dir)
+    wanted = {"classify": "classification", "qa": "qa"}[task]
+    if head not in ("encoder", wanted):
+        other = "question-answering" if head == "qa" else "sequence-classification"
+        raise LongdocError(
+            f"{model_dir}: this is a {other} checkpoint; `longdoc {task}` needs a "
+            f"{'sequence-classification' if task == 'classify' else 'question-answering'} checkpoint "
+            "or a plain encoder (zero-shot)"
+        )
+    cls = {"encoder": LongformerEncoder, "classification": LongformerForSequenceClassification,
+           "qa": LongformerForQuestionAnswering}[head]  # fmt: skip
+    model = cls.from_pretrained(model_dir, config=config)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = model.to(device=dev, dtype=dt).eval()
+    if quantize == "int8":
+        from ..quantize import quantize_int8
+
+        model = quantize_int8(model)
+    elif quantize != "none":
+        raise LongdocError(f"--quantize must be none or int8, not {quantize!r}", exit_code=2)
+    tokenizer = DocumentTokenizer.from_dir(model_dir)
+    limit = min(tokenizer.max_tokens, config.max_tokens)
+    length = limit if max_length is None else int(max_length)
+    if not 8 <= length <= limit:
+        raise LongdocError(f"max length {length} must be between 8 and the model's limit of {limit} tokens")
+    return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
+
+
+def run_windows(tm: TaskModel, windows: Sequence[Window], batch_size: int) -> Iterator[tuple[int, Any]]:
+    """Yield (window index, output) for every window, batching windows of similar length.
+
+    Output per head: encoder -> token states (T, d) float32 on CPU; classification -> logits
+    (num_labels,); qa -> (start_logits (T,), end_logits (T,)). T is the window's own length.
+    """
+    if batch_size < 1:
+        raise LongdocError("--batch-size must be at least 1", exit_code=2)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        batch = {k: v.to(tm.device) for k, v in tm.tokenizer.collate([windows[i] for i in chunk]).items()}
+        with torch.inference_mode():
+            out = tm.model(
+                batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"],
+                batch["token_type_ids"] if tm.config.type_vocab_size > 1 else None,
+            )  # fmt: skip
+        for row, i in enumerate(chunk):
+            n = len(windows[i])
+            if tm.head == "encoder":
+                yield i, out[row, :n].float().cpu()
+            elif tm.head == "classification":
+                yield i, out[row].float().cpu()
+            else:
+                yield i, (out[0][row, :n].float().cpu(), out[1][row, :n].float().cpu())
+
+
+def pool(states: Tensor, pooling: str) -> Tensor:
+    """One vector for a window's token states (T, d): the mean (sentence-transformers style, specials
+    included) or the first token."""
+    return states.mean(dim=0) if pooling == "mean" else states[0]
+
+
+def embed_texts(tm: TaskModel, texts: Sequence[str], batch_size: int) -> Tensor:
+    """L2-normalised embeddings (len(texts), d) of short texts (labels, passages, questions).
+
+    A text longer than one window is embedded as the token-weighted mean of its windows."""
+    windows: list[Window] = []
+    owner: list[int] = []
+    for t, text in enumerate(texts):
+        for w in tm.tokenizer.document_windows(tm.tokenizer.encode(text), tm.max_length, stride=64):
+            windows.append(w)
+            owner.append(t)
+    sums = torch.zeros(len(texts), tm.config.hidden_size)
+    weights = torch.zeros(len(texts), 1)
+    for i, states in run_windows(tm, windows, batch_size):
+        sums[owner[i]] += pool(states, tm.pooling) * len(windows[i])
+        weights[owner[i]] += len(windows[i])
+    return F.normalize(sums / weights.clamp(min=1), dim=-1)
+
+
+def batched(items: Sequence[Any] | Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+ProgressFn = Callable[[int], None]

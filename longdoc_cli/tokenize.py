@@ -1,0 +1,289 @@
+"""Text -> token windows with character offsets, using the model's own tokenizer (``tokenizers``).
+
+A document is tokenized once, whole, with no special tokens, no truncation and no padding (the
+shipped all-MiniLM tokenizer.json truncates at 128 tokens; we switch that off). It is then cut into
+windows of at most ``max_tokens`` (the model's longest input, specials included) that overlap by
+``stride`` tokens and carry the family's special tokens:
+
+    BERT     [CLS] doc [SEP]                 [CLS] question [SEP] context [SEP]   (types 0.. / 1..)
+    RoBERTa  <s> doc </s>                    <s> question </s></s> context </s>   (types all 0)
+
+Global attention, per task: the first token for classification; every token before the first
+separator (the question, with [CLS]/<s>) for QA, as Hugging Face does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LongdocError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+
+_SPECIALS = {"bert": ("[CLS]", "[SEP]", "[PAD]"), "roberta": ("<s>", "</s>", "<pad>")}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A whole text's tokens: ids and ``(start, end)`` character offsets into the text (no specials)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input. ``offsets`` are character offsets into the document (or QA context) for its
+    tokens, None for special and question tokens; ``doc_start:doc_end`` is the range of document
+    token indices (into ``Encoding.ids``) the window covers; ``question_truncated`` says the
+    question was cut to ``max_question_tokens``."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    global_mask: list[bool]
+    offsets: list[tuple[int, int] | None]
+    doc_start: int
+    doc_end: int
+    question_truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class DocumentTokenizer:
+    """The model's tokenizer with truncation and padding off, plus windowing for long documents."""
+
+    def __init__(self, tokenizer: Tokenizer, family: str, max_tokens: int) -> None:
+        if family not in _SPECIALS:
+            raise LongdocError(f"tokenizer family must be 'bert' or 'roberta', not {family!r}")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tokenizer = tokenizer
+        self.family = family
+        self.max_tokens = int(max_tokens)
+        ids = []
+        for token in _SPECIALS[family]:
+            i = tokenizer.token_to_id(token)
+            if i is None:
+                raise LongdocError(f"the {family} tokenizer has no {token} token in its vocabulary")
+            ids.append(i)
+        self.cls_id, self.sep_id, self.pad_id = ids
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> DocumentTokenizer:
+        """Load ``tokenizer.json``, else ``vocab.txt`` (BERT WordPiece) or ``vocab.json`` + ``merges.txt``
+        (RoBERTa byte-level BPE). ``max_tokens`` defaults to the model config's limit."""
+        model_dir = Path(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        family = _family_of(tokenizer, model_dir)
+        if max_tokens is None:
+            max_tokens = _max_tokens_of(model_dir)
+        return cls(tokenizer, family, max_tokens)
+
+    # ------------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> Encoding:
+        """All tokens of ``text`` with character offsets into it (no specials, no truncation)."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return Encoding(list(enc.ids), [tuple(o) for o in enc.offsets])
+
+    def _max(self, max_tokens: int | None) -> int:
+        m = self.max_tokens if max_tokens is None else int(max_tokens)
+        if m > self.max_tokens:
+            raise LongdocError(f"max_tokens {m} exceeds the model's limit of {self.max_tokens} tokens")
+        return m
+
+    def document_windows(
+        self, enc: Encoding, max_tokens: int | None = None, stride: int = 256
+    ) -> list[Window]:
+        """Windows covering every token of ``enc``; consecutive ones share ``stride`` tokens.
+        Global attention on the first token ([CLS] / <s>). An empty encoding gives one window of
+        specials only."""
+        body = self._max(max_tokens) - 2
+        spans = _spans(len(enc), body, stride, "stride")
+        windows = []
+        for a, b in spans:
+            ids = [self.cls_id, *enc.ids[a:b], self.sep_id]
+            offsets: list[tuple[int, int] | None] = [None, *enc.offsets[a:b], None]
+            glob = [False] * len(ids)
+            glob[0] = True
+            windows.append(Window(ids, [0] * len(ids), glob, offsets, a, b))
+        return windows
+
+    def question_windows(
+        self,
+        question: str,
+        context_enc: Encoding,
+        max_tokens: int | None = None,
+        doc_stride: int = 256,
+        max_question_tokens: int = 64,
+    ) -> list[Window]:
+        """Question + context windows (context windows overlap by ``doc_stride`` tokens). Global
+        attention on every token before the first separator. A question longer than
+        ``max_question_tokens`` is cut, and every window says so (``question_truncated``)."""
+        q = self.tokenizer.encode(question, add_special_tokens=False).ids
+        if not q:
+            raise LongdocError("the question is empty (no tokens)")
+        truncated = len(q) > max_question_tokens
+        q = q[:max_question_tokens]
+        if self.family == "bert":
+            head, mid = [self.cls_id, *q, self.sep_id], []
+            head_types, ctx_type = [0] * (len(q) + 2), 1
+        else:
+            head, mid = [self.cls_id, *q, self.sep_id], [self.sep_id]
+            head_types, ctx_type = [0] * (len(q) + 2), 0
+        prefix = head + mid
+        budget = self._max(max_tokens) - len(prefix) - 1
+        if budget <= 0:
+            raise LongdocError(f"the question ({len(q)} tokens) leaves no room for context in a window")
+        spans = _spans(len(context_enc), budget, doc_stride, "doc_stride")
+        windows = []
+        for a, b in spans:
+            ids = [*prefix, *context_enc.ids[a:b], self.sep_id]
+            types = head_types + [ctx_type] * (len(mid) + (b - a) + 1)
+            glob = [i < len(head) - 1 for i in range(len(ids))]  # everything before the first separator
+            offsets: list[tuple[int, int] | None] = (
+                [None] * len(prefix) + list(context_enc.offsets[a:b]) + [None]
+            )
+            windows.append(Window(ids, types, glob, offsets, a, b, truncated))
+        return windows
+
+    def collate(self, windows: list[Window]) -> dict[str, torch.Tensor]:
+        """Pad to the longest window: input_ids, attention_mask, global_attention_mask, token_type_ids
+        (all (B, T) int64; masks 1 = real / global)."""
+        import torch
+
+        if not windows:
+            raise ValueError("collate needs at least one window")
+        T = max(len(w) for w in windows)
+        B = len(windows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((B, T), dtype=torch.long)
+        glob = torch.zeros((B, T), dtype=torch.long)
+        types = torch.zeros((B, T), dtype=torch.long)
+        for i, w in enumerate(windows):
+            n = len(w)
+            input_ids[i, :n] = torch.tensor(w.input_ids, dtype=torch.long)
+            attention[i, :n] = 1
+            glob[i, :n] = torch.tensor(w.global_mask, dtype=torch.long)
+            types[i, :n] = torch.tensor(w.token_type_ids, dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "global_attention_mask": glob,
+            "token_type_ids": types,
+        }
+
+
+def _spans(n: int, body: int, overlap: int, name: str) -> list[tuple[int, int]]:
+    """[a, b) ranges of ``body`` tokens covering 0..n, consecutive ranges sharing ``overlap``."""
+    if body <= 0:
+        raise LongdocError(f"windows of {body + 2} tokens leave no room for text")
+    if n <= body:
+        return [(0, n)]
+    if not 0 <= overlap < body:
+        raise LongdocError(f"{name} must be >= 0 and < {body} (the text tokens per window), got {overlap}")
+    step = body - overlap
+    spans = []
+    a = 0
+    while True:
+        b = min(a + body, n)
+        spans.append((a, b))
+        if b == n:
+            return spans
+        a += step
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The directory's tokenizer, truncation and padding off."""
+    from tokenizers import Tokenizer
+
+    tj, vocab_txt = model_dir / "tokenizer.json", model_dir / "vocab.txt"
+    vocab_json, merges = model_dir / "vocab.json", model_dir / "merges.txt"
+    try:
+        if tj.is_file():
+            tok = Tokenizer.from_file(str(tj))
+        elif vocab_txt.is_file():
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            lower = bool(_tokenizer_config(model_dir).get("do_lower_case", True))
+            tok = BertWordPieceTokenizer(str(vocab_txt), lowercase=lower)._tokenizer
+        elif vocab_json.is_file() and merges.is_file():
+            from tokenizers.implementations import ByteLevelBPETokenizer
+
+            prefix = bool(_tokenizer_config(model_dir).get("add_prefix_space", False))
+            tok = ByteLevelBPETokenizer(
+                str(vocab_json), str(merges), add_prefix_space=prefix, trim_offsets=True
+            )._tokenizer
+        else:
+            raise LongdocError(
+                f"{model_dir}: no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt)"
+            )
+    except LongdocError:
+        raise
+    except Exception as e:
+        raise LongdocError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from e
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "tokenizer_config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_config(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise LongdocError(f"{file}: cannot read it as JSON ({e})") from e
+
+
+def _family_of(tokenizer: Tokenizer, model_dir: Path) -> str:
+    vocab_has = tokenizer.token_to_id
+    bert = vocab_has("[CLS]") is not None and vocab_has("[SEP]") is not None
+    roberta = vocab_has("<s>") is not None and vocab_has("</s>") is not None
+    if bert != roberta:
+        return "bert" if bert else "roberta"
+    cls_token = _tokenizer_config(model_dir).get("cls_token")
+    if isinstance(cls_token, dict):
+        cls_token = cls_token.get("content")
+    if cls_token in ("[CLS]", "<s>"):
+        return "bert" if cls_token == "[CLS]" else "roberta"
+    raise LongdocError(f"{model_dir}: cannot tell whether the tokenizer is BERT ([CLS]) or RoBERTa (<s>)")
+
+
+def _max_tokens_of(model_dir: Path) -> int:
+    """The longest input (specials included) the model's position table allows."""
+    data = _model_config(model_dir)
+    model_type = data.get("model_type")
+    if model_type == "longformer":
+        from .model import LongformerConfig
+
+        return LongformerConfig.from_dict(data).max_tokens
+    n = data.get("max_position_embeddings")
+    if isinstance(n, int):
+        if model_type in ("roberta", "xlm-roberta", "camembert"):
+            return n - int(data.get("pad_token_id", 1)) - 1
+        return n
+    m = _tokenizer_config(model_dir).get("model_max_length")
+    if isinstance(m, int) and 0 < m < 10**7:
+        return m
+    raise LongdocError(f"{model_dir}: cannot tell the model's maximum input length (no config.json)")

@@ -1,0 +1,626 @@
+"""Fine-tuning: one loop for document classification and extractive QA, driven by a LongdocConfig.
+
+AdamW (no decay on biases and LayerNorms), linear warm-up then linear decay, gradient clipping and
+accumulation, optional gradient checkpointing, bf16 autocast on CUDA, seeded data order; dev
+evaluation every ``train.eval_every`` optimizer steps with early stopping on ``cfg.metric``.
+Outputs (Hugging Face-format directories that ``classify``/``qa`` and transformers load):
+
+    OUT/best/   the best dev checkpoint: config.json, model.safetensors, tokenizer files,
+                longdoc.yaml (the resolved config), README.md (model card)
+    OUT/last/   the latest checkpoint, plus trainer_state.pt (optimizer, scheduler, RNG, step) for --resume
+    OUT/train_log.jsonl   one JSON object per optimizer step and per evaluation
+
+Windows. Classification trains on the *first* window of each document (``model.max_length`` tokens,
+the part that carries titles and introductions) and evaluates on every window, aggregated as
+``inference.aggregate`` says, exactly as `classify` predicts. QA trains on every (question, context
+window) feature, labelled with the answer's token span, or with the [CLS] (position 0) no-answer
+target when the answer is not wholly inside the window (as Hugging Face does).
+
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on CUDA); each rank takes every WORLD_SIZE-th example of the shared seeded order,
+rank 0 evaluates, logs and saves. The library never prints: progress goes to ``on_event``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MODEL_CONFIG_NAME, ConfigError, LongdocConfig, config_to_yaml, save_config
+from .errors import LongdocError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+OUR_OUTPUTS = ("best", "last", LOG_FILE)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    task: str
+    metric: str
+    best_metric: float | None
+    best_step: int | None
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    n_train: int
+    n_dev: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluations
+    notes: list[str] = field(default_factory=list)  # skipped records, answers not in context, ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Features: what one training example becomes
+
+
+@dataclass(frozen=True)
+class Feature:
+    window: Any  # tokenize.Window
+    target: Any  # classification: label index or multi-hot list; QA: (start, end) token indices
+
+
+def classification_features(docs, tokenizer, cfg: LongdocConfig, label_index: dict[str, int], multi: bool):
+    feats = []
+    for doc in docs:
+        enc = tokenizer.encode(doc.text)
+        first = tokenizer.document_windows(enc, cfg.model.max_length, cfg.tokenization.stride)[0]
+        if multi:
+            target = [0.0] * len(label_index)
+            for x in doc.labels:
+                target[label_index[x]] = 1.0
+        else:
+            target = label_index[doc.labels[0]]
+        feats.append(Feature(first, target))
+    return feats
+
+
+def answer_span(window, start_char: int, end_char: int) -> tuple[int, int]:
+    """Token span of [start_char, end_char) inside a window, or (0, 0) when not wholly inside it."""
+    ctx = [i for i, o in enumerate(window.offsets) if o is not None]
+    if not ctx or start_char < window.offsets[ctx[0]][0] or end_char > window.offsets[ctx[-1]][1]:
+        return 0, 0
+    start = next((i for i in ctx if window.offsets[i][1] > start_char), None)
+    end = next((i for i in reversed(ctx) if window.offsets[i][0] < end_char), None)
+    if start is None or end is None or end < start:
+        return 0, 0
+    return start, end
+
+
+def qa_features(examples, tokenizer, cfg: LongdocConfig) -> list[Feature]:
+    feats, cache = [], {}
+    for ex in examples:
+        enc = cache.get(ex.context)
+        if enc is None:
+            enc = cache[ex.context] = tokenizer.encode(ex.context)
+        windows = tokenizer.question_windows(
+            ex.question,
+            enc,
+            cfg.model.max_length,
+            cfg.tokenization.stride,
+            cfg.tokenization.max_question_length,
+        )
+        for w in windows:
+            if ex.answers:
+                s = ex.starts[0]
+                feats.append(Feature(w, answer_span(w, s, s + len(ex.answers[0]))))
+            else:
+                feats.append(Feature(w, (0, 0)))
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def _dist_info() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse a non-empty directory unless resuming (which needs last/) or forced (which removes
+    only longdoc's own outputs: best/, last/, train_log.jsonl)."""
+    if resume and force:
+        raise LongdocError("--resume and --force exclude each other", exit_code=2)
+    if resume:
+        if not (out / "last" / STATE_FILE).is_file():
+            raise LongdocError(f"{out}: nothing to resume (no last/{STATE_FILE})")
+        return
+    if out.exists() and not out.is_dir():
+        raise LongdocError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise LongdocError(
+                f"{out}: output directory is not empty; pass --resume to continue or --force to overwrite",
+                exit_code=2,
+            )
+        for name in OUR_OUTPUTS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _looks_like_wrong_task(path: str, cfg: LongdocConfig) -> None:
+    from .data import iter_rows
+
+    try:
+        _, row = next(iter(iter_rows(path, cfg.data.format, skipped=[])))
+    except StopIteration:
+        raise LongdocError(f"{path}: no records") from None
+    d = cfg.data
+    is_qa = d.question_key in row and d.context_key in row
+    is_cls = d.text_key in row and d.label_key in row
+    if cfg.task == "classify" and is_qa and not is_cls:
+        raise ConfigError(
+            f"task is 'classify' but {path} holds QA records (question/context); use --set task=qa"
+        )
+    if cfg.task == "qa" and is_cls and not is_qa:
+        raise ConfigError(f"task is 'qa' but {path} holds labelled documents; use --set task=classify")
+
+
+def load_datasets(cfg: LongdocConfig):
+    """(train items, dev items, info) for the task, with the dev split and bad-record notes."""
+    from .data import load_classification, load_qa, split_dev
+
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("data.train: no training file; set it in the config or with --set data.train=PATH")
+    _looks_like_wrong_task(d.train, cfg)
+    notes: list[str] = []
+    if cfg.task == "classify":
+        tr = load_classification(d.train, d)
+        dev = load_classification(d.dev, d) if d.dev else None
+        notes += [f"skipped {s}" for s in tr.skipped + (dev.skipped if dev else [])]
+        if dev is None:
+            train_items, dev_items = split_dev(tr.docs, d.dev_fraction, cfg.train.seed)
+        else:
+            train_items, dev_items = tr.docs, dev.docs
+        labels = sorted(set(tr.labels) | set(dev.labels if dev else []))
+        multi = tr.multi_label or bool(dev and dev.multi_label)
+        if len(labels) < 2:
+            raise LongdocError(f"{d.train}: needs at least two distinct labels, found {labels}")
+        return train_items, dev_items, {"labels": labels, "multi_label": multi, "notes": notes}
+    tr = load_qa(d.train, d)
+    dev = load_qa(d.dev, d) if d.dev else None
+    notes += [f"skipped {s}" for s in tr.skipped + (dev.skipped if dev else [])]
+    for q in (tr, dev):
+        if q is None:
+            continue
+        notes += [f"{s} (not trained on; scored against it in evaluation)" for s in q.not_in_context]
+        if q.realigned:
+            notes.append(f"{q.realigned} answer_start offsets did not match their text and were realigned")
+    if dev is None:
+        train_items, dev_items = split_dev(
+            tr.examples, d.dev_fraction, cfg.train.seed, group=lambda e: e.group
+        )
+    else:
+        train_items, dev_items = tr.examples, dev.examples
+    bad = set(tr.not_in_context and [s.split(": answer")[0] for s in tr.not_in_context])
+    train_items = [e for e in train_items if e.where not in bad]
+    return train_items, dev_items, {"notes": notes}
+
+
+def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
+    """The task model for the source directory: its encoder (and its head when it is the same task
+    with the same labels), a fresh head otherwise; ``cfg.model.attention_window`` applied."""
+    from .model import (
+        LongformerEncoder,
+        LongformerForQuestionAnswering,
+        LongformerForSequenceClassification,
+    )
+    from .model import load_config as load_hf_config
+
+    hf = load_hf_config(source_dir)
+    if cfg.model.attention_window is not None:
+        hf.attention_window = cfg.model.attention_window
+    source_arch = (hf.extra.get("architectures") or [""])[0]
+    if cfg.task == "classify":
+        same_head = source_arch == "LongformerForSequenceClassification" and hf.id2label == dict(
+            enumerate(info["labels"])
+        )
+        hf.id2label = dict(enumerate(info["labels"]))
+        hf.num_labels = len(info["labels"])
+        hf.problem_type = (
+            "multi_label_classification" if info["multi_label"] else "single_label_classification"
+        )
+        cls = LongformerForSequenceClassification
+    else:
+        same_head = source_arch == "LongformerForQuestionAnswering"
+        hf.id2label, hf.num_labels, hf.problem_type = None, 2, None
+        cls = LongformerForQuestionAnswering
+    hf.extra.pop("architectures", None)
+    hf.__post_init__()
+    if cfg.model.max_length > hf.max_tokens:
+        raise ConfigError(
+            f"model.max_length: {cfg.model.max_length} exceeds the {hf.max_tokens} tokens the model's "
+            f"positions allow ({source_dir})"
+        )
+    if same_head:
+        return cls.from_pretrained(source_dir, config=hf).train()
+    model = cls(hf)
+    encoder = LongformerEncoder.from_pretrained(source_dir, config=hf)
+    model.longformer.load_state_dict(encoder.state_dict(), strict=False)
+    return model.train()
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _use_bf16(cfg: LongdocConfig, device) -> bool:
+    import torch
+
+    if cfg.train.bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(cfg.train.bf16)
+
+
+def _loss(model, batch, targets, task: str, multi: bool):
+    import torch
+    import torch.nn.functional as F
+
+    if task == "classify":
+        logits = model(**batch).float()
+        if multi:
+            return F.binary_cross_entropy_with_logits(logits, torch.tensor(targets, device=logits.device))
+        return F.cross_entropy(logits, torch.tensor(targets, device=logits.device))
+    start, end = model(**batch)
+    s = torch.tensor([t[0] for t in targets], device=start.device)
+    e = torch.tensor([t[1] for t in targets], device=start.device)
+    return (F.cross_entropy(start.float(), s) + F.cross_entropy(end.float(), e)) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(model, cfg: LongdocConfig, source_dir: Path, out: Path, card: dict[str, Any]) -> None:
+    """A complete model directory: weights + config.json, tokenizer files, longdoc.yaml, README.md."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, tmp / name)
+    save_config(cfg, tmp / MODEL_CONFIG_NAME)
+    (tmp / "README.md").write_text(model_card(cfg, card), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
+    task = "document classification" if cfg.task == "classify" else "extractive question answering"
+    metrics = card.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
+    labels = card.get("labels")
+    command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -q "..." FILE'
+    return f"""---
+library_name: transformers
+pipeline_tag: {"text-classification" if cfg.task == "classify" else "question-answering"}
+tags: [longformer, longdoc]
+---
+# {card.get("name", "longdoc model")}
+
+A Longformer fine-tuned by `longdoc train` for {task}, from `{card.get("base")}`.
+Windows of {cfg.model.max_length} tokens (specials included), overlapping by {cfg.tokenization.stride}.
+
+- training data: `{cfg.data.train}` ({card.get("n_train")} examples); dev: `{
+        cfg.data.dev or "seeded split"
+    }` \
+({card.get("n_dev")} examples)
+- step {card.get("step")} of {card.get("total_steps")}; dev metric `{cfg.metric}`
+{f"- labels: {', '.join(labels)}" if labels else ""}
+
+| dev metric | value |
+|---|---:|
+{rows}
+
+Use it with `{command}`, or with transformers' `Longformer{
+        "ForSequenceClassification" if cfg.task == "classify" else "ForQuestionAnswering"
+    }.from_pretrained(DIR)`.
+The full training config is `{MODEL_CONFIG_NAME}` in this directory.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    cfg: LongdocConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Fine-tune per ``cfg`` into ``output_dir``. ``stop_after_steps`` ends the run after that many
+    optimizer steps, as an interruption would (last/ is saved), for tests of ``resume``."""
+    import torch
+    import torch.distributed as dist
+
+    from .evaluate import classification_metrics, pick_device, predict_classification, predict_qa, qa_metrics
+    from .evaluate import resolve_model_dir as resolve
+    from .tokenize import DocumentTokenizer
+
+    emit = on_event or (lambda e: None)
+    out = Path(output_dir)
+    rank, world, local_rank = _dist_info()
+    distributed = world > 1
+    if rank == 0:
+        prepare_output_dir(out, resume, force)
+    device = pick_device(cfg.model.device)
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        own_group = not dist.is_initialized()
+        if own_group:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.barrier()
+
+    _seed_all(cfg.train.seed)
+    source_dir = resolve(cfg.model.name, cfg.model.allow_download)
+    train_items, dev_items, info = load_datasets(cfg)
+    if not train_items:
+        raise LongdocError(f"{cfg.data.train}: no training examples left after the dev split")
+    multi = bool(info.get("multi_label"))
+    model = build_model(cfg, source_dir, info).to(device)
+    model.gradient_checkpointing_enable(cfg.model.gradient_checkpointing)
+    tokenizer = DocumentTokenizer.from_dir(source_dir, max_tokens=cfg.model.max_length)
+    if cfg.task == "classify":
+        label_index = {x: i for i, x in enumerate(info["labels"])}
+        features = classification_features(train_items, tokenizer, cfg, label_index, multi)
+    else:
+        features = qa_features(train_items, tokenizer, cfg)
+
+    # Steps: every rank sees ceil(n / world) features per epoch (the order wraps to even them out).
+    per_rank = math.ceil(len(features) / world)
+    micro_per_epoch = math.ceil(per_rank / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.train.warmup_ratio * total)
+
+    ddp_model = model
+    if distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    bf16 = _use_bf16(cfg, device)
+
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "group": 0,
+        "best": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "history": [],
+    }
+    if resume:
+        ckpt = torch.load(out / "last" / STATE_FILE, map_location="cpu", weights_only=False)
+        if ckpt["config"] != config_to_yaml(cfg, commented=False):
+            raise ConfigError(f"--resume: the config differs from the one {out} was trained with")
+        from .model import load_state_dict
+
+        model.load_state_dict(load_state_dict(out / "last"))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        random.setstate(ckpt["python_rng"])
+        torch.set_rng_state(
+            ckpt["torch_rng"][rank] if rank < len(ckpt["torch_rng"]) else ckpt["torch_rng"][0]
+        )
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"][min(rank, len(ckpt["cuda_rng"]) - 1)])
+        if rank == 0:
+            _truncate_log(out / LOG_FILE, state["step"])
+
+    card_base = {"base": cfg.model.name, "n_train": len(train_items), "n_dev": len(dev_items),
+                 "total_steps": total, "labels": info.get("labels")}  # fmt: skip
+    log = (out / LOG_FILE).open("a", encoding="utf-8") if rank == 0 else None
+
+    def write_log(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def evaluate_dev() -> dict[str, float]:
+        if not dev_items:
+            return {}
+        was_training = model.training
+        if cfg.task == "classify":
+            preds, lengths = predict_classification(model, tokenizer, dev_items, cfg, device, multi)
+            m = classification_metrics(
+                [d.labels for d in dev_items], preds, info["labels"], lengths
+            ).summary()
+        else:
+            answers = predict_qa(model, tokenizer, dev_items, cfg, device)
+            m = qa_metrics([a.text for a in answers], [e.answers for e in dev_items]).summary()
+        model.train(was_training)
+        return m
+
+    def save_last() -> None:
+        if rank != 0:
+            return
+        card = {
+            **card_base,
+            "name": f"{out.name}/last",
+            "step": state["step"],
+            "metrics": state.get("last_eval"),
+        }
+        save_checkpoint(model, cfg, source_dir, out / "last", card)
+        torch.save(
+            {
+                "config": config_to_yaml(cfg, commented=False),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "python_rng": random.getstate(),
+                "torch_rng": rng_states,
+                "cuda_rng": [torch.cuda.get_rng_state()] if device.type == "cuda" else None,
+            },
+            out / "last" / STATE_FILE,
+        )
+
+    rng_states: list[Any] = []
+    emit({"event": "start", "total_steps": total, "step": state["step"], "n_train": len(train_items),
+          "n_dev": len(dev_items), "n_features": len(features), "device": str(device), "bf16": bf16,
+          "world_size": world, "notes": info["notes"]})  # fmt: skip
+    t0 = time.perf_counter()
+    start_step = state["step"]
+    stopped_early = done = False
+    model.train()
+    while not done and state["step"] < total:
+        order = list(range(len(features)))
+        random.Random(cfg.train.seed * 100_003 + state["epoch"]).shuffle(order)
+        order = (order * (1 + (per_rank * world) // max(1, len(order))))[: per_rank * world]
+        mine = order[rank::world]
+        micro = [mine[i : i + cfg.train.batch_size] for i in range(0, len(mine), cfg.train.batch_size)]
+        groups = [micro[i : i + cfg.train.grad_accum] for i in range(0, len(micro), cfg.train.grad_accum)]
+        while not done and state["group"] < len(groups):
+            group = groups[state["group"]]
+            n_windows = sum(len(b) for b in group)
+            loss_sum = 0.0
+            for j, idx in enumerate(group):
+                batch = {
+                    k: v.to(device) for k, v in tokenizer.collate([features[i].window for i in idx]).items()
+                }
+                targets = [features[i].target for i in idx]
+                sync = j == len(group) - 1 or not distributed
+                ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = _loss(ddp_model, batch, targets, cfg.task, multi) * (len(idx) / n_windows)
+                    loss.backward()
+                loss_sum += float(loss.detach())
+            grad_norm = None
+            if cfg.train.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["group"] += 1
+            step = state["step"]
+            record = {"step": step, "epoch": state["epoch"], "loss": loss_sum, "lr": lr,
+                      "grad_norm": grad_norm, "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            write_log(record)
+            emit({"event": "step", "total_steps": total, "start_step": start_step, **record})
+            last_step = step >= total
+            interrupted = stop_after_steps is not None and step - start_step >= stop_after_steps
+            if not (step % cfg.train.eval_every == 0 or last_step or interrupted):
+                continue
+            metrics = evaluate_dev() if rank == 0 else {}
+            improved = False
+            if rank == 0 and metrics:
+                value = metrics.get(cfg.metric)
+                state["last_eval"] = metrics
+                if value is not None and (state["best"] is None or value > state["best"]):
+                    state["best"], state["best_step"], state["bad_evals"] = value, step, 0
+                    improved = True
+                else:
+                    state["bad_evals"] += 1
+                rec = {"step": step, "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
+                state["history"].append(rec)
+                write_log(rec)
+                emit({"event": "eval", "metric": cfg.metric, "value": value, "best": state["best"], **rec})
+            if rank == 0 and (improved or (not dev_items and (last_step or interrupted))):
+                card = {**card_base, "name": f"{out.name}/best", "step": step, "metrics": metrics}
+                save_checkpoint(model, cfg, source_dir, out / "best", card)
+            patience = cfg.train.early_stopping_patience
+            stop = bool(patience and state["bad_evals"] >= patience)
+            if distributed:
+                flag = [stop]
+                dist.broadcast_object_list(flag, src=0)
+                stop = flag[0]
+                rng_states = [None] * world
+                dist.all_gather_object(rng_states, torch.get_rng_state())
+            else:
+                rng_states = [torch.get_rng_state()]
+            save_last()
+            if distributed:
+                dist.barrier()
+            if stop:
+                stopped_early = True
+                emit({"event": "early_stop", "step": step})
+            done = stop or last_step or interrupted
+        if not done:
+            state["epoch"] += 1
+            state["group"] = 0
+    if log is not None:
+        log.close()
+    if distributed and own_group:
+        dist.destroy_process_group()
+    if rank == 0 and not (out / "best").exists():
+        save_checkpoint(model, cfg, source_dir, out / "best", {**card_base, "step": state["step"]})
+    result = TrainResult(
+        out, cfg.task, cfg.metric, state["best"], state["best_step"], state["step"], total, stopped_early,
+        len(train_items), len(dev_items), list(state["history"]), info["notes"],
+    )  # fmt: skip
+    emit({"event": "end", "step": state["step"], "best": state["best"], "best_step": state["best_step"]})
+    return result
+
+
+def _truncate_log(file: Path, step: int) -> None:
+    """Drop log records written after the checkpoint being resumed (they will be redone)."""
+    if not file.is_file():
+        return
+    keep = [
+        line
+        for line in file.read_text(encoding="utf-8").splitlines()
+        if json.loads(line).get("step", 0) <= step
+    ]
+    file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

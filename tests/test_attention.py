@@ -1,0 +1,218 @@
+"""Every fast attention path equals the dense reference (values and gradients, float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from longdoc_cli import attention
+from longdoc_cli.attention import (
+    band_predicate,
+    global_attention,
+    global_attention_from_hidden,
+    global_indices,
+    local_attention,
+    reference_attention,
+)
+
+F64 = torch.float64
+
+
+def make_masks(n: int, pads: list[int], globs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_mask (B, n): the last pads[b] tokens of row b are padding; global_mask (B, n)."""
+    B = len(pads)
+    am = torch.ones(B, n, dtype=torch.bool)
+    gm = torch.zeros(B, n, dtype=torch.bool)
+    for b, (p, gs) in enumerate(zip(pads, globs, strict=True)):
+        if p:
+            am[b, n - p :] = False
+        gm[b, gs] = True
+    return am, gm
+
+
+def fast_attention(q, k, v, qg, kg, vg, *, window, dilation, am, gm, block=None):
+    """local_attention for every row, global_attention for the global rows (as the model does)."""
+    gm = gm & am
+    index, valid = global_indices(gm)
+    out = local_attention(
+        q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
+        global_valid=valid, block=block,
+    )  # fmt: skip
+    B, H, _, Dh = q.shape
+    G = index.shape[1]
+    if G:
+        rows = index[:, None, :, None].expand(B, H, G, Dh)
+        out_g = global_attention(qg.gather(2, rows), kg, vg, am)  # (B, H, G, Dh)
+        out = out.scatter(2, rows, torch.where(valid[:, None, :, None], out_g, out.gather(2, rows)))
+    return out
+
+
+# (B, H, n, window (one-sided), dilation, pads per row, global positions per row, block)
+CASES = {
+    "odd-n-no-global": (1, 2, 37, 3, 1, [0], [[]], None),
+    "global-first-padded-batch": (2, 4, 37, 3, 1, [0, 5], [[0], [0]], None),
+    "global-middle-inside-window": (2, 2, 41, 4, 1, [3, 0], [[20], [17, 19]], None),
+    "globals-several-and-at-end": (2, 2, 37, 3, 1, [0, 5], [[0, 10, 36], [2, 31, 35]], None),
+    "mostly-padding-row": (3, 2, 37, 3, 1, [0, 30, 36], [[5], [0, 2], [0]], None),
+    "all-padding-row": (2, 2, 23, 3, 1, [0, 23], [[4], [0]], None),
+    "window-larger-than-n": (2, 2, 9, 12, 1, [0, 4], [[3], []], None),
+    "n-equals-window-plus-1": (2, 2, 9, 8, 1, [0, 2], [[8], []], None),
+    "n-equals-window-plus-2": (2, 2, 10, 8, 1, [1, 0], [[], [9]], None),
+    "dilation-mixed": (2, 4, 53, 4, [1, 2, 3, 1], [0, 7], [[0], [3, 30]], None),
+    "dilation-2-all-heads": (2, 2, 47, 3, 2, [0, 6], [[1], []], None),
+    "dilation-3-no-global": (1, 3, 50, 2, 3, [4], [[]], None),
+    "dilated-window-larger-than-subsequence": (2, 4, 20, 6, [1, 2, 3, 4], [0, 3], [[0], [5, 6]], None),
+    "block-1": (2, 2, 29, 3, 1, [0, 4], [[7], []], 1),
+    "block-5-dilation": (3, 4, 101, 4, [1, 1, 2, 3], [0, 50, 100], [[0, 1, 2], [3], []], 5),
+    "block-7": (2, 2, 64, 5, 1, [0, 9], [[63], [0]], 7),
+    "block-larger-than-n": (1, 2, 30, 4, 1, [2], [[0]], 64),
+    "longer-default-block": (1, 2, 300, 16, [1, 3], [11], [[0, 150]], None),
+}
+
+
+def random_inputs(B, H, n, Dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, Dh, dtype=F64, generator=g, requires_grad=True) for _ in range(6)]
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 2000], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
+    B, H, n, window, dilation, pads, globs, block = case
+    if chunk_elements:  # a few query blocks per fused call
+        monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", chunk_elements)
+    am, gm = make_masks(n, pads, globs)
+    tensors = random_inputs(B, H, n)
+    ref = reference_attention(*tensors, window=window, dilation=dilation, attention_mask=am, global_mask=gm)
+    out = fast_attention(*tensors, window=window, dilation=dilation, am=am, gm=gm, block=block)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+    # padded query rows are exactly zero, never NaN
+    assert torch.isfinite(out).all()
+    assert (out.transpose(1, 2)[~am] == 0).all()
+
+    upstream = torch.randn_like(out)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), tensors)
+    grads = torch.autograd.grad((out * upstream).sum(), tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+    names = ["q", "k", "v", "q_global", "k_global", "v_global"]
+    for name, g, gr in zip(names, grads, grads_ref, strict=True):
+        assert torch.isfinite(g).all(), name
+        # A batch row with no real token has no allowed key; the reference's gradient there is NaN
+        # (softmax of all -inf), the true gradient 0.
+        torch.testing.assert_close(g, gr.nan_to_num(0.0), atol=1e-12, rtol=0, msg=name)
+
+
+def test_all_padding_row_is_zero_and_finite():
+    am, gm = make_masks(17, [17, 17], [[0], []])
+    q, k, v, qg, kg, vg = random_inputs(2, 2, 17)
+    for window in (3, 20):  # banded and dense short path
+        out = fast_attention(q, k, v, qg, kg, vg, window=window, dilation=1, am=am, gm=gm)
+        assert (out == 0).all()
+        (gq,) = torch.autograd.grad(out.sum(), [q])
+        assert (gq == 0).all()
+
+
+def test_local_attention_without_masks_equals_reference():
+    q, k, v, qg, kg, vg = random_inputs(2, 3, 45)
+    ref = reference_attention(q, k, v, qg, kg, vg, window=5, dilation=[1, 2, 1])
+    out = local_attention(q, k, v, window=5, dilation=[1, 2, 1])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_global_attention_from_hidden_equals_projected_keys():
+    B, H, G, Dh, n = 2, 4, 3, 5, 19
+    d = H * Dh
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=F64, generator=g, requires_grad=True)
+
+    qg, x = rnd(B, H, G, Dh), rnd(B, n, d)
+    wk, bk, wv, bv = rnd(d, d), rnd(d), rnd(d, d), rnd(d)
+    am, _ = make_masks(n, [0, 6], [[], []])
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh)
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    ref = global_attention(qg, heads(x @ wk.T + bk), heads(x @ wv.T + bv), am)
+    out = global_attention_from_hidden(qg, x, wk, bk, wv, bv, am)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    inputs = [qg, x, wk, bk, wv, bv]
+    upstream = torch.randn_like(out)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), inputs)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    for g_out, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g_out, g_ref, atol=1e-10, rtol=0)
+    # no biases
+    ref = global_attention(qg, heads(x @ wk.T), heads(x @ wv.T), am)
+    out = global_attention_from_hidden(qg, x, wk, None, wv, None, am)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_global_indices_order_and_padding():
+    gm = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    index, valid = global_indices(gm)
+    assert index.shape == (3, 3)
+    assert index[0].tolist() == [1, 3, 4]
+    assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
+    assert index[2, 0] == 0
+    index, valid = global_indices(torch.zeros(2, 7, dtype=torch.bool))
+    assert index.shape == valid.shape == (2, 0)
+
+
+def test_band_predicate():
+    i = torch.arange(12)[:, None]
+    j = torch.arange(12)[None, :]
+    assert band_predicate(i, j, 2, 1).sum(1).tolist() == [3, 4, 5, 5, 5, 5, 5, 5, 5, 5, 4, 3]
+    dil = band_predicate(i, j, 2, 3)
+    assert dil[6].nonzero().flatten().tolist() == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("dilation", [0, [1, 0]])
+def test_bad_dilation(dilation):
+    q = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="dilation"):
+        local_attention(q, q, q, window=2, dilation=dilation)
+
+
+def test_dilation_count_must_match_heads():
+    q = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="3 values given for 2 heads"):
+        local_attention(q, q, q, window=2, dilation=[1, 2, 3])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dilation", [1, [1, 2]])
+def test_band_never_builds_n_by_n(dilation):
+    n, w = 16384, 64
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    gm = torch.zeros(1, n, dtype=torch.bool)
+    gm[0, [0, 5000]] = True
+    index, valid = global_indices(gm)
+    with torch.no_grad(), _LargestOutput() as mode:
+        out = local_attention(q, k, v, window=w, dilation=dilation, global_index=index, global_valid=valid)
+    assert out.shape == (1, 2, n, 16)
+    # Every intermediate is O(n * w): the biggest is (blocks, H, b + 2w + G, Dh) ~ 3.3 M elements.
+    assert 0 < mode.largest < n * n // 32, mode.largest
+
+    # the detector does see an n x n tensor when one is built
+    small = 512
+    with torch.no_grad(), _LargestOutput() as mode:
+        reference_attention(*(x[:, :, :small] for x in (q, k, v, q, k, v)), window=w)
+    assert mode.largest >= small * small

@@ -1,0 +1,238 @@
+"""`longdoc bench` and int8 quantization: tiny model, tiny lengths, seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from longdoc_cli import bench
+from longdoc_cli.cli import app
+from longdoc_cli.errors import LongdocError
+from longdoc_cli.model import LongformerConfig, LongformerEncoder
+from longdoc_cli.quantize import is_quantized, quantize_int8
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["-m", "tiny", "--iters", "1", "--warmup", "0", "--no-isolate"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+def tiny_encoder(window: int = 8, max_len: int = 130) -> LongformerEncoder:
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, attention_window=window, max_position_embeddings=max_len + 2,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    return LongformerEncoder(cfg).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+
+
+@pytest.mark.parametrize(
+    ("n", "w", "d"), [(1, 3, 1), (5, 3, 1), (37, 4, 1), (37, 4, 3), (10, 20, 2), (64, 8, 8)]
+)
+def test_band_pairs_counts_the_exact_band(n, w, d):
+    i = torch.arange(n)
+    diff = i[None, :] - i[:, None]
+    brute = ((diff.abs() <= w * d) & (diff.remainder(d) == 0)).sum().item()
+    assert bench.band_pairs(n, w, d) == brute
+
+
+def test_base_flops_match_the_anchor():
+    cfg = bench.preset_config("base", 4096, None)
+    tflop = bench.encoder_flops(cfg, 4096, 1, 1) / 1e12
+    # 24 n d^2 + exact band, 12 layers: 0.77 TFLOP (0.89 with HF's global k/v over all tokens)
+    assert 0.75 < tflop < 0.80
+    full = bench.encoder_flops(cfg, 4096, 1, 1, full=True) / 1e12
+    assert full > tflop * 1.5
+    assert bench.encoder_flops(cfg, 4096, 1, 1, train=True) == pytest.approx(3e12 * tflop)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command on a tiny model
+
+
+def test_bench_json_tiny_all_impls():
+    impls = "longdoc,hf,full,longdoc-attn"
+    res = invoke(*FAST, "--seq-lens", "32,65", "--impls", impls, "--quantize", "int8", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [c["passed"] for c in report["checks"]] == [True, True, True]
+    rows = report["measurements"]
+    assert {(r["impl"], r["seq_len"]) for r in rows} == {
+        (i, n) for i in ("longdoc", "longdoc-int8", "hf", "full", "longdoc-attn") for n in (32, 65)
+    }
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and r["p95_s"] >= r["median_s"]
+        assert r["tokens_per_s"] == pytest.approx(r["seq_len"] / r["median_s"])
+        assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+    assert report["peaks"][0]["gflops"] > 0
+    assert report["spec"]["impls"] == ["longdoc", "longdoc-int8", "hf", "full", "longdoc-attn"]
+
+
+def test_bench_jsonl_and_child_process_memory():
+    res = invoke("-m", "tiny", "--seq-len", "40", "--impls", "longdoc", "--iters", "2", "--no-check",
+                 "--format", "jsonl")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["type"] for r in records] == ["environment", "matmul_peak", "measurement"]
+    m = records[-1]
+    assert m["status"] == "ok" and m["iters"] == 2
+    if Path("/proc/self/clear_refs").exists():
+        assert m["peak_mem_mib"] is not None and m["peak_mem_mib"] >= 0
+
+
+def test_bench_table_and_train_mode():
+    res = invoke(*FAST, "--seq-len", "33", "--impls", "longdoc,hf", "--mode", "train", "--format", "table")
+    assert res.exit_code == 0, res.stderr
+    assert "longdoc bench" in res.stdout and "matmul peak" in res.stdout and "check model" in res.stdout
+
+
+def test_config_file_loads_and_flags_override_it():
+    spec = bench.load_spec(ROOT / "configs" / "bench.yaml")
+    assert spec.models == ("base",) and 4096 in spec.seq_lens and "hf" in spec.impls
+    res = invoke("--config", str(ROOT / "configs" / "bench.yaml"), *FAST, "--seq-len", "24", "--layers", "1",
+                 "--impls", "longdoc,full", "--format", "json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["spec"]["seq_lens"] == [24] and report["spec"]["models"] == ["tiny"]
+    assert report["spec"]["layers"] == 1 and report["spec"]["time_budget"] == 120
+    assert len(report["measurements"]) == 2
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("seq_len: [1024]\niters: many\ndtypes: [fp8]\n")
+    with pytest.raises(LongdocError) as e:
+        bench.load_spec(bad)
+    text = str(e.value)
+    assert "did you mean seq_lens?" in text and "iters: 'many'" in text and "fp8" in text
+    assert e.value.exit_code == 2
+
+
+def test_a_failing_baseline_is_skipped_with_a_note(monkeypatch):
+    real = bench.forward
+
+    def forward(impl, model, *args):
+        if impl == "full":
+            raise RuntimeError("CPU out of memory: tried to allocate 40 GiB")
+        return real(impl, model, *args)
+
+    monkeypatch.setattr(bench, "forward", forward)
+    report = bench.run_bench(bench.BenchSpec(models=("tiny",), seq_lens=(32,), impls=("longdoc", "full"),
+                                             iters=1, warmup=0, isolate=False, check=False))  # fmt: skip
+    by_impl = {m.impl: m for m in report.measurements}
+    assert by_impl["longdoc"].status == "ok"
+    assert by_impl["full"].status == "skipped" and "out of memory" in by_impl["full"].note
+
+
+def test_too_slow_baseline_is_skipped_by_estimate():
+    res = invoke(*FAST, "--seq-len", "64", "--impls", "longdoc", "--time-budget", "1e-9", "--no-check",
+                 "--format", "json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    (m,) = json.loads(res.stdout)["measurements"]
+    assert m["status"] == "skipped" and "--time-budget" in m["note"]
+
+
+def test_path_model(tmp_path):
+    pytest.importorskip("longdoc_cli.models")
+    tiny_encoder().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "vocab.txt").write_text(
+        "[PAD]\n[UNK]\n"
+    )  # the bench needs no tokenizer, the resolver does
+    res = invoke("-m", str(tmp_path / "m"), "--iters", "1", "--warmup", "0", "--no-isolate", "--seq-lens",
+                 "20,500", "--impls", "longdoc,hf", "--format", "json")  # fmt: skip
+    if res.exit_code and "tokenizer" in res.stderr:
+        pytest.skip("resolve_model wants tokenizer files next to the weights")
+    assert res.exit_code == 0, res.stderr
+    rows = {(m["impl"], m["seq_len"]): m for m in json.loads(res.stdout)["measurements"]}
+    assert rows[("longdoc", 20)]["status"] == "ok"
+    assert rows[("longdoc", 500)]["status"] == "skipped" and "positions" in rows[("longdoc", 500)]["note"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--seq-len", "0"], "--seq-len"),
+        (["--seq-lens", "128,-3"], "--seq-lens"),
+        (["--seq-lens", "12x"], "--seq-lens"),
+        (["--dtype", "fp8"], "dtypes"),
+        (["--impls", "longdoc,flash"], "impls"),
+        (["--mode", "fit"], "modes"),
+        (["--quantize", "int4"], "--quantize"),
+        (["--format", "tsv"], "--format"),
+        (["--config", "/nonexistent/bench.yaml"], "bench.yaml"),
+        (["--model", "/nonexistent/model-dir"], "nonexistent"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(args, needle):
+    res = invoke("-m", "tiny", "--seq-len", "16", "--no-isolate", *args)
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longdoc: error:") and needle in lines[0], res.stderr
+    assert res.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error():
+    res = invoke(*FAST, "--seq-len", "16", "--device", "cuda")
+    assert res.exit_code == 2 and "CUDA" in res.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_bench_bf16():
+    args = ["--device", "cuda", "--dtype", "bf16", "--impls", "longdoc,hf,full", "--format", "json"]
+    res = invoke(*FAST, "--seq-len", "256", *args)
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)["measurements"]
+    assert all(r["status"] == "ok" and r["peak_mem_mib"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The full-attention baseline and int8
+
+
+def test_full_attention_is_the_same_model_with_a_whole_sequence_window():
+    model = tiny_encoder(window=8)
+    wide = tiny_encoder(window=260)
+    wide.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 100, (2, 50))
+    glob = torch.zeros(2, 50, dtype=torch.bool)
+    glob[:, 0] = True
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 40:] = 0
+    with torch.inference_mode():
+        banded = model(ids, mask, glob)
+        with bench.full_attention(model, 50):
+            full = model(ids, mask, glob)
+        again = model(ids, mask, glob)
+        assert torch.allclose(full, wide(ids, mask, glob), atol=1e-5)
+    assert not torch.allclose(full, banded, atol=1e-3)  # the window really changed
+    assert torch.equal(again, banded)  # and was restored
+
+
+def test_int8_outputs_close_to_fp32():
+    model = tiny_encoder()
+    q = quantize_int8(model)
+    assert is_quantized(q) and not is_quantized(model)
+    attn = q.encoder.layer[0].attention.self
+    assert isinstance(attn.key_global, torch.nn.Linear) and not isinstance(attn.query, torch.nn.Linear)
+    ids = torch.randint(3, 100, (2, 70))
+    glob = torch.zeros(2, 70, dtype=torch.bool)
+    glob[:, :2] = True
+    with torch.inference_mode():
+        ref, out = model(ids, None, glob), q(ids, None, glob)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_int8_refuses_non_fp32():
+    with pytest.raises(LongdocError, match="fp32"):
+        quantize_int8(tiny_encoder().to(torch.bfloat16))

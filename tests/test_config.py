@@ -1,0 +1,124 @@
+"""The typed config: strict loading, every problem at once, overrides, and the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from longdoc_cli.cli import app
+from longdoc_cli.config import (
+    MODEL_CONFIG_NAME,
+    ConfigError,
+    LongdocConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    load_model_dir_config,
+    save_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+OURS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("bench"))  # bench*.yaml: bench's own
+
+
+@pytest.mark.parametrize("path", OURS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.task in ("classify", "qa")
+    assert cfg.tokenization.stride < cfg.model.max_length
+
+
+def test_defaults_round_trip_through_commented_yaml(tmp_path):
+    cfg = load_config(None)
+    assert cfg.model.max_length == 4096 and cfg.train.lr == 5e-5 and cfg.metric == "macro_f1"
+    for commented in (True, False):
+        assert config_from_dict(yaml.safe_load(config_to_yaml(cfg, commented))) == cfg
+    text = config_to_yaml(cfg)
+    assert "lr: 5.0e-05" in text and "# two-sided window" in text
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert config_to_dict(cfg)["model"]["name"] == "default"
+
+
+def test_unknown_keys_types_and_enums_reported_all_at_once():
+    data = {
+        "modle": {},
+        "model": {"max_lenght": 3, "windw": 4, "max_length": "abc", "device": "gpu", "stride": 3},
+        "train": {"lr": "1e-3", "epochs": 2.5},
+        "task": "summarize",
+    }
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, source="x.yaml")
+    lines = str(e.value).splitlines()
+    assert e.value.exit_code == 2
+    assert "x.yaml: modle: unknown key; did you mean model?" in lines
+    assert "x.yaml: model.max_lenght: unknown key; did you mean model.max_length?" in lines
+    assert "x.yaml: model.windw: unknown key; did you mean model.attention_window?" in lines
+    assert "x.yaml: model.max_length: expected an integer, got 'abc'" in lines
+    assert "x.yaml: model.device: expected one of auto, cpu, cuda, got 'gpu'" in lines
+    assert "x.yaml: model.stride: unknown key; did you mean tokenization.stride?" in lines
+    assert "x.yaml: train.epochs: expected an integer, got 2.5" in lines
+    assert any(line.startswith("x.yaml: task: expected one of classify, qa") for line in lines)
+    assert len(lines) == 8  # train.lr "1e-3" (a string to PyYAML) is a number, not a problem
+
+
+def test_range_checks_name_the_path():
+    with pytest.raises(ConfigError, match=r"tokenization.stride: must be less than half"):
+        config_from_dict({"model": {"max_length": 64}, "tokenization": {"stride": 40}})
+    with pytest.raises(ConfigError, match=r"train.metric: 'f1' is not a classify metric"):
+        config_from_dict({"train": {"metric": "f1"}})
+    with pytest.raises(ConfigError, match=r"model.attention_window: the two-sided window"):
+        config_from_dict({"model": {"attention_window": 7}})
+
+
+def test_overrides_are_typed_yaml_scalars():
+    cfg = apply_overrides(
+        LongdocConfig(),
+        ["train.lr=1e-3", "model.attention_window=256", "inference.labels=[a, b]", "train.bf16=true",
+         "task=qa", "train.max_steps=null", "data.train=x.csv"],
+    )  # fmt: skip
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.model.attention_window == 256 and cfg.inference.labels == ["a", "b"]
+    assert cfg.train.bf16 is True and cfg.task == "qa" and cfg.metric == "f1"
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(LongdocConfig(), ["model.device=gpu", "nonsense", "model=1", "train.lr=fast"])
+    text = str(e.value)
+    assert "model.device: expected one of auto, cpu, cuda" in text
+    assert "'nonsense': expected KEY=VALUE" in text
+    assert "model: is a section" in text and "train.lr: expected a number, got 'fast'" in text
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_model_dir_config(tmp_path):
+    assert load_model_dir_config(tmp_path) is None
+    save_config(LongdocConfig(task="qa"), tmp_path / MODEL_CONFIG_NAME)
+    assert load_model_dir_config(tmp_path).task == "qa"
+
+
+def test_cli_config_init_and_validate(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["config", "init", "--task", "qa", "-"])
+    assert r.exit_code == 0 and "task: qa" in r.stdout
+    path = tmp_path / "qa.yaml"
+    assert runner.invoke(app, ["config", "init", "--task", "qa", str(path)]).exit_code == 0
+    assert runner.invoke(app, ["config", "init", str(path)]).exit_code == 2  # exists, no --force
+    r = runner.invoke(app, ["config", "validate", str(path)])
+    assert r.exit_code == 0 and "ok (qa)" in r.stderr
+    path.write_text("model:\n  windw: 3\n  max_length: abc\n")
+    r = runner.invoke(app, ["config", "validate", str(path)])
+    assert r.exit_code == 2
+    assert "model.windw: unknown key; did you mean model.attention_window?" in r.stderr
+    assert "model.max_length: expected an integer, got 'abc'" in r.stderr

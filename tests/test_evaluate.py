@@ -1,0 +1,59 @@
+"""Metrics against hand-computed values and the official SQuAD normalisation; span decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longdoc_cli.evaluate import (
+    classification_metrics,
+    decode_window_spans,
+    exact_match_score,
+    f1_score,
+    normalize_answer,
+    qa_metrics,
+)
+
+
+def test_squad_normalisation_and_scores():
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert exact_match_score("the Eiffel Tower.", "Eiffel tower") == 1.0
+    assert f1_score("big red dog", "red dog") == pytest.approx(0.8)
+    assert f1_score("", "") == 1.0 and f1_score("x", "") == 0.0
+    m = qa_metrics(
+        ["Paris", "in 1990", "no"], [["paris", "Paris, France"], ["1990"], ["yes"]], [False, True, True]
+    )
+    assert m.exact_match == pytest.approx(100 / 3)
+    assert m.f1 == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
+    assert m.far_n == 2 and m.far_exact_match == 0.0 and m.far_f1 == pytest.approx(100 * (2 / 3) / 2)
+
+
+def test_classification_metrics_by_hand():
+    gold = [("a",), ("a",), ("b",), ("c",)]
+    pred = [("a",), ("b",), ("b",), ("a",)]
+    m = classification_metrics(gold, pred, ["a", "b", "c"], lengths=[100, 600, 5000, 512])
+    assert m.accuracy == 0.5
+    # a: P 1/2 R 1/2 F 1/2; b: P 1/2 R 1 F 2/3; c: 0
+    assert m.per_label["a"].f1 == pytest.approx(0.5) and m.per_label["b"].f1 == pytest.approx(2 / 3)
+    assert m.macro_f1 == pytest.approx((0.5 + 2 / 3 + 0) / 3)
+    assert m.confusion == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert list(m.by_length) == ["<=512", "<=4096", ">4096"]
+    assert m.by_length["<=512"]["n"] == 2 and m.by_length[">4096"]["accuracy"] == 1.0
+
+
+def test_multi_label_metrics_have_no_confusion_matrix():
+    m = classification_metrics([("a", "b"), ("b",)], [("a",), ("b",)], ["a", "b"])
+    assert m.confusion is None and m.accuracy == 0.5
+    assert m.per_label["b"].recall == 0.5 and m.micro_f1 == pytest.approx(0.8)
+
+
+def test_decode_window_spans_respects_context_and_length():
+    offsets = [None, None, None, (0, 3), (4, 7), (8, 11), None]  # [CLS] q [SEP] c c c [SEP]
+    start = torch.tensor([9.0, 8, 0, 1, 5, 2, 9])
+    end = torch.tensor([9.0, 0, 8, 0, 1, 6, 9])
+    spans = decode_window_spans(start, end, offsets, n_best=3, max_answer_length=2)
+    best = max(spans)
+    assert best[1:] == (4, 5)  # never a special/question token; length <= 2
+    assert all(b >= a and b - a < 2 for _, a, b in spans)
+    assert decode_window_spans(start, end, [None] * 7, 3, 5) == []

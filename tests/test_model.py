@@ -1,0 +1,323 @@
+"""The encoder and its heads equal transformers' Longformer on the same weights; loading is strict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers.models.longformer import modeling_longformer as hf_modeling
+
+from longdoc_cli.attention import reference_attention
+from longdoc_cli.errors import LongdocError
+from longdoc_cli.model import (
+    LongformerConfig,
+    LongformerEncoder,
+    LongformerForQuestionAnswering,
+    LongformerForSequenceClassification,
+    load_config,
+    question_global_mask,
+)
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+VOCAB, SEP, PAD = 100, 2, 1
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+    attention_window=[4, 8, 4], max_position_embeddings=80, pad_token_id=PAD, bos_token_id=0,
+    eos_token_id=SEP, sep_token_id=SEP, type_vocab_size=1, layer_norm_eps=1e-5,
+)  # fmt: skip
+PAIRS = {
+    "encoder": (transformers.LongformerModel, LongformerEncoder),
+    "classification": (transformers.LongformerForSequenceClassification, LongformerForSequenceClassification),
+    "qa": (transformers.LongformerForQuestionAnswering, LongformerForQuestionAnswering),
+}
+
+
+def hf_model(kind: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.LongformerConfig(**{**TINY, **overrides}, num_labels=2 if kind == "qa" else 3)
+    model = PAIRS[kind][0](config).eval()
+    with torch.no_grad():  # HF's init leaves biases and LayerNorms trivial; make every weight count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def batch(T: int = 37):
+    """Three rows: full, padded, mostly padding; '<s> question </s></s> context </s>' layout."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, T), generator=g)
+    ids[:, 0] = 0
+    lengths = [T, 30, 9]
+    am = torch.zeros(3, T, dtype=torch.long)
+    for b, (length, q_len) in enumerate(zip(lengths, [6, 4, 2], strict=True)):
+        am[b, :length] = 1
+        ids[b, length:] = PAD
+        ids[b, [q_len, q_len + 1, length - 1]] = SEP
+    gm = torch.zeros(3, T, dtype=torch.long)
+    gm[0, [0, 10, 36]] = 1  # first, middle, very end
+    gm[1, [0, 3, 4, 5, 33]] = 1  # several inside one window, and one on padding (ignored)
+    gm[2, 0] = 1
+    return ids, am, gm
+
+
+def outputs(kind: str, model, ids, am, gm, is_hf: bool) -> list[torch.Tensor]:
+    if not is_hf:
+        out = model(ids, am, gm)
+        return list(out) if isinstance(out, tuple) else [out]
+    out = model(input_ids=ids, attention_mask=am, global_attention_mask=gm)
+    if kind == "encoder":
+        return [out.last_hidden_state]
+    if kind == "classification":
+        return [out.logits]
+    return [out.start_logits, out.end_logits]
+
+
+def assert_same_on_real(a: list[torch.Tensor], b: list[torch.Tensor], am: torch.Tensor, atol=1e-5) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape
+        if x.dim() >= 2 and x.shape[1] == am.shape[1]:  # per-token outputs: compare real tokens only
+            x, y = x[am.bool()], y[am.bool()]
+        assert (x - y).abs().max().item() <= atol, (x - y).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_hf_checkpoint_loads_and_matches(kind, tmp_path):
+    hf = hf_model(kind)
+    hf.save_pretrained(tmp_path)
+    ours = PAIRS[kind][1].from_pretrained(tmp_path)
+    ids, am, gm = batch()
+    with torch.no_grad():
+        assert_same_on_real(outputs(kind, ours, ids, am, gm, False), outputs(kind, hf, ids, am, gm, True), am)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_our_checkpoint_loads_in_hf_and_matches(kind, tmp_path):
+    hf = hf_model(kind, seed=1)
+    ours = PAIRS[kind][1](LongformerConfig.from_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)  # our own weights; then round-trip
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [ours.hf_architecture]
+    hf2 = PAIRS[kind][0].from_pretrained(tmp_path).eval()
+    ids, am, gm = batch()
+    with torch.no_grad():
+        assert_same_on_real(
+            outputs(kind, ours, ids, am, gm, False), outputs(kind, hf2, ids, am, gm, True), am
+        )
+    for key, value in ours.state_dict().items():  # every weight arrived unchanged
+        assert torch.equal(hf2.state_dict()[key], value), key
+
+
+def test_gradients_match_hf(tmp_path):
+    hf = hf_model("encoder", seed=2)
+    hf.save_pretrained(tmp_path)
+    ours = LongformerEncoder.from_pretrained(tmp_path)
+    ids, am, gm = batch()
+    upstream = torch.randn(*ids.shape, TINY["hidden_size"]) * am[..., None]
+    (outputs("encoder", ours, ids, am, gm, False)[0] * upstream).sum().backward()
+    (outputs("encoder", hf, ids, am, gm, True)[0] * upstream).sum().backward()
+    hf_params = dict(hf.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        if name.startswith("pooler."):
+            continue
+        torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked == len(hf_params) - 2
+    assert ours.encoder.layer[0].attention.self.key_global.weight.grad.abs().sum() > 0
+
+
+def test_pytorch_model_bin_and_roberta_prefix(tmp_path):
+    hf = hf_model("classification", seed=4)
+    hf.config.save_pretrained(tmp_path)
+    state = {k.replace("longformer.", "roberta.", 1): v for k, v in hf.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ours = LongformerForSequenceClassification.from_pretrained(tmp_path)
+    ids, am, gm = batch()
+    with torch.no_grad():
+        a = outputs("classification", ours, ids, am, gm, False)
+        assert_same_on_real(a, outputs("classification", hf, ids, am, gm, True), am)
+    # the bare encoder loads from the same task checkpoint
+    encoder = LongformerEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        hidden = encoder(ids, am, gm)
+        assert_same_on_real([hidden], [hf.longformer(ids, am, global_attention_mask=gm)[0]], am)
+
+
+def test_default_global_masks_equal_hf(tmp_path):
+    ids, am, _ = batch()
+    expected = hf_modeling._compute_global_attention_mask(ids, SEP)
+    assert torch.equal(question_global_mask(ids, SEP), expected.bool())
+    for kind in ("qa", "classification"):
+        hf = hf_model(kind, seed=5)
+        hf.save_pretrained(tmp_path / kind)
+        ours = PAIRS[kind][1].from_pretrained(tmp_path / kind)
+        with torch.no_grad():
+            a = ours(ids, am)
+            b = hf(input_ids=ids, attention_mask=am)
+        a = list(a) if isinstance(a, tuple) else [a]
+        b = [b.start_logits, b.end_logits] if kind == "qa" else [b.logits]
+        assert_same_on_real(a, b, am)
+
+
+def dense_reference_forward(model: LongformerEncoder, ids, am, gm) -> torch.Tensor:
+    """The model's wiring with reference_attention in place of the fast attention paths."""
+    am, gm = am.bool(), gm.bool() & am.bool()
+    x = model.embeddings(ids)
+    B, T, _ = x.shape
+    for layer in model.encoder.layer:
+        att = layer.attention.self
+        H, Dh = att.num_heads, att.head_dim
+
+        def heads(t):
+            return t.view(B, T, H, Dh).transpose(1, 2)  # noqa: B023
+
+        projections = [heads(getattr(att, name)(x)) for name in
+                       ("query", "key", "value", "query_global", "key_global", "value_global")]  # fmt: skip
+        a = reference_attention(
+            *projections, window=att.window, dilation=att.dilation, attention_mask=am, global_mask=gm
+        )
+        x = layer.attention.output(a.transpose(1, 2).reshape(B, T, -1), x)
+        x = layer.output(layer.intermediate(x), x)
+    return x
+
+
+@pytest.mark.parametrize(
+    "dilation",
+    [[1, 2, 1], [[1, 2, 3, 1], [2, 2, 1, 1], [3, 1, 1, 2]]],
+    ids=["per-layer", "per-layer-per-head"],
+)
+def test_dilation_equals_dense_reference(dilation):
+    torch.manual_seed(6)
+    config = LongformerConfig.from_dict({**TINY, "attention_dilation": dilation})
+    model = LongformerEncoder(config).double().eval()
+    ids, am, gm = batch()
+    with torch.no_grad():
+        ref = dense_reference_forward(model, ids, am, gm)
+        out = model(ids, am, gm)
+    torch.testing.assert_close(out[am.bool()], ref[am.bool()], atol=1e-10, rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(7)
+    config = LongformerConfig.from_dict(
+        {**TINY, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    )
+    model = LongformerForSequenceClassification(config).train()
+    ids, am, gm = batch()
+
+    def grads():
+        model.zero_grad()
+        model(ids, am, gm).square().sum().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.longformer.encoder.gradient_checkpointing
+    checkpointed = grads()
+    for key, g in plain.items():
+        torch.testing.assert_close(checkpointed[key], g, atol=1e-7, rtol=1e-6, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture
+def saved(tmp_path):
+    LongformerEncoder(LongformerConfig.from_dict(TINY)).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(LongdocError, match="no config.json"):
+        LongformerEncoder.from_pretrained(tmp_path)
+    with pytest.raises(LongdocError, match="not a directory"):
+        LongformerEncoder.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_wrong_model_type_suggests_convert(saved, model_type):
+    data = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**data, "model_type": model_type}))
+    with pytest.raises(LongdocError, match=r"config\.json.*longdoc convert"):
+        LongformerEncoder.from_pretrained(saved)
+
+
+def test_corrupt_config_json(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(LongdocError, match=r"config\.json"):
+        load_config(saved)
+
+
+def test_missing_weights(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(LongdocError, match="no model.safetensors or pytorch_model.bin"):
+        LongformerEncoder.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_corrupt_weights(saved, name):
+    (saved / "model.safetensors").unlink()
+    (saved / name).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(LongdocError, match=name.replace(".", r"\.")):
+        LongformerEncoder.from_pretrained(saved)
+
+
+def test_weight_shapes_not_matching_config(saved):
+    data = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**data, "intermediate_size": 48}))
+    with pytest.raises(LongdocError, match=r"intermediate\.dense\.weight has shape \(64, 32\).*\(48, 32\)"):
+        LongformerEncoder.from_pretrained(saved)
+
+
+def test_missing_encoder_weight_and_missing_head(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(LongdocError, match="no sequence-classification head"):
+        LongformerForSequenceClassification.from_pretrained(saved)
+    model = LongformerForSequenceClassification.from_pretrained(saved, init_missing_head=True)
+    assert model.classifier.out_proj.weight.shape == (2, 32)
+    state = load_file(str(saved / "model.safetensors"))
+    del state["encoder.layer.1.output.dense.weight"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(
+        LongdocError, match=r"lacks 1 encoder weights \(encoder\.layer\.1\.output\.dense\.weight"
+    ):
+        LongformerEncoder.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"attention_window": 5}, r"attention_window\[0\] = 5"),
+        ({"attention_window": [4, 6, 3]}, r"attention_window\[2\] = 3"),
+        ({"attention_window": [4, 8]}, "attention_window has 2 values for 3 layers"),
+        ({"attention_dilation": 0}, r"attention_dilation\[0\].*>= 1"),
+        ({"attention_dilation": [1, 1]}, "attention_dilation has 2 values for 3 layers"),
+        ({"attention_dilation": [1, [1, 2], 1]}, r"attention_dilation\[1\] has 2 values for 4 heads"),
+        ({"attention_dilation": [1, [1, 2, 0, 1], 1]}, r"attention_dilation\[1\].*>= 1"),
+        ({"hidden_size": 30}, "hidden_size 30 is not a multiple of num_attention_heads 4"),
+        ({"position_style": "gpt"}, "position_style"),
+    ],
+)
+def test_bad_config_fields(overrides, message, saved):
+    with pytest.raises(LongdocError, match=message):
+        LongformerConfig.from_dict({**TINY, **overrides})
+    data = json.loads((saved / "config.json").read_text())  # the same through config.json
+    (saved / "config.json").write_text(json.dumps({**data, **overrides}))
+    with pytest.raises(LongdocError, match=message):
+        load_config(saved)
+
+
+def test_input_longer_than_positions_and_qa_without_separator():
+    model = LongformerForQuestionAnswering(LongformerConfig.from_dict(TINY)).eval()
+    too_long = torch.full((1, 79), 5)
+    too_long[0, 3] = SEP
+    with pytest.raises(LongdocError, match="input has 79 tokens but the model's positions allow 78"):
+        model(too_long)
+    with pytest.raises(LongdocError, match="separator"):
+        model(torch.full((1, 10), 5))
