@@ -659,13 +659,12 @@ def _report_input(console, item) -> bool:
     from .tasks.inputs import InputError
 
     if isinstance(item, InputError):
-        console.print(f"longdoc: error: {item.message}", markup=False, highlight=False)
+        typer.echo(f"longdoc: error: {item.message}", err=True)
         return True
-    if item.n_replaced:
-        console.print(
-            f"longdoc: warning: {item.id}: {item.n_replaced} invalid UTF-8 byte sequence(s) replaced",
-            markup=False, highlight=False,
-        )  # fmt: skip
+    if item.n_replaced and not console.quiet:
+        typer.echo(
+            f"longdoc: warning: {item.id}: {item.n_replaced} invalid UTF-8 sequence(s) replaced", err=True
+        )
     return False
 
 
@@ -720,7 +719,8 @@ def classify(
         )
         tm = load_task_model(
             model_dir, task="classify", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
-            quantize=_pick(quantize, mc.quantize), max_length=_pick(max_length, mc.max_length),
+            quantize=_pick(quantize, mc.quantize), max_length=max_length,
+            max_length_cap=mc.max_length,
             attention_window=mc.attention_window,
         )  # fmt: skip
         bs = _pick(batch_size, inf.batch_size)
@@ -818,7 +818,8 @@ def qa(
         inf, tk, mc = cfg.inference, cfg.tokenization, cfg.model
         tm = load_task_model(
             model_dir, task="qa", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
-            quantize=_pick(quantize, mc.quantize), max_length=_pick(max_length, mc.max_length),
+            quantize=_pick(quantize, mc.quantize), max_length=max_length,
+            max_length_cap=mc.max_length,
             attention_window=mc.attention_window,
         )  # fmt: skip
         answerer = QuestionAnswerer(
@@ -848,10 +849,10 @@ def qa(
                     )
                     if result.truncated and not quiet:
                         cut = answerer.max_question_length
-                        console.print(
+                        typer.echo(
                             f"longdoc: warning: question cut to {cut} tokens: {result.question[:60]}",
-                            markup=False, highlight=False,
-                        )  # fmt: skip
+                            err=True,
+                        )
                     progress.advance(task)
         emit.close(
             f"longdoc qa ({'extractive span' if tm.head == 'qa' else 'zero-shot sentence'}: {tm.path.name})"

@@ -41,6 +41,7 @@ class QAExample:
     starts: tuple[int, ...]  # character offsets into context, one per answer
     where: str
     group: str  # the page: the `title` if any, else the context itself (for page-wise splits)
+    in_context: bool = True  # False: an answer text is not in the context (not trainable)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def load_qa(path: str, data: DataSection) -> QAData:
         except _BadRecord as e:
             _bad(skipped, f"{where}: {e}")
             continue
-        fixed_starts = []
+        fixed_starts, in_context = [], True
         for text, start in zip(texts, starts, strict=True):
             if context[start : start + len(text)] == text:
                 fixed_starts.append(start)
@@ -215,23 +216,16 @@ def load_qa(path: str, data: DataSection) -> QAData:
             found = _nearest(context, text, start)
             if found is None:
                 out.not_in_context.append(f"{where}: answer {text[:40]!r} is not in its context")
+                in_context = False
                 fixed_starts.append(start)
             else:
                 out.realigned += 1
                 fixed_starts.append(found)
         qid = row.get(data.id_key)
         group = row.get("title") if isinstance(row.get("title"), str) else context
-        out.examples.append(
-            QAExample(
-                str(qid) if qid is not None else where,
-                question,
-                context,
-                texts,
-                tuple(fixed_starts),
-                where,
-                group,
-            )
-        )
+        qid = str(qid) if qid is not None else where
+        example = QAExample(qid, question, context, texts, tuple(fixed_starts), where, group, in_context)
+        out.examples.append(example)
     out.skipped = skipped or []
     if not out.examples:
         raise LongdocError(f"{path}: no usable records")

@@ -108,8 +108,7 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
             )
         return _resolve_dir(_download(name))
     raise LongdocError(
-        f"unknown model {name!r}: use 'default', a model directory, or a Hugging Face hub id (owner/name)",
-        exit_code=2,
+        f"unknown model {name!r}: use 'default', a model directory, or a Hugging Face hub id (owner/name)"
     )
 
 

@@ -221,8 +221,7 @@ def load_datasets(cfg: LongdocConfig):
         )
     else:
         train_items, dev_items = tr.examples, dev.examples
-    bad = set(tr.not_in_context and [s.split(": answer")[0] for s in tr.not_in_context])
-    train_items = [e for e in train_items if e.where not in bad]
+    train_items = [e for e in train_items if e.in_context]
     return train_items, dev_items, {"notes": notes}
 
 

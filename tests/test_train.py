@@ -180,3 +180,22 @@ def test_evaluate_zero_shot_qa_and_refusals(tiny_model_dir, qa_data, cls_data):
     assert json.loads(r.stdout)["n"] == 12  # a plain encoder answers zero-shot, as `longdoc qa` does
     r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(cls_data)])
     assert r.exit_code == 1 and "no classification head" in r.stderr
+
+
+def test_csv_data_and_seeded_group_split(tmp_path):
+    from longdoc_cli.config import DataSection
+    from longdoc_cli.data import load_classification, split_dev
+
+    path = tmp_path / "d.csv"
+    path.write_text('id,body,tag\n1,"a, b",x\n2,c,"[""x"", ""y""]"\n3,d,\n', encoding="utf-8")
+    data = DataSection(text_key="body", label_key="tag")
+    with pytest.raises(LongdocError, match=r"d.csv:4: missing label"):
+        load_classification(str(path), data)
+    got = load_classification(str(path), DataSection(text_key="body", label_key="tag", skip_bad_lines=True))
+    assert got.multi_label and got.labels == ["x", "y"]
+    assert [d.labels for d in got.docs] == [("x",), ("x", "y")]
+    assert len(got.skipped) == 1
+    items = [(g, i) for g in "abcde" for i in range(3)]
+    train_a, dev_a = split_dev(items, 0.3, 7, group=lambda x: x[0])
+    assert split_dev(items, 0.3, 7, group=lambda x: x[0]) == (train_a, dev_a)  # seeded
+    assert not {g for g, _ in train_a} & {g for g, _ in dev_a} and len(dev_a) % 3 == 0

@@ -60,12 +60,11 @@ class Classification:
     passages: list[Passage] = field(default_factory=list)
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
-        record: dict[str, Any] = {"schema_version": SCHEMA_VERSION, key: self.id}
-        record.update(asdict(self))
-        del record["id"]
+        fields = asdict(self)
+        del fields["id"]
         if not self.passages:
-            del record["passages"]
-        return record
+            del fields["passages"]
+        return {"schema_version": SCHEMA_VERSION, key: self.id, **fields}
 
 
 def default_labels() -> list[Label]:
@@ -131,7 +130,9 @@ class Classifier:
         if top_k < 1 or explain < 0:
             raise LongdocError("--top-k must be at least 1 and --explain at least 0", exit_code=2)
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold
-        self.explain, self.batch_size, self.stride = explain, batch_size, stride
+        # Consecutive windows share at most half a window (a larger stride would not advance).
+        self.explain, self.batch_size = explain, batch_size
+        self.stride = min(stride, (tm.max_length - 2) // 2)
         self.multi_label = False
         if tm.head == "classification":
             if labels is not None:

@@ -93,7 +93,9 @@ class QuestionAnswerer:
             raise LongdocError("--top-k, --n-best and --max-answer-len must be at least 1", exit_code=2)
         self.tm, self.top_k, self.n_best, self.max_answer_length = tm, top_k, n_best, max_answer_length
         self.null_threshold, self.batch_size = null_threshold, batch_size
-        self.doc_stride, self.max_question_length = doc_stride, max_question_length
+        self.max_question_length = max_question_length
+        # Consecutive windows share at most half of the context part of a window.
+        self.doc_stride = max(0, min(doc_stride, (tm.max_length - max_question_length - 4) // 2))
         self._sentences: tuple[str, list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None
 
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:

@@ -85,10 +85,14 @@ def load_task_model(
     dtype: str = "auto",
     quantize: str = "none",
     max_length: int | None = None,
+    max_length_cap: int | None = None,
     attention_window: int | None = None,
 ) -> TaskModel:
     """Load ``model_dir`` for ``task`` ("classify" or "qa"); a checkpoint with the other task's head
-    is refused, one without a head runs zero-shot with its encoder."""
+    is refused, one without a head runs zero-shot with its encoder.
+
+    Windows are ``max_length`` tokens (an error above the model's limit), else the model's limit
+    lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     config = load_config(model_dir)
     if attention_window is not None:
         config = dataclasses.replace(config, attention_window=int(attention_window))
@@ -115,7 +119,7 @@ def load_task_model(
         raise LongdocError(f"--quantize must be none or int8, not {quantize!r}", exit_code=2)
     tokenizer = DocumentTokenizer.from_dir(model_dir)
     limit = min(tokenizer.max_tokens, config.max_tokens)
-    length = limit if max_length is None else int(max_length)
+    length = int(max_length) if max_length is not None else min(limit, max_length_cap or limit)
     if not 8 <= length <= limit:
         raise LongdocError(f"max length {length} must be between 8 and the model's limit of {limit} tokens")
     return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
@@ -160,8 +164,9 @@ def embed_texts(tm: TaskModel, texts: Sequence[str], batch_size: int) -> Tensor:
     A text longer than one window is embedded as the token-weighted mean of its windows."""
     windows: list[Window] = []
     owner: list[int] = []
+    stride = min(64, (tm.max_length - 2) // 2)
     for t, text in enumerate(texts):
-        for w in tm.tokenizer.document_windows(tm.tokenizer.encode(text), tm.max_length, stride=64):
+        for w in tm.tokenizer.document_windows(tm.tokenizer.encode(text), tm.max_length, stride):
             windows.append(w)
             owner.append(t)
     sums = torch.zeros(len(texts), tm.config.hidden_size)

