@@ -108,8 +108,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed runs per implementation and length")
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--check-len", type=int, default=1024, help="length of the correctness check")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for n in args.seq_lens:
         if n % WINDOW:
             p.error(f"--seq-lens: {n} is not a multiple of the two-sided window {WINDOW} (HF would pad)")

@@ -221,17 +221,18 @@ def _band(
     L = b + 2 * w  # band keys per block
     right = nb * b - n + w
     k_pad, v_pad = F.pad(k, (0, 0, w, right)), F.pad(v, (0, 0, w, right))  # (B, H, w + nb*b + w, Dh)
-    q_pad = F.pad(q, (0, 0, 0, nb * b - n))  # (B, H, nb*b, Dh)
+    q_pad = F.pad(q, (0, 0, 0, nb * b - n)) if nb * b > n else q  # (B, H, nb*b, Dh)
 
     r = torch.arange(b, device=q.device)[:, None]
     c = torch.arange(L, device=q.device)[None, :]
     in_band = (c >= r) & (c <= r + 2 * w)  # (b, L): key s*b - w + c within w of query s*b + r
     band_ok = F.pad(key_ok, (w, right), value=False).unfold(1, L, b)  # (B, nb, L)
-    mask = in_band & band_ok[:, :, None, :]  # (B, nb, b, L)
+    mask = torch.empty(B, nb, b, G + L, dtype=torch.bool, device=q.device)  # globals first, then band
+    mask[..., G:] = in_band & band_ok[:, :, None, :]
     if G:
-        mask = torch.cat([g_valid[:, None, None, :].expand(B, nb, b, G), mask], dim=-1)  # (B, nb, b, G + L)
+        mask[..., :G] = g_valid[:, None, None, :]
     q_ok = F.pad(query_ok, (0, nb * b - n), value=False).view(B, nb, b, 1)
-    mask = mask | ~q_ok  # padded rows see everything: finite, and zeroed below
+    mask |= ~q_ok  # padded rows see everything: finite, and zeroed below
 
     def keys(t: Tensor, g: Tensor | None, s0: int, s1: int) -> Tensor:  # -> (B*cb, H, G + L, Dh)
         # One copy: the globals and the unfolded band of blocks s0..s1-1 written in place (no cat).
@@ -242,19 +243,17 @@ def _band(
         return out.view(-1, H, G + L, Dh)
 
     chunk = max(1, _CHUNK_ELEMENTS // (B * H * (G + L) * Dh))  # blocks per call
-    outs = []
+    out = q.new_empty(B, H, nb * b, Dh)  # each chunk's result is copied straight into place
     for s0 in range(0, nb, chunk):
         s1 = min(nb, s0 + chunk)
         qb = q_pad[:, :, s0 * b : s1 * b].view(B, H, s1 - s0, b, Dh).transpose(1, 2)
         qb = qb.reshape(-1, H, b, Dh)  # (B*cb, H, b, Dh)
-        out = F.scaled_dot_product_attention(
+        part = F.scaled_dot_product_attention(
             qb, keys(k_pad, g_keys, s0, s1), keys(v_pad, g_values, s0, s1),
             attn_mask=mask[:, s0:s1].reshape(-1, 1, b, G + L), dropout_p=dropout_p,
         )  # (B*cb, H, b, Dh)  # fmt: skip
-        outs.append(out.view(B, s1 - s0, H, b, Dh))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, nb, H, b, Dh)
-    out = out.transpose(1, 2).reshape(B, H, nb * b, Dh)[:, :, :n]
-    return out * query_ok[:, None, :, None]
+        out.view(B, H, nb, b, Dh)[:, :, s0:s1] = part.view(B, s1 - s0, H, b, Dh).transpose(1, 2)
+    return out[:, :, :n] * query_ok[:, None, :, None]
 
 
 # Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.

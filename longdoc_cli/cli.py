@@ -25,6 +25,7 @@ app = typer.Typer(
     help="Classify long documents and answer questions over them with a Longformer encoder.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings wrap as paragraphs
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -678,7 +679,7 @@ def classify(
     config: str | None = typer.Option(None, "--config", help="YAML config (options given here override it)."),
     labels: str | None = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
     labels_file: str | None = typer.Option(
-        None, "--labels-file", help="Zero-shot labels, one per line, optionally label<TAB>description."
+        None, "--labels-file", help="Zero-shot labels, one per line (optionally a tab and a description)."
     ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
     text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),

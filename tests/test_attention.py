@@ -67,13 +67,17 @@ CASES = {
     "block-5-dilation": (3, 4, 101, 4, [1, 1, 2, 3], [0, 50, 100], [[0, 1, 2], [3], []], 5),
     "block-7": (2, 2, 64, 5, 1, [0, 9], [[63], [0]], 7),
     "block-larger-than-n": (1, 2, 30, 4, 1, [2], [[0]], 64),
+    "n-multiple-of-block": (2, 2, 64, 8, 1, [0, 5], [[0], [3]], 16),
+    "n-multiple-of-block-dilated": (1, 2, 64, 8, [1, 2], [0], [[0]], 16),
     "longer-default-block": (1, 2, 300, 16, [1, 3], [11], [[0, 150]], None),
 }
 
 
 def random_inputs(B, H, n, Dh=8, seed=0):
+    """Six (B, H, n, Dh) projections laid out as the model makes them: head views of (B, n, H, Dh)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, n, Dh, dtype=F64, generator=g, requires_grad=True) for _ in range(6)]
+    leaves = [torch.randn(B, n, H, Dh, dtype=F64, generator=g, requires_grad=True) for _ in range(6)]
+    return leaves, [t.transpose(1, 2) for t in leaves]
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 2000], ids=["one-chunk", "many-chunks"])
@@ -83,7 +87,7 @@ def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
     if chunk_elements:  # a few query blocks per fused call
         monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", chunk_elements)
     am, gm = make_masks(n, pads, globs)
-    tensors = random_inputs(B, H, n)
+    leaves, tensors = random_inputs(B, H, n)
     ref = reference_attention(*tensors, window=window, dilation=dilation, attention_mask=am, global_mask=gm)
     out = fast_attention(*tensors, window=window, dilation=dilation, am=am, gm=gm, block=block)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
@@ -93,9 +97,9 @@ def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
     assert (out.transpose(1, 2)[~am] == 0).all()
 
     upstream = torch.randn_like(out)
-    grads_ref = torch.autograd.grad((ref * upstream).sum(), tensors)
-    grads = torch.autograd.grad((out * upstream).sum(), tensors, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), leaves)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
     names = ["q", "k", "v", "q_global", "k_global", "v_global"]
     for name, g, gr in zip(names, grads, grads_ref, strict=True):
         assert torch.isfinite(g).all(), name
@@ -106,7 +110,7 @@ def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
 
 def test_all_padding_row_is_zero_and_finite():
     am, gm = make_masks(17, [17, 17], [[0], []])
-    q, k, v, qg, kg, vg = random_inputs(2, 2, 17)
+    _, (q, k, v, qg, kg, vg) = random_inputs(2, 2, 17)
     for window in (3, 20):  # banded and dense short path
         out = fast_attention(q, k, v, qg, kg, vg, window=window, dilation=1, am=am, gm=gm)
         assert (out == 0).all()
@@ -115,7 +119,7 @@ def test_all_padding_row_is_zero_and_finite():
 
 
 def test_local_attention_without_masks_equals_reference():
-    q, k, v, qg, kg, vg = random_inputs(2, 3, 45)
+    _, (q, k, v, qg, kg, vg) = random_inputs(2, 3, 45)
     ref = reference_attention(q, k, v, qg, kg, vg, window=5, dilation=[1, 2, 1])
     out = local_attention(q, k, v, window=5, dilation=[1, 2, 1])
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)

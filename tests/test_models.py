@@ -64,7 +64,7 @@ def test_env_variable_names_the_model(bert_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "message", "code"),
     [
-        ("no-such-model", "unknown model 'no-such-model'", 2),
+        ("no-such-model", "unknown model 'no-such-model'", 1),
         ("someone/some-model", "pass --allow-download", 2),
     ],
 )
@@ -145,12 +145,12 @@ def test_models_command_json(home):
 
 
 @pytest.mark.parametrize(
-    ("name", "message"),
-    [("no-such-model", "unknown model"), ("someone/some-model", "--allow-download")],
+    ("name", "message", "code"),
+    [("no-such-model", "unknown model", 1), ("someone/some-model", "--allow-download", 2)],
 )
-def test_models_command_bad_model_is_one_line(name, message):
+def test_models_command_bad_model_is_one_line(name, message, code):
     r = CliRunner().invoke(app, ["models", "-f", "json", "-m", name])
-    assert r.exit_code == 2 and r.stdout == ""
+    assert r.exit_code == code and r.stdout == ""
     assert r.stderr.startswith("longdoc: error: ") and message in r.stderr and r.stderr.count("\n") == 1
 
 
