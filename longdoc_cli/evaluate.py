@@ -420,13 +420,16 @@ def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalRep
         max_question_length=t_cfg.max_question_length,
     )  # fmt: skip
     qa = load_qa(data_path, cfg.data)
-    predictions, far, cache = [], [], {}
-    for ex in qa.examples:
-        result = answerer.answer(ex.id, ex.context, [ex.question])[0]
-        predictions.append(result.answers[0].text if result.answers else "")
-        if ex.context not in cache:
-            cache[ex.context] = tm.tokenizer.encode(ex.context)
-        far.append((answer_token_index(tm.tokenizer, ex, cache) or 0) >= FAR_ANSWER_TOKENS)
+    by_context: dict[str, list[int]] = {}  # one pass per document: encoded once, all its questions
+    for i, ex in enumerate(qa.examples):
+        by_context.setdefault(ex.context, []).append(i)
+    predictions, cache = [""] * len(qa.examples), {}
+    for context, idx in by_context.items():
+        results = answerer.answer(qa.examples[idx[0]].id, context, [qa.examples[i].question for i in idx])
+        for i, result in zip(idx, results, strict=True):
+            predictions[i] = result.answers[0].text if result.answers else ""
+        cache[context] = tm.tokenizer.encode(context)
+    far = [(answer_token_index(tm.tokenizer, ex, cache) or 0) >= FAR_ANSWER_TOKENS for ex in qa.examples]
     m = qa_metrics(predictions, [ex.answers for ex in qa.examples], far)
     flat = {**m.summary(), "far_n": m.far_n, "far_exact_match": m.far_exact_match, "far_f1": m.far_f1}
     return EvalReport(

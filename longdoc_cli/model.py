@@ -330,18 +330,21 @@ class _PretrainedMixin(nn.Module):
     config: LongformerConfig
 
     def _init_weights(self) -> None:
-        std = self.config.initializer_range
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-                if m.padding_idx is not None:
-                    m.weight.data[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self._init_module(m)
+
+    def _init_module(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         encoder = self if isinstance(self, LongformerEncoder) else self.longformer
@@ -357,7 +360,8 @@ class _PretrainedMixin(nn.Module):
         path = Path(path)
         config = config or load_config(path)
         state = load_state_dict(path)
-        model = cls(config)
+        with torch.device("meta"):  # no random init of weights about to be overwritten
+            model = cls(config)
         model._load_checked(state, path, init_missing_head)
         return model.eval()
 
@@ -385,7 +389,13 @@ class _PretrainedMixin(nn.Module):
             raise LongdocError(f"{path}: checkpoint lacks {len(body_missing)} encoder weights ({shown})")
         if head_missing and not init_missing_head:
             raise LongdocError(f"{path}: checkpoint has no {self.head_name} head ({head_missing[0]} missing)")
-        self.load_state_dict(new_state, strict=False)
+        self.load_state_dict(new_state, strict=False, assign=True)
+        # What the checkpoint lacks (a new head, the pooler) starts from fresh random weights.
+        fresh = {k.rsplit(".", 1)[0] for k in missing}
+        for name, module in self.named_modules():
+            if name in fresh:
+                module.to_empty(device="cpu", recurse=False)
+                self._init_module(module)
 
     head_name: ClassVar[str] = ""
 

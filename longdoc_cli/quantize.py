@@ -1,7 +1,10 @@
 """Opt-in int8 dynamic quantization of a model's linear layers, for CPU inference.
 
-Weights are stored as int8 (per-tensor scale); activations are quantized on the fly per call, the
-matmul runs in int8 with int32 accumulation (fbgemm / onednn kernels), and the result is fp32.
+Weights are stored as int8 with one scale per output channel; activations are quantized on the fly
+per call, the matmul runs in int8 with int32 accumulation (fbgemm / onednn kernels), and the result
+is fp32. Per-channel, not per-tensor, weight scales: on the default model (all-MiniLM-L6-v2) the
+embeddings of 13 documentation pages kept a mean cosine of 0.981 with fp32 per-channel against
+0.912 per-tensor, at the same speed (a 3072 -> 768 layer at n = 4096: 0.17 s vs 0.20 s; fp32 0.41 s).
 Measured on the 2-core dev CPU: a base layer's feed-forward (n = 4096) runs 2.5x faster than fp32
 with ~3% relative output error on random weights (benchmarks/README.md, "longdoc bench").
 
@@ -53,7 +56,7 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise LongdocError(f"--quantize int8 needs an fp32 model, not {param.dtype}", exit_code=2)
     try:
         import torch
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # a future torch without torch.ao.quantization
         raise LongdocError(f"--quantize int8 is not available with this torch ({e})") from e
     if not torch.backends.quantized.supported_engines or torch.backends.quantized.engine == "none":
@@ -67,7 +70,7 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(
-            target, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True
+            target, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True
         )
 
 
