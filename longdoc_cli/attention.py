@@ -165,6 +165,8 @@ def _dilated_band(
 ) -> Tensor:
     """Dilation d as d interleaved sequences: keys i + d*k all share i mod d."""
     if dilation == 1:
+        if _no_grad_cpu(q, k, v, dropout_p) and q.shape[2] > window + 1:
+            return _band_views(q, k, v, window, query_ok, key_ok, g_keys, g_values, g_valid, block)
         return _band(q, k, v, window, query_ok, key_ok, g_keys, g_values, g_valid, dropout_p, block)
     B, H, n, Dh = q.shape
     d = dilation
@@ -254,6 +256,77 @@ def _band(
         )  # (B*cb, H, b, Dh)  # fmt: skip
         out.view(B, H, nb, b, Dh)[:, :, s0:s1] = part.view(B, s1 - s0, H, b, Dh).transpose(1, 2)
     return out[:, :, :n] * query_ok[:, None, :, None]
+
+
+def _no_grad_cpu(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not needs_grad and dropout_p == 0.0 and q.device.type == "cpu"
+
+
+def _band_views(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    query_ok: Tensor,
+    key_ok: Tensor,
+    g_keys: Tensor | None,
+    g_values: Tensor | None,
+    g_valid: Tensor | None,
+    block: int | None,
+) -> Tensor:
+    """:func:`_band` for inference on the CPU, with no copy of the band keys.
+
+    The CPU flash kernel reads strided inputs, so every block's b + 2w band keys are an unfolded
+    *view* of the (token-major) keys, and all blocks go through one call. The global keys, which
+    cannot join such a view, get their own small softmax, merged with the band's through the
+    log-sum-exp both return: softmax over (band U globals) = weighted sum of the two. The kernel's
+    log-sum-exp has no gradient, hence inference only. Sequences of a batch are laid end to end so
+    that (batch, block) is one strided dimension; keys across a boundary are masked out.
+    """
+    B, H, n, Dh = q.shape
+    w = window
+    b = block or _block_size(w, n)
+    nb = -(-n // b)
+    N = nb * b  # per-sequence length padded to whole blocks
+    L = b + 2 * w
+
+    def flat(t: Tensor) -> Tensor:  # (B, H, n, Dh) view of token-major data -> (B*N, H, Dh)
+        t = t.transpose(1, 2)  # (B, n, H, Dh), contiguous when it comes from a projection
+        if n != N:
+            t = F.pad(t, (0, 0, 0, 0, 0, N - n))
+        return t.reshape(B * N, H, Dh)
+
+    kf = F.pad(flat(k), (0, 0, 0, 0, w, w))  # (w + B*N + w, H, Dh)
+    vf = F.pad(flat(v), (0, 0, 0, 0, w, w))
+    kb = kf.unfold(0, L, b).permute(0, 1, 3, 2)  # (B*nb, H, L, Dh): a view, overlapping blocks
+    vb = vf.unfold(0, L, b).permute(0, 1, 3, 2)
+    qb = flat(q).view(B * nb, b, H, Dh).transpose(1, 2)  # (B*nb, H, b, Dh) view
+
+    key_flat = F.pad(F.pad(key_ok, (0, N - n), value=False).reshape(-1), (w, w), value=False)
+    batch_flat = F.pad(torch.arange(B, device=q.device).repeat_interleave(N), (w, w), value=-1)
+    block_batch = torch.arange(B * nb, device=q.device) // nb  # (B*nb,)
+    band_ok = key_flat.unfold(0, L, b) & (batch_flat.unfold(0, L, b) == block_batch[:, None])  # (B*nb, L)
+    r = torch.arange(b, device=q.device)[:, None]
+    c = torch.arange(L, device=q.device)[None, :]
+    in_band = (c >= r) & (c <= r + 2 * w)  # (b, L)
+    row_ok = F.pad(query_ok & key_ok, (0, N - n), value=False).view(B * nb, b, 1)
+    # Rows that are padding or global see everything (finite; discarded or replaced by the caller).
+    allowed = (in_band & band_ok[:, None, :]) | ~row_ok  # (B*nb, b, L)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qb, kb, vb, 0.0, False, attn_mask=mask[:, None]
+    )  # (B*nb, H, b, Dh), (B*nb, H, b)
+    out = out.view(B, nb, H, b, Dh).transpose(2, 3).reshape(B, N, H, Dh)[:, :n].transpose(1, 2)
+    if g_keys is not None and g_keys.shape[2] > 0:
+        lse = lse.view(B, nb, H, b).transpose(1, 2).reshape(B, H, N)[:, :, :n, None]  # (B, H, n, 1)
+        scores = torch.matmul(q, g_keys.transpose(-1, -2)) / math.sqrt(Dh)  # (B, H, n, G)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = scores.to(acc).masked_fill(~g_valid[:, None, None, :], float("-inf"))
+        total = torch.logaddexp(lse.to(acc), torch.logsumexp(scores, dim=-1, keepdim=True))
+        from_globals = torch.matmul(torch.exp(scores - total).to(v.dtype), g_values)  # (B, H, n, Dh)
+        out = out * torch.exp(lse - total).to(out.dtype) + from_globals
+    return out * query_ok[:, None, :, None]
 
 
 # Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.

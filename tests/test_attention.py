@@ -108,6 +108,27 @@ def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
         torch.testing.assert_close(g, gr.nan_to_num(0.0), atol=1e-12, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_inference_path_equals_reference(case, monkeypatch):
+    """Without gradients on the CPU, undilated heads take `_band_views` (band keys as strided views,
+    globals merged by log-sum-exp): the same values."""
+    B, H, n, window, dilation, pads, globs, block = case
+    calls = []
+    views = attention._band_views
+    monkeypatch.setattr(attention, "_band_views", lambda *a, **k: calls.append(1) or views(*a, **k))
+    am, gm = make_masks(n, pads, globs)
+    _, tensors = random_inputs(B, H, n)
+    with torch.no_grad():
+        ref = reference_attention(
+            *tensors, window=window, dilation=dilation, attention_mask=am, global_mask=gm
+        )
+        out = fast_attention(*tensors, window=window, dilation=dilation, am=am, gm=gm, block=block)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
+    undilated = 1 in ([dilation] if isinstance(dilation, int) else dilation)
+    assert bool(calls) == (undilated and n > window + 1)
+
+
 def test_all_padding_row_is_zero_and_finite():
     am, gm = make_masks(17, [17, 17], [[0], []])
     _, (q, k, v, qg, kg, vg) = random_inputs(2, 2, 17)
