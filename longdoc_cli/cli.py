@@ -102,6 +102,14 @@ def stderr_console(quiet: bool = False):
     return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None)
 
 
+def stdout_console():
+    """A rich console for results: the terminal's width, or wide enough for whole tables in a file."""
+    from rich.console import Console
+
+    wide = None if sys.stdout.isatty() else 240
+    return Console(width=wide, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
 def output_format(fmt: str | None) -> str:
     """'table' on a TTY, else 'jsonl', unless --format says otherwise."""
     if fmt:
@@ -193,7 +201,6 @@ def models_cmd(
         if kind != "table":
             sys.stdout.write(json.dumps(env, indent=None if kind == "jsonl" else 2) + "\n")
             return
-        from rich.console import Console
         from rich.table import Table
 
         d = env["default_model"]
@@ -216,7 +223,7 @@ def models_cmd(
         rows += [(f"model {k}", v) for k, v in env.get("model", {}).items()]
         for k, v in rows:
             table.add_row(k, str(v))
-        Console(no_color=bool(os.environ.get("NO_COLOR")) or None).print(table)
+        stdout_console().print(table)
 
 
 @app.command("env", hidden=True)
@@ -329,7 +336,6 @@ def _render_bench(report: Any, kind: str) -> None:
             key = (m.model, m.seq_len, m.batch_size, m.dtype, m.mode, m.impl)
             write_jsonl({"type": "measurement", **dataclasses_asdict(m), "time_vs_hf": vs_hf.get(key)})
         return
-    from rich.console import Console
     from rich.table import Table
 
     def num(x: float | None, f: str) -> str:
@@ -353,7 +359,7 @@ def _render_bench(report: Any, kind: str) -> None:
             num(m.peak_share and 100 * m.peak_share, ".0f"), num(vs_hf.get(key), ".2f"),
             m.note if m.status == "ok" else f"skipped: {m.note}",
         )  # fmt: skip
-    console = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = stdout_console()
     console.print(table)
     for p in report.peaks:
         console.print(f"matmul peak ({p.device}, {p.dtype}, {p.size}x{p.size}): {p.gflops:.0f} GFLOP/s")
@@ -539,10 +545,9 @@ def evaluate_cmd(
 
 
 def _render_eval(report: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = stdout_console()
     console.print(f"{report.task} · {report.model} · {report.data} · n = {report.n}")
     table = Table("metric", "value")
     for k, v in report.metrics.items():
@@ -623,7 +628,6 @@ class _Emitter:
         if self.fmt == "json":
             sys.stdout.write(json.dumps(self.rows, ensure_ascii=False, indent=2) + "\n")
         elif self.fmt == "table" and self.rows:
-            from rich.console import Console
             from rich.table import Table
 
             table = Table(title=title, show_lines=False)
@@ -631,7 +635,7 @@ class _Emitter:
                 table.add_column(c, overflow="fold", justify="right" if c in ("score", "tokens") else "left")
             for r in self.rows:
                 table.add_row(*[_cell(r, c) for c in self.columns])
-            Console(no_color=bool(os.environ.get("NO_COLOR")) or None).print(table)
+            stdout_console().print(table)
 
 
 def _cell(record: dict[str, Any], column: str) -> str:
@@ -684,7 +688,11 @@ def classify(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
     text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),
     id_key: str | None = typer.Option(None, "--id-key", help="JSON-lines key holding the document id."),
-    aggregate: str | None = typer.Option(None, "--aggregate", help="Combine windows by mean or max."),
+    aggregate: str | None = typer.Option(
+        None,
+        "--aggregate",
+        help="Combine windows: mean or max; first = read only the first window (truncates).",
+    ),
     top_k: int | None = typer.Option(None, "--top-k", help="How many labels to report in scores."),
     threshold: float | None = typer.Option(None, "--threshold", help="Multi-label decision threshold."),
     explain: int | None = typer.Option(

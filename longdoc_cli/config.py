@@ -87,7 +87,9 @@ class DataSection:
 class InferenceSection:
     batch_size: int = _f(4, "windows per forward pass")
     top_k: int = _f(3, "labels reported per document")
-    aggregate: Literal["mean", "max"] = _f("mean", "mean | max of the window logits of a document")
+    aggregate: Literal["mean", "max", "first"] = _f(
+        "mean", "mean | max over a document's windows | first (only the first window: truncation)"
+    )
     threshold: float = _f(0.5, "multi-label: sigmoid probability above which a label is predicted")
     labels: list[str] = _f([], "zero-shot labels; empty = the shipped topic set")
     labels_file: str | None = _f(None, "zero-shot labels, one per line")

@@ -212,6 +212,8 @@ def predict_classification(
             enc = tokenizer.encode(doc.text)
             lengths.append(len(enc) + 2)
             windows = tokenizer.document_windows(enc, cfg.model.max_length, cfg.tokenization.stride)
+            if cfg.inference.aggregate == "first":  # truncation: the first window only
+                windows = windows[:1]
             logits = []
             for i in range(0, len(windows), cfg.inference.batch_size):
                 batch = _to(tokenizer.collate(windows[i : i + cfg.inference.batch_size]), device)

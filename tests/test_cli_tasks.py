@@ -110,6 +110,15 @@ def test_windows_aggregate_and_explain(encoder_dir, docs):
             assert " ".join(text[p["start"] : p["end"]].split()).startswith(p["text"].rstrip("\u2026"))
 
 
+def test_aggregate_first_truncates_and_says_so(encoder_dir, docs):
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "--max-length", "64",
+            "--aggregate", "first", str(docs / "sport.txt"), str(docs / "sub" / "music.txt"))  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    long, short = jsonl(r.stdout)
+    assert long["n_windows"] == 1 and long["truncated"] is True
+    assert short["n_windows"] == 1 and short["truncated"] is False
+
+
 def test_fine_tuned_classifier_uses_its_labels(classifier_dir, docs):
     r = run("classify", "-m", str(classifier_dir), "-f", "json", str(docs / "sport.txt"))
     assert r.exit_code == 0, r.stderr
@@ -185,7 +194,7 @@ def test_invalid_utf8_is_replaced_and_warned(encoder_dir, tmp_path):
         (["--labels", "only"], 2, "at least two labels"),
         (["--labels", "a,a"], 2, "twice"),
         (["--labels", "a,b", "--labels-file", "x.txt"], 2, "not both"),
-        (["--aggregate", "median"], 2, "mean or max"),
+        (["--aggregate", "median"], 2, "mean, max or first"),
         (["--format", "xml"], 2, "--format"),
         (["--max-length", "100000"], 1, "limit"),
         (["--device", "tpu"], 2, "--device"),

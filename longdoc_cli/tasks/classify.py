@@ -125,8 +125,8 @@ class Classifier:
         batch_size: int = 4,
         stride: int = 256,
     ) -> None:
-        if aggregate not in ("mean", "max"):
-            raise LongdocError(f"--aggregate must be mean or max, not {aggregate!r}", exit_code=2)
+        if aggregate not in ("mean", "max", "first"):
+            raise LongdocError(f"--aggregate must be mean, max or first, not {aggregate!r}", exit_code=2)
         if top_k < 1 or explain < 0:
             raise LongdocError("--top-k must be at least 1 and --explain at least 0", exit_code=2)
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold
@@ -163,7 +163,10 @@ class Classifier:
         for d, (_, text) in enumerate(docs):
             enc = tok.encode(text)
             n_tokens.append(len(enc))
-            for w in tok.document_windows(enc, self.tm.max_length, self.stride):
+            doc_windows = tok.document_windows(enc, self.tm.max_length, self.stride)
+            if self.aggregate == "first":  # truncation, reported as such
+                doc_windows = doc_windows[:1]
+            for w in doc_windows:
                 windows.append(w)
                 owner.append(d)
         per_doc: list[list[tuple[int, torch.Tensor]]] = [[] for _ in docs]
