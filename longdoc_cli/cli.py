@@ -594,6 +594,27 @@ def _task_setup(task: str, config_path: str | None, model: str | None, allow_dow
     return cfg, model_dir
 
 
+def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length):
+    """The task model, command-line options first, then the config's model section."""
+    from .tasks.runner import load_task_model
+
+    mc = cfg.model
+    return load_task_model(
+        model_dir, task=task, device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
+        quantize=_pick(quantize, mc.quantize), max_length=max_length, max_length_cap=mc.max_length,
+        attention_window=mc.attention_window,
+    )  # fmt: skip
+
+
+def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard):
+    from .tasks.inputs import iter_inputs, parse_shard
+
+    return iter_inputs(
+        _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
+        id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+    )  # fmt: skip
+
+
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -673,21 +694,41 @@ def _report_input(console, item) -> bool:
     return False
 
 
+# Options shared by classify and qa (one definition each).
+_PATHS = typer.Argument(None, help="Text files, - for stdin, directories (with -r), .jsonl files.")
+_MODEL = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP)
+_ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Allow fetching a hub model.")
+_CONFIG = typer.Option(None, "--config", help="YAML config (options given here override it).")
+_RECURSIVE = typer.Option(False, "--recursive", "-r", help="Read the files under directories.")
+_TEXT_KEY = typer.Option(None, "--text-key", help="JSON-lines key holding the text.")
+_ID_KEY = typer.Option(None, "--id-key", help="JSON-lines key holding the document id.")
+_BATCH_SIZE = typer.Option(None, "--batch-size", help="Windows per forward pass.")
+_MAX_LENGTH = typer.Option(None, "--max-length", help="Tokens per window, specials included.")
+_DEVICE = typer.Option(None, "--device", help="auto, cpu or cuda.")
+_DTYPE = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16.")
+_QUANTIZE = typer.Option(
+    None, "--quantize", help="none or int8: CPU, opt-in, faster but less accurate (README)."
+)
+_SHARD = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K.")
+_FMT = typer.Option(
+    None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
+)
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
+
+
 @app.command()
 def classify(
-    paths: list[str] = typer.Argument(
-        None, help="Text files, - for stdin, directories (with -r), .jsonl files."
-    ),
-    model: str | None = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP),
-    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching a hub model."),
-    config: str | None = typer.Option(None, "--config", help="YAML config (options given here override it)."),
+    paths: list[str] = _PATHS,
+    model: str | None = _MODEL,
+    allow_download: bool = _ALLOW_DOWNLOAD,
+    config: str | None = _CONFIG,
     labels: str | None = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
     labels_file: str | None = typer.Option(
         None, "--labels-file", help="Zero-shot labels, one per line (optionally a tab and a description)."
     ),
-    recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
-    text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),
-    id_key: str | None = typer.Option(None, "--id-key", help="JSON-lines key holding the document id."),
+    recursive: bool = _RECURSIVE,
+    text_key: str | None = _TEXT_KEY,
+    id_key: str | None = _ID_KEY,
     aggregate: str | None = typer.Option(
         None,
         "--aggregate",
@@ -698,50 +739,39 @@ def classify(
     explain: int | None = typer.Option(
         None, "--explain", help="Report the N passages that most support the label."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per forward pass."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per window, specials included."),
+    batch_size: int | None = _BATCH_SIZE,
+    max_length: int | None = _MAX_LENGTH,
     stride: int | None = typer.Option(None, "--stride", help="Tokens shared by consecutive windows."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16."),
-    quantize: str | None = typer.Option(None, "--quantize", help="none or int8 (CPU, opt-in, ~1% error)."),
-    shard: str | None = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K."),
-    fmt: str | None = typer.Option(
-        None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr."),
+    device: str | None = _DEVICE,
+    dtype: str | None = _DTYPE,
+    quantize: str | None = _QUANTIZE,
+    shard: str | None = _SHARD,
+    fmt: str | None = _FMT,
+    quiet: bool = _QUIET,
 ) -> None:
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the 17 IPTC media topics). One result per document."""
     with errors():
         from .tasks.classify import Classifier, load_labels
-        from .tasks.inputs import iter_inputs, parse_shard
-        from .tasks.runner import batched, load_task_model
+        from .tasks.runner import batched
 
         fmt = output_format(fmt)
         cfg, model_dir = _task_setup("classify", config, model, allow_download)
-        inf, tk, mc = cfg.inference, cfg.tokenization, cfg.model
-        label_list = [x for x in labels.split(",")] if labels else list(inf.labels) or None
+        inf, tk = cfg.inference, cfg.tokenization
+        label_list = labels.split(",") if labels else list(inf.labels) or None
         chosen = (
             load_labels(label_list, labels_file or inf.labels_file)
             if label_list or labels_file or inf.labels_file
             else None
         )
-        tm = load_task_model(
-            model_dir, task="classify", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
-            quantize=_pick(quantize, mc.quantize), max_length=max_length,
-            max_length_cap=mc.max_length,
-            attention_window=mc.attention_window,
-        )  # fmt: skip
+        tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length)
         bs = _pick(batch_size, inf.batch_size)
         clf = Classifier(
             tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
             threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
             stride=_pick(stride, tk.stride),
         )  # fmt: skip
-        items = iter_inputs(
-            _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
-            id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
-        )  # fmt: skip
+        items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
         emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
         console = stderr_console(quiet)
@@ -764,17 +794,15 @@ def classify(
 
 @app.command()
 def qa(
-    paths: list[str] = typer.Argument(
-        None, help="Text files, - for stdin, directories (with -r), .jsonl files."
-    ),
+    paths: list[str] = _PATHS,
     question: list[str] = typer.Option([], "--question", "-Q", help="A question (repeatable)."),
     questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
-    model: str | None = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP),
-    allow_download: bool = typer.Option(False, "--allow-download", help="Allow fetching a hub model."),
-    config: str | None = typer.Option(None, "--config", help="YAML config (options given here override it)."),
-    recursive: bool = typer.Option(False, "--recursive", "-r", help="Read the files under directories."),
-    text_key: str | None = typer.Option(None, "--text-key", help="JSON-lines key holding the text."),
-    id_key: str | None = typer.Option(None, "--id-key", help="JSON-lines key holding the document id."),
+    model: str | None = _MODEL,
+    allow_download: bool = _ALLOW_DOWNLOAD,
+    config: str | None = _CONFIG,
+    recursive: bool = _RECURSIVE,
+    text_key: str | None = _TEXT_KEY,
+    id_key: str | None = _ID_KEY,
     top_k: int | None = typer.Option(None, "--top-k", help="Answers per question."),
     n_best: int | None = typer.Option(None, "--n-best", help="Start/end candidates per window (QA head)."),
     max_answer_len: int | None = typer.Option(
@@ -785,23 +813,19 @@ def qa(
     ),
     doc_stride: int | None = typer.Option(None, "--doc-stride", help="Tokens shared by consecutive windows."),
     max_question_len: int | None = typer.Option(None, "--max-question-len", help="Question tokens kept."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per forward pass."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per window, specials included."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16."),
-    quantize: str | None = typer.Option(None, "--quantize", help="none or int8 (CPU, opt-in, ~1% error)."),
-    shard: str | None = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K."),
-    fmt: str | None = typer.Option(
-        None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr."),
+    batch_size: int | None = _BATCH_SIZE,
+    max_length: int | None = _MAX_LENGTH,
+    device: str | None = _DEVICE,
+    dtype: str | None = _DTYPE,
+    quantize: str | None = _QUANTIZE,
+    shard: str | None = _SHARD,
+    fmt: str | None = _FMT,
+    quiet: bool = _QUIET,
 ) -> None:
     """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
     the sentence that best answers it. One result per question and document."""
     with errors():
-        from .tasks.inputs import iter_inputs, parse_shard
         from .tasks.qa import QuestionAnswerer
-        from .tasks.runner import load_task_model
 
         fmt = output_format(fmt)
         asked = [q.strip() for q in question if q.strip()]
@@ -824,13 +848,8 @@ def qa(
         if questions_file == "-" and (not paths or "-" in paths):
             raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
         cfg, model_dir = _task_setup("qa", config, model, allow_download)
-        inf, tk, mc = cfg.inference, cfg.tokenization, cfg.model
-        tm = load_task_model(
-            model_dir, task="qa", device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
-            quantize=_pick(quantize, mc.quantize), max_length=max_length,
-            max_length_cap=mc.max_length,
-            attention_window=mc.attention_window,
-        )  # fmt: skip
+        inf, tk = cfg.inference, cfg.tokenization
+        tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length)
         answerer = QuestionAnswerer(
             tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
             max_answer_length=_pick(max_answer_len, inf.max_answer_length),
@@ -838,10 +857,7 @@ def qa(
             batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
             max_question_length=_pick(max_question_len, tk.max_question_length),
         )  # fmt: skip
-        items = iter_inputs(
-            _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
-            id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
-        )  # fmt: skip
+        items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
         emit = _Emitter(fmt, ["path", "question", "answer", "score", "start", "end"])
         console = stderr_console(quiet)
         failed = False

@@ -219,7 +219,11 @@ def predict_classification(
                 batch = _to(tokenizer.collate(windows[i : i + cfg.inference.batch_size]), device)
                 logits.append(model(**batch).float().cpu())
             x = torch.cat(logits)  # (n_windows, n_labels)
-            agg = x.mean(0) if cfg.inference.aggregate == "mean" else x.max(0).values
+            if cfg.inference.aggregate == "max":
+                agg = x.max(0).values
+            else:  # token-weighted mean, as `classify`
+                weights = torch.tensor([len(w) for w in windows], dtype=x.dtype)[:, None]
+                agg = (x * weights).sum(0) / weights.sum()
             if multi_label:
                 preds.append(
                     tuple(id2label[i] for i in range(len(agg)) if agg[i].sigmoid() > cfg.inference.threshold)

@@ -183,22 +183,29 @@ class Classifier:
     # -- scoring ---------------------------------------------------------------------------------
 
     def _window_scores(self, out: torch.Tensor) -> torch.Tensor:
-        """Zero-shot: cosine of the pooled window with every label; head: class probabilities."""
+        """Zero-shot: cosine of the pooled window with every label; head: the logits."""
         if self.zero_shot:
             from .runner import pool
 
             return self.label_embeddings @ F.normalize(pool(out, self.tm.pooling), dim=-1)
-        return torch.sigmoid(out) if self.multi_label else torch.softmax(out, dim=-1)
+        return out
+
+    def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores -> probabilities: softmax(SCALE * cosine) zero-shot; softmax or sigmoid of logits."""
+        if self.zero_shot:
+            return torch.softmax(SCALE * scores, dim=-1)
+        return torch.sigmoid(scores) if self.multi_label else torch.softmax(scores, dim=-1)
 
     def _aggregate(self, scored: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Windows -> one score per label: token-weighted mean, or max."""
+        """Windows -> one probability per label: the windows' scores (token-weighted mean, or max),
+        then normalised, as `longdoc evaluate` and training's dev evaluation do."""
         weights = torch.tensor([n for n, _ in scored], dtype=torch.float32)
         stack = torch.stack([s for _, s in scored])  # (n_windows, n_labels)
         if self.aggregate == "max":
             agg = stack.max(dim=0).values
         else:
             agg = (stack * weights[:, None]).sum(0) / weights.sum()
-        return torch.softmax(SCALE * agg, dim=-1) if self.zero_shot else agg
+        return self._probabilities(agg)
 
     def _result(
         self, doc_id: str, text: str, probs: torch.Tensor, n_tok: int, n_win: int, truncated: bool
@@ -230,7 +237,7 @@ class Classifier:
             windows = [tok.document_windows(tok.encode(t), self.tm.max_length, self.stride)[0] for t in texts]
             scores = torch.zeros(len(texts))
             for i, out in run_windows(self.tm, windows, self.batch_size):
-                scores[i] = self._window_scores(out)[label]
+                scores[i] = self._probabilities(self._window_scores(out))[label]
         top = torch.argsort(scores, descending=True)[: self.explain].tolist()
         return [
             Passage(spans[i][0], spans[i][1], snippet(text, *spans[i]), round(float(scores[i]), 6))
