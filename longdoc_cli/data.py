@@ -286,3 +286,20 @@ def split_dev(items: Sequence[Any], fraction: float, seed: int, group=None) -> t
     train = [x for i, x in enumerate(items) if i not in dev_idx]
     dev = [x for i, x in enumerate(items) if i in dev_idx]
     return train, dev
+
+
+def question_windows(examples: Sequence[QAExample], tokenizer, cfg) -> Iterator[tuple[QAExample, list]]:
+    """Each QA example with its (question, context) windows (``cfg``: a LongdocConfig); a context
+    shared by several questions is tokenized once."""
+    cache: dict[str, Any] = {}
+    for ex in examples:
+        enc = cache.get(ex.context)
+        if enc is None:
+            enc = cache[ex.context] = tokenizer.encode(ex.context)
+        tk = cfg.tokenization
+        yield (
+            ex,
+            tokenizer.question_windows(
+                ex.question, enc, cfg.model.max_length, tk.stride, tk.max_question_length
+            ),
+        )

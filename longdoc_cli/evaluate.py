@@ -271,21 +271,13 @@ def predict_qa(
     when ``inference.null_threshold`` is set and the best null score beats the best span by more."""
     import torch
 
-    inf, cache = cfg.inference, {}
+    from .data import question_windows
+
+    inf = cfg.inference
     out: list[SpanAnswer] = []
     model.eval()
     with torch.inference_mode():
-        for ex in examples:
-            enc = cache.get(ex.context)
-            if enc is None:
-                enc = cache[ex.context] = tokenizer.encode(ex.context)
-            windows = tokenizer.question_windows(
-                ex.question,
-                enc,
-                cfg.model.max_length,
-                cfg.tokenization.stride,
-                cfg.tokenization.max_question_length,
-            )
+        for ex, windows in question_windows(examples, tokenizer, cfg):
             best, null = None, None
             for i in range(0, len(windows), inf.batch_size):
                 chunk = windows[i : i + inf.batch_size]

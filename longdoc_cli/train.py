@@ -107,18 +107,10 @@ def answer_span(window, start_char: int, end_char: int) -> tuple[int, int]:
 
 
 def qa_features(examples, tokenizer, cfg: LongdocConfig) -> list[Feature]:
-    feats, cache = [], {}
-    for ex in examples:
-        enc = cache.get(ex.context)
-        if enc is None:
-            enc = cache[ex.context] = tokenizer.encode(ex.context)
-        windows = tokenizer.question_windows(
-            ex.question,
-            enc,
-            cfg.model.max_length,
-            cfg.tokenization.stride,
-            cfg.tokenization.max_question_length,
-        )
+    from .data import question_windows
+
+    feats = []
+    for ex, windows in question_windows(examples, tokenizer, cfg):
         for w in windows:
             if ex.answers:
                 s = ex.starts[0]
