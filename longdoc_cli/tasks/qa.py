@@ -163,7 +163,7 @@ class QuestionAnswerer:
     def _sentence_embeddings(self, text: str) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
         """Every sentence embedded alone, and with its FOLLOWING sentences (cached per document, so
         many questions over one document embed it once)."""
-        if self._sentences is not None and self._sentences[0] is text:
+        if self._sentences is not None and self._sentences[0] == text:
             return self._sentences[1:]
         spans = sentence_spans(text)
         if not spans:
