@@ -178,16 +178,6 @@ def qa_metrics(
 # Running a model
 
 
-def pick_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LongdocError("model.device is cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -331,27 +321,11 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def resolve_model_dir(name: str, allow_download: bool = False) -> Path:
-    """A model directory for ``-m``: an existing directory as is, else the default-model resolver."""
-    if Path(name).is_dir():
-        return Path(name)
-    try:
-        from .models import resolve_model
-    except ImportError as e:  # pragma: no cover - only while models.py is being written
-        raise LongdocError(f"{name}: no such model directory") from e
-    return Path(resolve_model(name, allow_download=allow_download))
-
-
 def model_task(model_dir: Path) -> str | None:
-    """ "classify" or "qa" from config.json's architectures; None for a plain encoder."""
-    import json
+    """ "classify" or "qa" from the checkpoint's head; None for a plain encoder."""
+    from .tasks.runner import head_of
 
-    arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [""])[0]
-    if "QuestionAnswering" in arch:
-        return "qa"
-    if "SequenceClassification" in arch:
-        return "classify"
-    return None
+    return {"classification": "classify", "qa": "qa"}.get(head_of(model_dir))
 
 
 def evaluate_model(
@@ -364,9 +338,11 @@ def evaluate_model(
     from .config import apply_overrides
     from .data import iter_rows, load_classification
     from .model import LongformerForSequenceClassification
+    from .models import resolve_model
+    from .tasks.runner import pick_device
     from .tokenize import DocumentTokenizer
 
-    model_dir = resolve_model_dir(model_name, cfg.model.allow_download if cfg else False)
+    model_dir = resolve_model(model_name, allow_download=cfg.model.allow_download if cfg else False)
     task = model_task(model_dir)
     if cfg is None:
         cfg = load_model_dir_config(model_dir)

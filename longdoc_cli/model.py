@@ -583,10 +583,6 @@ def _strip_prefix(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     )
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "LongformerConfig",
     "LongformerEncoder",

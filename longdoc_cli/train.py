@@ -380,8 +380,9 @@ def train(
     import torch
     import torch.distributed as dist
 
-    from .evaluate import classification_metrics, pick_device, predict_classification, predict_qa, qa_metrics
-    from .evaluate import resolve_model_dir as resolve
+    from .evaluate import classification_metrics, predict_classification, predict_qa, qa_metrics
+    from .models import resolve_model
+    from .tasks.runner import pick_device
     from .tokenize import DocumentTokenizer
 
     emit = on_event or (lambda e: None)
@@ -401,7 +402,7 @@ def train(
         dist.barrier()
 
     _seed_all(cfg.train.seed)
-    source_dir = resolve(cfg.model.name, cfg.model.allow_download)
+    source_dir = resolve_model(cfg.model.name, allow_download=cfg.model.allow_download)
     train_items, dev_items, info = load_datasets(cfg)
     if not train_items:
         raise LongdocError(f"{cfg.data.train}: no training examples left after the dev split")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise LongdocError(f"--device must be auto, cpu or cuda, not {name!r}", exit_code=2)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LongdocError("--device cuda: no CUDA GPU is available here (use --device cpu)", exit_code=2)
+        raise LongdocError(f"device {name}: no CUDA GPU is available here (use cpu)", exit_code=2)
     return torch.device(name)
 
 
@@ -186,6 +186,3 @@ def batched(items: Sequence[Any] | Iterator[Any], size: int) -> Iterator[list[An
             chunk = []
     if chunk:
         yield chunk
-
-
-ProgressFn = Callable[[int], None]
