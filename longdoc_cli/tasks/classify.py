@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LongdocError
 from ..tokenize import Window
-from .runner import TaskModel, embed_texts, run_windows
+from .runner import TaskModel, embed_texts, pool, run_windows
 from .text import passage_spans, snippet
 
 SCALE = 20.0
@@ -185,8 +185,6 @@ class Classifier:
     def _window_scores(self, out: torch.Tensor) -> torch.Tensor:
         """Zero-shot: cosine of the pooled window with every label; head: the logits."""
         if self.zero_shot:
-            from .runner import pool
-
             return self.label_embeddings @ F.normalize(pool(out, self.tm.pooling), dim=-1)
         return out
 

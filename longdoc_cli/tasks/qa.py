@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -51,7 +51,6 @@ class QAResult:
     n_windows: int
     truncated: bool  # the question was cut to max_question_length tokens
     method: str  # "span" (QA head) or "sentence" (zero-shot)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
         best = self.answers[0] if self.answers else None
@@ -109,18 +108,18 @@ class QuestionAnswerer:
             question, enc, self.tm.max_length, self.doc_stride, self.max_question_length
         )
         if self.tm.head == "qa":
-            answers, extra = self._spans(text, windows)
+            answers = self._spans(text, windows)
             method = "span"
         else:
-            answers, extra = self._sentences_for(text, question), {}
+            answers = self._sentences_for(text, question)
             method = "sentence"
         context = _surroundings(text, answers[0]) if answers else ""
         truncated = any(w.question_truncated for w in windows)
-        return QAResult(doc_id, question, answers, context, len(enc), len(windows), truncated, method, extra)
+        return QAResult(doc_id, question, answers, context, len(enc), len(windows), truncated, method)
 
     # -- with a QA head --------------------------------------------------------------------------
 
-    def _spans(self, text: str, windows: list[Window]) -> tuple[list[Answer], dict[str, Any]]:
+    def _spans(self, text: str, windows: list[Window]) -> list[Answer]:
         best: dict[tuple[int, int], float] = {}  # character span -> best log-probability
         null_logit = best_logit = float("-inf")
         for i, (start, end) in run_windows(self.tm, windows, self.batch_size):
@@ -147,7 +146,7 @@ class QuestionAnswerer:
         null_margin = null_logit - best_logit if answers else None
         if self.null_threshold is not None and null_margin is not None and null_margin > self.null_threshold:
             answers = []
-        return answers, {"null_margin": None if null_margin is None else round(null_margin, 4)}
+        return answers
 
     # -- zero-shot ---------------------------------------------------------------------------------
 
