@@ -17,7 +17,9 @@ Every fast path here is tested equal to :func:`reference_attention`, the only O(
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -111,6 +113,8 @@ def local_attention(
     global_valid: Tensor | None = None,
     dropout_p: float = 0.0,
     block: int | None = None,
+    kernel: str = "auto",
+    block_mask=None,
 ) -> Tensor:
     """Banded (and per-head dilated) attention of the local rows, with the global keys joined in.
 
@@ -118,9 +122,20 @@ def local_attention(
     :func:`global_indices`. Returns (B, H, n, Dh): padded rows are 0; the rows of global tokens hold
     their local result, which the caller replaces with :func:`global_attention`.
     Time and memory O(n * (w + G)); no (n, n) tensor is built.
+    ``kernel``: "auto" (:func:`choose_kernel`), "flex" or "band"; ``block_mask`` is the flex mask
+    of this batch (:func:`longformer_block_mask`), built here when not given.
     """
     B, H, n, Dh = q.shape
     attention_mask = _default_mask(attention_mask, B, n, True, q.device)
+    if kernel == "auto":
+        kernel = choose_kernel(q.device, dropout_p, n, window)
+    if kernel == "flex":
+        if block_mask is None:
+            global_mask = torch.zeros_like(attention_mask)
+            if global_index is not None:
+                global_mask.scatter_(1, global_index, global_valid)
+            block_mask = longformer_block_mask(attention_mask, global_mask, window=window, dilation=dilation)
+        return flex_local_attention(q, k, v, block_mask, attention_mask)
     band_key = attention_mask.clone()
     g_keys = g_values = None
     if global_index is not None and global_index.shape[1] > 0:
@@ -327,6 +342,125 @@ def _band_views(
         from_globals = torch.matmul(torch.exp(scores - total).to(v.dtype), g_values)  # (B, H, n, Dh)
         out = out * torch.exp(lse - total).to(out.dtype) + from_globals
     return out * query_ok[:, None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused path (CUDA): FlexAttention with a block-sparse mask built once per batch
+
+
+FLEX_BLOCK = 128  # FlexAttention's block: the mask is stored per (128 queries, 128 keys) tile
+
+
+def choose_kernel(device: torch.device, dropout_p: float, n: int, window: int) -> str:
+    """Which local-attention kernel runs: ``"flex"`` (compiled FlexAttention, CUDA, no attention
+    dropout) or ``"band"`` (:func:`local_attention`'s own kernels). ``LONGDOC_ATTENTION=band``
+    forces the latter; ``=flex`` also allows FlexAttention on the CPU (compiled, inference)."""
+    choice = os.environ.get("LONGDOC_ATTENTION", "auto")
+    if choice == "band" or dropout_p > 0 or n <= window + 1 or _flex_module() is None:
+        return "band"
+    return "flex" if choice == "flex" or device.type == "cuda" else "band"
+
+
+def longformer_block_mask(
+    attention_mask: Tensor,
+    global_mask: Tensor,
+    *,
+    window: int,
+    dilation: Sequence[int] | int = 1,
+    block: int = FLEX_BLOCK,
+):
+    """FlexAttention ``BlockMask`` of the local rows: (band | global key) & real key.
+
+    attention_mask, global_mask: (B, n) bool. The sequence is padded to N = whole blocks. A tile is
+    *full* when every (query, key) in it is allowed (band interior, all keys real, dilation 1) and
+    runs without calling the mask; *partial* tiles call :func:`band_predicate` per element. The tile
+    lists are computed from block-level bounds, O((n / block)^2) booleans (64 K at n = 32768), never
+    an (n, n) tensor. Build it once per batch: every layer with the same window and dilation reuses it.
+    """
+    fa = _flex_module()
+    B, n = attention_mask.shape
+    device = attention_mask.device
+    N = -(-n // block) * block
+    nb = N // block
+    key_ok = F.pad(attention_mask.bool(), (0, N - n), value=False)  # (B, N)
+    is_global = F.pad(global_mask.bool() & attention_mask.bool(), (0, N - n), value=False)
+    values = _per_head(dilation, 1 if isinstance(dilation, int) else len(dilation))
+    per_head = len(set(values)) > 1  # else one mask serves every head
+    dil = torch.tensor(values if per_head else values[:1], device=device)  # (Hm,): Hm = H or 1
+
+    if per_head:
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (band_predicate(q, kv, window, dil[h]) | is_global[b, kv]) & key_ok[b, kv]
+
+    elif values[0] == 1:
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (((kv - q).abs() <= window) | is_global[b, kv]) & key_ok[b, kv]
+
+    else:
+        d = values[0]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (band_predicate(q, kv, window, d) | is_global[b, kv]) & key_ok[b, kv]
+
+    # Tile (i, j): |kv - q| spans [|j - i| * block - (block - 1), |j - i| * block + (block - 1)].
+    blocks = torch.arange(nb, device=device)
+    off = (blocks[None, :] - blocks[:, None]).abs()  # (nb, nb)
+    reach = (window * dil)[:, None, None]  # (Hm, 1, 1): farthest band key
+    band_any = (off * block - (block - 1)).clamp(min=0) <= reach  # (Hm, nb, nb), conservative for d > 1
+    band_full = (off * block + (block - 1) <= reach) & (dil == 1)[:, None, None]
+    tiles = key_ok.view(B, nb, block)
+    any_real, all_real = tiles.any(-1), tiles.all(-1)  # (B, nb)
+    has_global = is_global.view(B, nb, block).any(-1)
+    allowed = (band_any[None] | has_global[:, None, None, :]) & any_real[:, None, None, :]  # (B, Hm, nb, nb)
+    full = band_full[None] & all_real[:, None, None, :]
+    partial = allowed & ~full
+
+    def lists(sel: Tensor) -> tuple[Tensor, Tensor]:  # -> counts (B, Hm, nb), indices (B, Hm, nb, nb)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        return sel.sum(-1).to(torch.int32), order.to(torch.int32)
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return fa.BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(N, N)
+    )
+
+
+def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_mask: Tensor) -> Tensor:
+    """:func:`local_attention` through FlexAttention with a mask from :func:`longformer_block_mask`.
+
+    q, k, v: (B, H, n, Dh) -> (B, H, n, Dh); padded rows are 0, global rows hold their local result.
+    Compiled (fused, block-sparse) on first use; a run of any length reuses the compiled kernel.
+    """
+    B, H, n, Dh = q.shape
+    N = block_mask.seq_lengths[0]
+    if n != N:
+        q, k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (q, k, v))  # (B, H, N, Dh)
+    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask)
+    return out[:, :, :n] * attention_mask[:, None, :, None].to(out.dtype)
+
+
+@functools.cache
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:  # torch without FlexAttention
+        return None
+    return flex_attention
+
+
+def _compiled_flex(device_type: str):
+    """Compiled once per process and device type. CUDA recompiles once, dynamic in the length, when a
+    second length comes; the CPU build is static per length (inductor's dynamic CPU flex code fails
+    to compile in torch 2.13)."""
+    return _compile_flex(device_type == "cuda")
+
+
+@functools.cache
+def _compile_flex(dynamic_lengths: bool):
+    return torch.compile(_flex_module().flex_attention, dynamic=None if dynamic_lengths else False)
 
 
 # Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import global_attention_from_hidden, global_indices, local_attention
+from .attention import (
+    choose_kernel,
+    global_attention_from_hidden,
+    global_indices,
+    local_attention,
+    longformer_block_mask,
+)
 from .errors import LongdocError
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +195,19 @@ class AttentionMasks:
     """Masks of one batch, computed once and shared by every layer (no per-layer nonzero())."""
 
     attention: Tensor  # (B, T) bool, True = real token
+    global_mask: Tensor  # (B, T) bool, True = global (and real) token
     global_index: Tensor  # (B, G) long
     global_valid: Tensor  # (B, G) bool
+    _block_masks: dict = field(default_factory=dict, repr=False)
+
+    def block_mask(self, window: int, dilation: list[int]):
+        """The FlexAttention mask for (window, dilation), built on first use; later layers reuse it."""
+        key = (window, tuple(dilation))
+        if key not in self._block_masks:
+            self._block_masks[key] = longformer_block_mask(
+                self.attention, self.global_mask, window=window, dilation=dilation
+            )
+        return self._block_masks[key]
 
 
 class LongformerSelfAttention(nn.Module):
@@ -213,9 +230,11 @@ class LongformerSelfAttention(nn.Module):
         B, T, d = x.shape
         p = self.dropout if self.training else 0.0
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        kernel = choose_kernel(x.device, p, T, self.window)
         out = local_attention(
             q, k, v, window=self.window, dilation=self.dilation, attention_mask=masks.attention,
-            global_index=masks.global_index, global_valid=masks.global_valid, dropout_p=p,
+            global_index=masks.global_index, global_valid=masks.global_valid, dropout_p=p, kernel=kernel,
+            block_mask=masks.block_mask(self.window, self.dilation) if kernel == "flex" else None,
         )  # (B, H, T, Dh)  # fmt: skip
         G = masks.global_index.shape[1]
         if G:
@@ -446,7 +465,7 @@ class LongformerEncoder(_PretrainedMixin):
             torch.zeros_like(real) if global_attention_mask is None else global_attention_mask.bool() & real
         )
         index, valid = global_indices(glob)
-        masks = AttentionMasks(real, index, valid)
+        masks = AttentionMasks(real, glob, index, valid)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, d)
         return self.encoder(x, masks)
 

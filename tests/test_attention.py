@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longdoc_cli import attention
@@ -241,3 +242,135 @@ def test_band_never_builds_n_by_n(dilation):
     with torch.no_grad(), _LargestOutput() as mode:
         reference_attention(*(x[:, :, :small] for x in (q, k, v, q, k, v)), window=w)
     assert mode.largest >= small * small
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused path: FlexAttention with a block-sparse mask (eager on the CPU; compiled on CUDA)
+
+needs_flex = pytest.mark.skipif(attention._flex_module() is None, reason="torch without FlexAttention")
+
+
+def allowed_local(am, gm, n, window, dilation, H):
+    """The reference's (B, H, n, n) 'may attend' of the local rows."""
+    idx = torch.arange(n)
+    dil = torch.as_tensor(attention._per_head(dilation, H))
+    band = band_predicate(idx[:, None], idx[None, :], window, dil[:, None, None])
+    return (band[None] | (gm & am)[:, None, None, :]) & am[:, None, None, :]
+
+
+@needs_flex
+@pytest.mark.parametrize("tile", [4, 8, 16])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_block_mask_tiles_cover_exactly_the_allowed_pairs(case, tile):
+    """Every allowed (query, key) lies in a listed tile; 'full' tiles are allowed throughout."""
+    B, H, n, window, dilation, pads, globs, _ = case
+    am, gm = make_masks(n, pads, globs)
+    bm = attention.longformer_block_mask(am, gm, window=window, dilation=dilation, block=tile)
+    N = bm.seq_lengths[0]
+    assert N % tile == 0 and N - tile < n <= N
+    # Positions n..N-1 are padding: never keys; as queries (sliced off later) anything goes.
+    am_pad, gm_pad = F.pad(am, (0, N - n), value=False), F.pad(gm, (0, N - n), value=False)
+    allowed = allowed_local(am_pad, gm_pad, N, window, dilation, H)  # (B, H, N, N)
+    tiles = allowed.view(B, H, N // tile, tile, N // tile, tile)
+    any_pair, all_pairs = tiles.any(5).any(3), tiles.all(5).all(3)  # (B, H, nb, nb)
+
+    def dense(num, idx):  # tile lists -> (B, Hm, nb, nb) bool
+        out = torch.zeros(*idx.shape, dtype=torch.bool)
+        cols = torch.arange(idx.shape[-1]) < num[..., None].long()
+        return out.scatter_(-1, idx.long(), cols)
+
+    partial = dense(bm.kv_num_blocks, bm.kv_indices).expand(B, H, -1, -1)
+    full = dense(bm.full_kv_num_blocks, bm.full_kv_indices).expand(B, H, -1, -1)
+    assert not (partial & full).any()
+    assert ((partial | full) | ~any_pair).all(), "an allowed pair outside every listed tile"
+    assert (all_pairs | ~full).all(), "a 'full' tile with a disallowed pair"
+    undilated = all(d == 1 for d in attention._per_head(dilation, H))
+    if undilated:  # tight: a listed tile without an allowed pair only where padding cuts the band
+        extra = (partial | full) & ~any_pair
+        key_tile_padded = ~am_pad.view(B, 1, 1, N // tile, tile).all(-1)
+        assert (~extra | key_tile_padded).all()
+
+
+@needs_flex
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_flex_path_equals_reference(case, monkeypatch):
+    """Eager FlexAttention (the same mask as the compiled kernel) with 8-token tiles, float64."""
+    eager = attention._flex_module().flex_attention
+    monkeypatch.setattr(attention, "_compiled_flex", lambda device_type: eager)
+    B, H, n, window, dilation, pads, globs, _ = case
+    am, gm = make_masks(n, pads, globs)
+    _, tensors = random_inputs(B, H, n)
+    tensors = [t.detach() for t in tensors]  # FlexAttention has no CPU backward
+    ref = reference_attention(*tensors, window=window, dilation=dilation, attention_mask=am, global_mask=gm)
+    bm = attention.longformer_block_mask(am, gm, window=window, dilation=dilation, block=8)
+    index, valid = global_indices(gm & am)
+    q, k, v = tensors[:3]
+    out = local_attention(q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
+                          global_valid=valid, kernel="flex", block_mask=bm)  # fmt: skip
+    local_rows = (am & ~gm)[:, None, :, None]
+    torch.testing.assert_close(out * local_rows, ref * local_rows, atol=1e-12, rtol=0)
+    assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
+
+
+def test_choose_kernel(monkeypatch):
+    monkeypatch.delenv("LONGDOC_ATTENTION", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention.choose_kernel(cpu, 0.0, 4096, 256) == "band"
+    if attention._flex_module() is not None:
+        assert attention.choose_kernel(cuda, 0.0, 4096, 256) == "flex"
+    assert attention.choose_kernel(cuda, 0.1, 4096, 256) == "band"  # attention dropout: SDPA's
+    assert attention.choose_kernel(cuda, 0.0, 200, 256) == "band"  # one window: the dense path
+    monkeypatch.setenv("LONGDOC_ATTENTION", "band")
+    assert attention.choose_kernel(cuda, 0.0, 4096, 256) == "band"
+    monkeypatch.setenv("LONGDOC_ATTENTION", "flex")
+    if attention._flex_module() is not None:
+        assert attention.choose_kernel(cpu, 0.0, 4096, 256) == "flex"
+
+
+@needs_flex
+@pytest.mark.slow
+def test_compiled_flex_on_cpu_equals_reference():
+    """The compiled (block-sparse) kernel honours the tile lists; fp32, 128-token tiles, n = 700."""
+    B, H, n, window, dilation = 2, 4, 700, 40, [1, 1, 2, 3]
+    am, gm = make_masks(n, [0, 90], [[0, 350], [5]])
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(B, H, n, 16, generator=g) for _ in range(6)]
+    ref = reference_attention(*tensors, window=window, dilation=dilation, attention_mask=am, global_mask=gm)
+    index, valid = global_indices(gm & am)
+    with torch.no_grad():
+        out = local_attention(*tensors[:3], window=window, dilation=dilation, attention_mask=am,
+                              global_index=index, global_valid=valid, kernel="flex")  # fmt: skip
+    local_rows = (am & ~gm)[:, None, :, None]
+    torch.testing.assert_close(out * local_rows, ref * local_rows, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize(("dtype", "dilation"), [(torch.float32, [1, 1, 2, 3]), (torch.bfloat16, 1)])
+def test_flex_on_cuda_equals_reference(dtype, dilation):
+    """Compiled FlexAttention on the GPU, values and gradients, vs the float64 reference."""
+    B, H, n, Dh, window = 2, 4, 1531, 64, 128
+    am, gm = make_masks(n, [0, 200], [[0, 700, 701], [3]])
+    am, gm = am.cuda(), gm.cuda()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    leaves = [torch.randn(B, n, H, Dh, device="cuda", generator=g).to(dtype) for _ in range(3)]
+    leaves = [t.requires_grad_() for t in leaves]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    ref = reference_attention(*(t.double() for t in (q, k, v, q, k, v)), window=window, dilation=dilation,
+                              attention_mask=am, global_mask=gm)  # fmt: skip
+    index, valid = global_indices(gm & am)
+    out = local_attention(q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
+                          global_valid=valid, kernel="flex")  # fmt: skip
+    local_rows = (am & ~gm)[:, None, :, None]
+    out, ref = out * local_rows, ref * local_rows
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-3), rel
+    upstream = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.double() * upstream).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    q64, k64, v64 = (t.transpose(1, 2) for t in leaves64)
+    ref = reference_attention(q64, k64, v64, q64, k64, v64, window=window, dilation=dilation,
+                              attention_mask=am, global_mask=gm) * local_rows  # fmt: skip
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), leaves64)
+    for name, gr, gf in zip("qkv", grads, grads_ref, strict=True):
+        rel = ((gr.double() - gf).norm() / gf.norm()).item()
+        assert rel < (2e-2 if dtype == torch.bfloat16 else 2e-3), (name, rel)

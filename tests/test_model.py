@@ -321,3 +321,31 @@ def test_input_longer_than_positions_and_qa_without_separator():
         model(too_long)
     with pytest.raises(LongdocError, match="separator"):
         model(torch.full((1, 10), 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_fused_path_matches_hf(tmp_path, monkeypatch):
+    """On CUDA the layers run compiled FlexAttention: same outputs and gradients as transformers."""
+    from longdoc_cli import attention
+
+    calls = []
+    flex = attention.flex_local_attention
+    monkeypatch.setattr(attention, "flex_local_attention", lambda *a: calls.append(1) or flex(*a))
+    shape = dict(hidden_size=64, intermediate_size=128, attention_window=[64, 128, 64])
+    shape["max_position_embeddings"] = 700
+    hf = hf_model("encoder", seed=4, **shape)
+    hf.save_pretrained(tmp_path)
+    ours = LongformerEncoder.from_pretrained(tmp_path).cuda()
+    hf = hf.cuda()
+    ids, am, gm = (t.cuda() for t in batch(517))
+    upstream = torch.randn(*ids.shape, 64, device="cuda") * am[..., None]
+    a = outputs("encoder", ours, ids, am, gm, False)
+    b = outputs("encoder", hf, ids, am, gm, True)
+    assert_same_on_real(a, b, am, atol=1e-4)
+    assert len(calls) == 3
+    (a[0] * upstream).sum().backward()
+    (b[0] * upstream).sum().backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        if not name.startswith("pooler."):
+            torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-4, rtol=1e-3, msg=name)
