@@ -3,11 +3,13 @@
     python benchmarks/gpu_profile.py --seq-len 16384 [--variants flex,band,compiled,hf] [--out DIR]
 
 Times (CUDA events, median of --iters after --warmup) each variant of the same weights in bf16:
-``flex`` (the default: compiled FlexAttention, eager projections), ``band`` (LONGDOC_ATTENTION=band:
-the SDPA band kernel that training with attention dropout uses), ``compiled`` (every layer through
-torch.compile, FlexAttention inside), ``hf`` (transformers' LongformerModel). Reports ms, TFLOP/s on
-the useful FLOPs (bench.encoder_flops: projections, FFN, exact band, global rows) and the share of a
-bf16 matmul peak measured here; writes a torch.profiler kernel table of the default variant.
+``flex`` (the default: compiled FlexAttention, eager projections), ``flex-strided`` (the same on the
+strided head views, no copies), ``band`` (LONGDOC_ATTENTION=band: the SDPA band kernel that training
+with attention dropout uses), ``compiled`` / ``compiled-ro`` (every layer through torch.compile,
+FlexAttention inside; mode default / reduce-overhead = CUDA graphs), ``hf`` (transformers').
+Reports ms, TFLOP/s on the useful FLOPs (bench.encoder_flops: projections, FFN, exact band,
+global rows) and the share of a bf16 matmul peak measured here; writes a torch.profiler kernel
+table of the default variant.
 """
 
 from __future__ import annotations
@@ -125,12 +127,21 @@ def main() -> None:
     if "band" in variants:
         with env("LONGDOC_ATTENTION", "band"):
             record("band", lambda: ours(ids, mask, glob))
-    if "compiled" in variants:
+    if "flex-strided" in variants:
+        from longdoc_cli import attention
+
+        with env("LONGDOC_FLEX_OPTIONS", json.dumps({**attention._flex_options(), "contiguous": False})):
+            attention._flex_options.cache_clear()
+            record("flex-strided", lambda: ours(ids, mask, glob))
+        attention._flex_options.cache_clear()
+    for name, mode in (("compiled", "default"), ("compiled-ro", "reduce-overhead")):
+        if name not in variants:
+            continue
         layers = ours.encoder.layer
         saved = list(layers)
         for i, layer in enumerate(saved):
-            layers[i] = torch.compile(layer)
-        record("compiled", lambda: ours(ids, mask, glob))
+            layers[i] = torch.compile(layer, mode=mode)
+        record(name, lambda: ours(ids, mask, glob))
         for i, layer in enumerate(saved):
             layers[i] = layer
     if "hf" in variants:

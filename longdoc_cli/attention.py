@@ -18,6 +18,7 @@ Every fast path here is tested equal to :func:`reference_attention`, the only O(
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -424,8 +425,9 @@ def longformer_block_mask(
     kv_num, kv_idx = lists(partial)
     full_num, full_idx = lists(full)
     return fa.BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(N, N)
-    )
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(N, N),
+        compute_q_blocks=torch.is_grad_enabled(),  # the transposed lists serve the backward pass only
+    )  # fmt: skip
 
 
 def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_mask: Tensor) -> Tensor:
@@ -436,10 +438,28 @@ def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_
     """
     B, H, n, Dh = q.shape
     N = block_mask.seq_lengths[0]
-    if n != N:
-        q, k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (q, k, v))  # (B, H, N, Dh)
-    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask)
+    options = dict(_flex_options())
+    contiguous = options.pop("contiguous", True)
+    if n != N:  # (B, H, N, Dh), head-major
+        q, k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (q, k, v))
+    elif contiguous:  # head-major copies of the strided head views
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask, kernel_options=options or None)
     return out[:, :, :n] * attention_mask[:, None, :, None].to(out.dtype)
+
+
+@functools.cache
+def _flex_options() -> dict:
+    """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
+    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are."""
+    text = os.environ.get("LONGDOC_FLEX_OPTIONS", "")
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LONGDOC_FLEX_OPTIONS is not JSON: {e}") from e
+    if not isinstance(options, dict):
+        raise ValueError("LONGDOC_FLEX_OPTIONS must be a JSON object")
+    return options
 
 
 @functools.cache

@@ -6,6 +6,9 @@ A sweep is a :class:`BenchSpec` (from flags or a YAML file). :func:`run_bench` r
 Implementations (``impls``), all on the same weights:
 - ``longdoc``: our encoder (banded local attention, reassociated global attention);
 - ``longdoc-int8``: the same with int8 dynamic quantization of the linear layers (CPU, inference);
+- ``longdoc-compiled``: the same with every layer through ``torch.compile`` (CUDA; mode from
+  ``LONGDOC_COMPILE_MODE``, default "default"): fuses the element-wise work around the matmuls and
+  FlexAttention; the first call compiles (untimed);
 - ``hf``: ``transformers.LongformerModel`` loaded from the same checkpoint;
 - ``full``: our encoder with every window widened over the whole sequence, so ``local_attention``
   takes its dense path: full (padding-only mask) scaled-dot-product attention;
@@ -51,7 +54,7 @@ from typing import Any
 
 from .errors import LongdocError
 
-IMPLS = ("longdoc", "longdoc-int8", "hf", "full", "longdoc-attn")
+IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 MODES = ("infer", "train")
 
@@ -441,6 +444,9 @@ def load_impl(impl: str, checkpoint: Path, device: str, dtype: str):
         from .quantize import quantize_int8
 
         model = quantize_int8(model, inplace=True)
+    if impl == "longdoc-compiled":
+        for layer in model.encoder.layer:
+            layer.compile(mode=os.environ.get("LONGDOC_COMPILE_MODE", "default"))
     return model
 
 
@@ -837,6 +843,8 @@ def _grid(spec: BenchSpec, dtypes: list[str], impls: list[str]) -> Iterator[tupl
 def _skip_reason(impl: str, device: str, dtype: str, mode: str, n: int, cfg, why_not_hf: str) -> str:
     if impl == "longdoc-int8" and (device != "cpu" or dtype != "fp32" or mode != "infer"):
         return "int8 is fp32 CPU inference only"
+    if impl == "longdoc-compiled" and not device.startswith("cuda"):
+        return "compiled layers are measured on CUDA only"
     if impl == "hf" and why_not_hf:
         return why_not_hf
     if impl != "longdoc-attn" and n > cfg.max_tokens:

@@ -253,7 +253,9 @@ def bench(
     mode: str = typer.Option(None, "--mode", help="infer, or train (forward + backward)."),
     globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G)."),
     impls: str = typer.Option(
-        None, "--impls", help="Comma-separated: longdoc, longdoc-int8, hf, full, longdoc-attn."
+        None,
+        "--impls",
+        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn.",
     ),
     quantize: str = typer.Option(
         None, "--quantize", help="int8: also time longdoc with int8 dynamic quantization (CPU)."
