@@ -22,22 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_profile import device_time  # noqa: E402  (beside this file)
+
 from longdoc_cli import attention, bench  # noqa: E402
 
 
 def cuda_ms(fn, warmup: int = 5, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(device_time(fn, warmup, iters)) * 1e3
 
 
 def main() -> None:

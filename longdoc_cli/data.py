@@ -7,7 +7,6 @@ not lie in their context are counted and reported (``QAData.not_in_context``), n
 
 from __future__ import annotations
 
-import codecs
 import csv
 import json
 import random
@@ -18,7 +17,7 @@ from typing import Any
 
 from .config import DataSection
 from .errors import LongdocError
-from .textio import normalise_newlines
+from .textio import normalise_newlines, parse_jsonl_line
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -87,26 +86,14 @@ def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) ->
         return
     with p.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
             where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise _BadRecord(f"expected a JSON object, got {type(row).__name__}")
-            except UnicodeDecodeError as e:
-                _bad(skipped, f"{where}: not valid UTF-8 (byte {e.start})")
+                row = parse_jsonl_line(raw, where, first=line_no == 1)
+            except LongdocError as e:
+                _bad(skipped, str(e))
                 continue
-            except json.JSONDecodeError as e:
-                _bad(skipped, f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            except _BadRecord as e:
-                _bad(skipped, f"{where}: {e}")
-                continue
-            yield where, row
+            if row is not None:
+                yield where, row
 
 
 def _iter_csv(p: Path) -> Iterator[tuple[str, Any]]:

@@ -253,10 +253,13 @@ class LongformerSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, d)
 
 
-class LongformerSelfOutput(nn.Module):
-    def __init__(self, config: LongformerConfig) -> None:
+class LongformerOutput(nn.Module):
+    """dense -> dropout -> + residual -> LayerNorm: HF's ``attention.output`` (from the attention's
+    width) and ``output`` (from the feed-forward's), hence ``in_features``."""
+
+    def __init__(self, config: LongformerConfig, in_features: int | None = None) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features or config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -268,7 +271,7 @@ class LongformerAttention(nn.Module):
     def __init__(self, config: LongformerConfig, layer_id: int) -> None:
         super().__init__()
         self.self = LongformerSelfAttention(config, layer_id)
-        self.output = LongformerSelfOutput(config)
+        self.output = LongformerOutput(config, in_features=config.hidden_size)
 
     def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
         return self.output(self.self(x, masks), x)
@@ -282,17 +285,6 @@ class LongformerIntermediate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.dense(x))
-
-
-class LongformerOutput(nn.Module):
-    def __init__(self, config: LongformerConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class LongformerLayer(nn.Module):

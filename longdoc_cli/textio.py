@@ -111,25 +111,34 @@ def iter_jsonl_documents(
         yield from _iter_jsonl(f, source, text_key, id_key)
 
 
+def parse_jsonl_line(raw: bytes, where: str, first: bool = False) -> dict | None:
+    """One JSON-lines record: the object, or None for a blank line. ``first``: the file's first line
+    (a UTF-8 BOM is dropped). A bad line raises ``LongdocError`` that starts with ``where``."""
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LongdocError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LongdocError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise LongdocError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _iter_jsonl(
     f: BinaryIO, source: str, text_key: str, id_key: str | None
 ) -> Iterator[tuple[str, str, int]]:
     for line_no, raw in enumerate(f, start=1):
-        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8) :]
         where = f"{source}:{line_no}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise LongdocError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-        if not line.strip():
+        record = parse_jsonl_line(raw, where, first=line_no == 1)
+        if record is None:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LongdocError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise LongdocError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if text_key not in record:
             keys = ", ".join(sorted(record)[:8]) or "none"
             raise LongdocError(f"{where}: no {text_key!r} key (keys: {keys}); choose it with --text-key")
