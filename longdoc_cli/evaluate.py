@@ -20,8 +20,6 @@ from .config import LongdocConfig, load_model_dir_config
 from .errors import LongdocError
 
 if TYPE_CHECKING:
-    import torch
-
     from .data import LabelledDoc, QAExample
     from .tokenize import DocumentTokenizer
 
@@ -178,114 +176,43 @@ def qa_metrics(
 # Running a model
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def predict_classification(
-    model,
-    tokenizer: DocumentTokenizer,
-    docs: Sequence[LabelledDoc],
-    cfg: LongdocConfig,
-    device,
-    multi_label: bool,
+    model, tokenizer: DocumentTokenizer, docs: Sequence[LabelledDoc], cfg: LongdocConfig
 ) -> tuple[list[tuple[str, ...]], list[int]]:
-    """Predicted label sets and token counts (specials included) per document: window logits
-    aggregated by ``inference.aggregate``; argmax, or sigmoid > ``inference.threshold`` (multi-label)."""
-    import torch
+    """Predicted label sets and token counts (specials included) per document, exactly as `longdoc
+    classify` predicts them (tasks.classify.Classifier: windows, ``inference.aggregate``, threshold)."""
+    from .tasks.classify import Classifier
+    from .tasks.runner import in_memory_task_model
 
-    id2label = model.config.id2label or {i: str(i) for i in range(model.config.num_labels)}
-    preds, lengths = [], []
+    tm = in_memory_task_model(model, tokenizer, "classification", cfg.model.max_length)
+    inf = cfg.inference
+    classifier = Classifier(tm, aggregate=inf.aggregate, threshold=inf.threshold, batch_size=inf.batch_size,
+                            stride=cfg.tokenization.stride)  # fmt: skip
     model.eval()
-    with torch.inference_mode():
-        for doc in docs:
-            enc = tokenizer.encode(doc.text)
-            lengths.append(len(enc) + 2)
-            windows = tokenizer.document_windows(enc, cfg.model.max_length, cfg.tokenization.stride)
-            if cfg.inference.aggregate == "first":  # truncation: the first window only
-                windows = windows[:1]
-            logits = []
-            for i in range(0, len(windows), cfg.inference.batch_size):
-                batch = _to(tokenizer.collate(windows[i : i + cfg.inference.batch_size]), device)
-                logits.append(model(**batch).float().cpu())
-            x = torch.cat(logits)  # (n_windows, n_labels)
-            if cfg.inference.aggregate == "max":
-                agg = x.max(0).values
-            else:  # token-weighted mean, as `classify`
-                weights = torch.tensor([len(w) for w in windows], dtype=x.dtype)[:, None]
-                agg = (x * weights).sum(0) / weights.sum()
-            if multi_label:
-                preds.append(
-                    tuple(id2label[i] for i in range(len(agg)) if agg[i].sigmoid() > cfg.inference.threshold)
-                )
-            else:
-                preds.append((id2label[int(agg.argmax())],))
-    return preds, lengths
-
-
-@dataclass(frozen=True)
-class SpanAnswer:
-    text: str
-    start: int  # character offsets into the context; -1 for no answer
-    end: int
-    score: float
-
-
-def decode_window_spans(
-    start_logits, end_logits, offsets, n_best: int, max_answer_length: int
-) -> list[tuple[float, int, int]]:
-    """Candidate (score, start_token, end_token) spans of one window: the ``n_best`` best starts and
-    ends over context tokens (offsets not None), end >= start, at most ``max_answer_length`` tokens."""
-    ctx = [i for i, o in enumerate(offsets) if o is not None]
-    if not ctx:
-        return []
-    lo, hi = ctx[0], ctx[-1]
-    s = start_logits[lo : hi + 1]
-    e = end_logits[lo : hi + 1]
-    k = min(n_best, len(s))
-    starts = (s.topk(k).indices + lo).tolist()
-    ends = (e.topk(k).indices + lo).tolist()
-    out = []
-    for a in starts:
-        for b in ends:
-            if b < a or b - a + 1 > max_answer_length or offsets[a] is None or offsets[b] is None:
-                continue
-            out.append((float(start_logits[a] + end_logits[b]), a, b))
-    return out
+    results = classifier.classify([(str(i), doc.text) for i, doc in enumerate(docs)])
+    return [tuple(r.labels) for r in results], [r.n_tokens + 2 for r in results]
 
 
 def predict_qa(
-    model, tokenizer: DocumentTokenizer, examples: Sequence[QAExample], cfg: LongdocConfig, device
-):
-    """The best span over all windows of each example's context (HF-style n-best decoding); no answer
-    when ``inference.null_threshold`` is set and the best null score beats the best span by more."""
-    import torch
+    model, tokenizer: DocumentTokenizer, examples: Sequence[QAExample], cfg: LongdocConfig
+) -> list[str]:
+    """The best answer (or "" for none) to each example, exactly as `longdoc qa` answers it
+    (tasks.qa.QuestionAnswerer: windows with stride, n-best spans merged, null threshold)."""
+    from .tasks.qa import QuestionAnswerer
+    from .tasks.runner import in_memory_task_model
 
-    from .data import question_windows
-
-    inf = cfg.inference
-    out: list[SpanAnswer] = []
+    tm = in_memory_task_model(model, tokenizer, "qa", cfg.model.max_length)
+    inf, tok = cfg.inference, cfg.tokenization
+    answerer = QuestionAnswerer(
+        tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,
+        null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tok.stride,
+        max_question_length=tok.max_question_length,
+    )  # fmt: skip
     model.eval()
-    with torch.inference_mode():
-        for ex, windows in question_windows(examples, tokenizer, cfg):
-            best, null = None, None
-            for i in range(0, len(windows), inf.batch_size):
-                chunk = windows[i : i + inf.batch_size]
-                start, end = model(**_to(tokenizer.collate(chunk), device))
-                start, end = start.float().cpu(), end.float().cpu()
-                for j, w in enumerate(chunk):
-                    n = len(w)
-                    null_score = float(start[j, 0] + end[j, 0])
-                    null = null_score if null is None else min(null, null_score)
-                    for score, a, b in decode_window_spans(
-                        start[j, :n], end[j, :n], w.offsets, inf.n_best, inf.max_answer_length
-                    ):
-                        if best is None or score > best.score:
-                            s, e = w.offsets[a][0], w.offsets[b][1]
-                            best = SpanAnswer(ex.context[s:e], s, e, score)
-            if best is None or (inf.null_threshold is not None and null - best.score > inf.null_threshold):
-                best = SpanAnswer("", -1, -1, null if null is not None else 0.0)
-            out.append(best)
+    out = []
+    for ex in examples:
+        (result,) = answerer.answer(ex.id, ex.context, [ex.question])
+        out.append(result.answers[0].text if result.answers else "")
     return out
 
 
@@ -366,12 +293,11 @@ def evaluate_model(
     cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)
     tokenizer = DocumentTokenizer.from_dir(model_dir, max_tokens=cfg.model.max_length)
     data = load_classification(data_path, cfg.data)
-    multi = model.config.problem_type == "multi_label_classification"
     known = set((model.config.id2label or {}).values())
     unknown = sorted({x for d in data.docs for x in d.labels} - known)
     if unknown:
         raise LongdocError(f"{data_path}: labels the model does not know: {', '.join(unknown[:5])}")
-    preds, lengths = predict_classification(model, tokenizer, data.docs, cfg, device, multi)
+    preds, lengths = predict_classification(model, tokenizer, data.docs, cfg)
     labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
     m = classification_metrics([d.labels for d in data.docs], preds, labels, lengths)
     return EvalReport(

@@ -474,13 +474,13 @@ def train(
             return {}
         was_training = model.training
         if cfg.task == "classify":
-            preds, lengths = predict_classification(model, tokenizer, dev_items, cfg, device, multi)
+            preds, lengths = predict_classification(model, tokenizer, dev_items, cfg)
             m = classification_metrics(
                 [d.labels for d in dev_items], preds, info["labels"], lengths
             ).summary()
         else:
-            answers = predict_qa(model, tokenizer, dev_items, cfg, device)
-            m = qa_metrics([a.text for a in answers], [e.answers for e in dev_items]).summary()
+            answers = predict_qa(model, tokenizer, dev_items, cfg)
+            m = qa_metrics(answers, [e.answers for e in dev_items]).summary()
         model.train(was_training)
         return m
 

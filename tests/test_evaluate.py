@@ -7,12 +7,12 @@ import torch
 
 from longdoc_cli.evaluate import (
     classification_metrics,
-    decode_window_spans,
     exact_match_score,
     f1_score,
     normalize_answer,
     qa_metrics,
 )
+from longdoc_cli.tasks.qa import decode_spans
 
 
 def test_squad_normalisation_and_scores():
@@ -48,12 +48,23 @@ def test_multi_label_metrics_have_no_confusion_matrix():
     assert m.per_label["b"].recall == 0.5 and m.micro_f1 == pytest.approx(0.8)
 
 
-def test_decode_window_spans_respects_context_and_length():
+class _Window:  # what decode_spans reads of a tokenize.Window
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+
+def test_decode_spans_respects_context_length_and_null():
+    text = "abc def ghi"
     offsets = [None, None, None, (0, 3), (4, 7), (8, 11), None]  # [CLS] q [SEP] c c c [SEP]
-    start = torch.tensor([9.0, 8, 0, 1, 5, 2, 9])
-    end = torch.tensor([9.0, 0, 8, 0, 1, 6, 9])
-    spans = decode_window_spans(start, end, offsets, n_best=3, max_answer_length=2)
-    best = max(spans)
-    assert best[1:] == (4, 5)  # never a special/question token; length <= 2
-    assert all(b >= a and b - a < 2 for _, a, b in spans)
-    assert decode_window_spans(start, end, [None] * 7, 3, 5) == []
+    start = torch.tensor([1.0, 8, 0, 1, 5, 2, 9])
+    end = torch.tensor([1.0, 0, 8, 0, 1, 6, 9])
+    args = dict(n_best=3, max_answer_length=2, top_k=5, null_threshold=None)
+    answers = decode_spans(text, [(_Window(offsets), start, end)], **args)
+    assert answers[0].text == "def ghi"  # never a special/question token; at most 2 tokens
+    assert all(len(a.text.split()) <= 2 and a.start < a.end for a in answers)
+    assert decode_spans(text, [(_Window([None] * 7), start, end)], **args) == []
+    # null: the lowest null logit over windows (2.0 here) against the best span's (5 + 6)
+    other = (_Window(offsets), torch.tensor([20.0, 0, 0, 0, 0, 0, 0]), torch.tensor([20.0, 0, 0, 0, 0, 0, 0]))
+    scored = [(_Window(offsets), start, end), other]
+    assert decode_spans(text, scored, **{**args, "null_threshold": -10.0}) == []  # 2 - 11 > -10
+    assert decode_spans(text, scored, **{**args, "null_threshold": 0.0})  # 2 - 11 < 0: answered

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..errors import LongdocError
 from ..tokenize import Encoding, Window
@@ -120,33 +121,12 @@ class QuestionAnswerer:
     # -- with a QA head --------------------------------------------------------------------------
 
     def _spans(self, text: str, windows: list[Window]) -> list[Answer]:
-        best: dict[tuple[int, int], float] = {}  # character span -> best log-probability
-        null_logit = best_logit = float("-inf")
-        for i, (start, end) in run_windows(self.tm, windows, self.batch_size):
-            w = windows[i]
-            ctx = torch.tensor([o is not None for o in w.offsets])
-            k = min(self.n_best, int(ctx.sum()))
-            null_logit = max(null_logit, float(start[0] + end[0]))
-            if k == 0:
-                continue
-            # Log-probabilities over the window's positions, as HF's pipeline scored spans.
-            ls, le = torch.log_softmax(start, -1), torch.log_softmax(end, -1)
-            starts = torch.topk(ls.masked_fill(~ctx, float("-inf")), k).indices.tolist()
-            ends = torch.topk(le.masked_fill(~ctx, float("-inf")), k).indices.tolist()
-            for s in starts:
-                for e in ends:
-                    if e < s or e - s + 1 > self.max_answer_length:
-                        continue
-                    span = (w.offsets[s][0], w.offsets[e][1])
-                    best[span] = max(best.get(span, float("-inf")), float(ls[s] + le[e]))
-                    best_logit = max(best_logit, float(start[s] + end[e]))
-        ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[: self.top_k]
-        answers = [Answer(text[s:e], s, e, round(math.exp(score), 6)) for (s, e), score in ranked]
-        # SQuAD 2.0 convention: no answer when null logits beat the best span by the threshold.
-        null_margin = null_logit - best_logit if answers else None
-        if self.null_threshold is not None and null_margin is not None and null_margin > self.null_threshold:
-            answers = []
-        return answers
+        outputs = run_windows(self.tm, windows, self.batch_size)
+        scored = [(windows[i], start, end) for i, (start, end) in outputs]
+        return decode_spans(
+            text, scored, n_best=self.n_best, max_answer_length=self.max_answer_length, top_k=self.top_k,
+            null_threshold=self.null_threshold,
+        )  # fmt: skip
 
     # -- zero-shot ---------------------------------------------------------------------------------
 
@@ -171,6 +151,48 @@ class QuestionAnswerer:
         local = torch.stack([alone[i : i + FOLLOWING + 1].mean(0) for i in range(len(spans))])
         self._sentences = (text, spans, alone, F.normalize(local, dim=-1))
         return self._sentences[1:]
+
+
+def decode_spans(
+    text: str,
+    scored: Sequence[tuple[Window, Tensor, Tensor]],
+    *,
+    n_best: int,
+    max_answer_length: int,
+    top_k: int,
+    null_threshold: float | None,
+) -> list[Answer]:
+    """The ``top_k`` best answer spans of ``text`` from its windows' (window, start logits, end logits).
+
+    Per window, the ``n_best`` starts and ends over context tokens (offset not None), end >= start and
+    at most ``max_answer_length`` tokens; a span's score is its log-probability within its window (as
+    HF's pipeline scores spans); a character span found in several windows keeps its best score.
+    SQuAD 2.0 null answer (HF's convention): the lowest null logit (start[0] + end[0]) over the windows
+    against the best span logit; no answer when the null beats it by more than ``null_threshold``.
+    """
+    best: dict[tuple[int, int], float] = {}  # character span -> best log-probability
+    null_logit, best_logit = float("inf"), float("-inf")
+    for w, start, end in scored:
+        ctx = torch.tensor([o is not None for o in w.offsets])
+        k = min(n_best, int(ctx.sum()))
+        null_logit = min(null_logit, float(start[0] + end[0]))
+        if k == 0:
+            continue
+        ls, le = torch.log_softmax(start, -1), torch.log_softmax(end, -1)
+        starts = torch.topk(ls.masked_fill(~ctx, float("-inf")), k).indices.tolist()
+        ends = torch.topk(le.masked_fill(~ctx, float("-inf")), k).indices.tolist()
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > max_answer_length:
+                    continue
+                span = (w.offsets[s][0], w.offsets[e][1])
+                best[span] = max(best.get(span, float("-inf")), float(ls[s] + le[e]))
+                best_logit = max(best_logit, float(start[s] + end[e]))
+    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+    answers = [Answer(text[s:e], s, e, round(math.exp(score), 6)) for (s, e), score in ranked]
+    if answers and null_threshold is not None and null_logit - best_logit > null_threshold:
+        return []
+    return answers
 
 
 def _surroundings(text: str, answer: Answer, margin: int = 120) -> str:

@@ -125,6 +125,17 @@ def load_task_model(
     return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
 
 
+def in_memory_task_model(
+    model: nn.Module, tokenizer: DocumentTokenizer, head: str, max_length: int
+) -> TaskModel:
+    """A :class:`TaskModel` around a model already in memory (training's dev evaluation)."""
+    p, config = next(model.parameters()), model.config
+    length = min(max_length, config.max_tokens, tokenizer.max_tokens)
+    return TaskModel(
+        model, head, tokenizer, config, p.device, p.dtype, pooling_of(config), Path("<memory>"), length
+    )
+
+
 def run_windows(tm: TaskModel, windows: Sequence[Window], batch_size: int) -> Iterator[tuple[int, Any]]:
     """Yield (window index, output) for every window, batching windows of similar length.
 
