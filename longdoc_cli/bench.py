@@ -917,6 +917,9 @@ def ratios(report: BenchReport, base: str = "hf") -> dict[tuple[str, int, int, s
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        from .runtime import tune_memory
+
+        tune_memory()
         _child_main(sys.argv[2])
     else:
         sys.exit("usage: python -m longdoc_cli.bench --child JOB_JSON (use `longdoc bench` instead)")

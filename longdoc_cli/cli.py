@@ -890,6 +890,9 @@ def qa(
 
 def main() -> None:
     """Console-script entry point."""
+    from .runtime import tune_memory
+
+    tune_memory()  # before anything imports torch
     try:
         app()
     except BrokenPipeError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,3 +239,30 @@ def test_int8_outputs_close_to_fp32():
 def test_int8_refuses_non_fp32():
     with pytest.raises(LongdocError, match="fp32"):
         quantize_int8(tiny_encoder().to(torch.bfloat16))
+
+
+def test_tune_memory_defaults_and_respects_the_user(monkeypatch):
+    from longdoc_cli import runtime
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    runtime.tune_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    runtime.tune_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_cli_sets_memory_settings_before_torch():
+    """The console script tunes the process before torch is imported (torch reads THP once)."""
+    probe = (
+        "import os, sys\n"
+        "from longdoc_cli import cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.argv = ['longdoc', '--version']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "1 False"
