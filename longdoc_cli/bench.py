@@ -763,11 +763,6 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     from .attention import choose_kernel
 
     kernel = choose_kernel(torch.device(device), 0.0, 1 << 20, 0)
-    notes.append(
-        "longdoc's local attention: "
-        + ("compiled FlexAttention, one block-sparse mask per batch shared by the layers "
-           "(the first call compiles, untimed)" if kernel == "flex" else "banded SDPA kernels (attention.py)")
-    )  # fmt: skip
 
     say(f"measuring the {', '.join(dtypes)} matmul peak on {device}")
     peaks = {dt: matmul_peak(device, dt) for dt in dict.fromkeys(["fp32", *dtypes])}
@@ -782,6 +777,12 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "attention_kernel": (
+            "flex: compiled FlexAttention, one block-sparse mask per batch shared by the layers (the first "
+            "call compiles, untimed)"
+            if kernel == "flex"
+            else "band: banded SDPA kernels (attention.py)"
+        ),
     }
     checks: list[Check] = []
     rows: list[Measurement] = []
@@ -917,9 +918,11 @@ def ratios(report: BenchReport, base: str = "hf") -> dict[tuple[str, int, int, s
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        from .runtime import tune_memory
+        from .runtime import return_freed_memory, tune_memory
 
         tune_memory()
+        if json.loads(sys.argv[2]).get("mode") == "infer":
+            return_freed_memory()
         _child_main(sys.argv[2])
     else:
         sys.exit("usage: python -m longdoc_cli.bench --child JOB_JSON (use `longdoc bench` instead)")

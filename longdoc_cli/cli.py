@@ -532,7 +532,9 @@ def evaluate_cmd(
     buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
     from .config import load_config
     from .evaluate import evaluate_model
+    from .runtime import return_freed_memory
 
+    return_freed_memory()  # inference only
     with errors():
         out_fmt = output_format(fmt)
         cfg = load_config(config) if config else None
@@ -584,6 +586,9 @@ def _task_setup(task: str, config_path: str | None, model: str | None, allow_dow
     else the defaults; command-line options override either afterwards."""
     from .config import check_task, default_config, load_config, load_model_dir_config
     from .models import resolve_model
+    from .runtime import return_freed_memory
+
+    return_freed_memory()  # classify / qa: inference only
 
     cfg = load_config(config_path) if config_path else None
     if cfg is not None:

@@ -1,16 +1,6 @@
-"""Process-wide memory settings for longdoc's own processes (the CLI and the bench's children).
-
-Called before torch is imported; a library user's process is left as it is. Both settings were
-measured on the 2-core CPU (base model, 2 layers; benchmarks/README.md, "Memory settings"):
-
-- ``THP_MEM_ALLOC_ENABLE=1``: torch asks for transparent huge pages for its large CPU tensors. A
-  16384-token forward pass allocates hundreds of MB per layer; with 4 KiB pages the page faults
-  (745 K per pass) took 10-14% of the time; with huge pages 29 K faults.
-- glibc's mmap threshold at 1 MiB (it grows up to 32 MiB by default): freed activations go back to
-  the system instead of staying in the heap, so the resident set follows the live tensors; the
-  peak extra memory of a 4096-token pass fell from 286 to 171 MiB at the same speed.
-
-A variable the user set (``THP_MEM_ALLOC_ENABLE``, ``MALLOC_MMAP_THRESHOLD_``) wins.
+"""Process-wide memory settings for longdoc's own processes (the CLI and the bench's children);
+a library user's process is left as it is. Measured on the 2-core CPU (base model, 2 layers;
+benchmarks/README.md, "Memory settings"). A variable the user set wins.
 """
 
 from __future__ import annotations
@@ -25,7 +15,18 @@ MMAP_THRESHOLD = 1 << 20
 
 
 def tune_memory() -> None:
+    """``THP_MEM_ALLOC_ENABLE=1``, before torch is imported (it reads it once): torch asks for
+    transparent huge pages for its large CPU tensors. A 16384-token forward pass allocates hundreds
+    of MB per layer; with 4 KiB pages its 745 K page faults took 10-14% of the time (29 K with huge
+    pages)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def return_freed_memory() -> None:
+    """For inference: glibc's mmap threshold at 1 MiB (by default it grows to 32 MiB), so freed
+    activations go back to the system and the resident set follows the live tensors: the peak extra
+    memory of a 4096-token pass fell from 262 to 169 MiB at the same speed. Not for training, whose
+    forward + backward ran 10-20% slower with it. ``MALLOC_MMAP_THRESHOLD_`` set by the user wins."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc
