@@ -12,7 +12,11 @@ Semantics (Hugging Face's, the spec in :func:`reference_attention`):
 - a global query row uses the global projections and sees every real token;
 - padded query rows are zeros (never NaN).
 
-Every fast path here is tested equal to :func:`reference_attention`, the only O(n^2) function.
+Kernels: on CUDA the local rows go through compiled FlexAttention with a block-sparse mask built once
+per batch (:func:`longformer_block_mask`, :func:`flex_local_attention`); elsewhere, and with attention
+dropout, through banded scaled-dot-product attention over query blocks (:func:`_band`, and
+:func:`_band_views` for CPU inference). Every fast path here is tested equal to
+:func:`reference_attention`, the only O(n^2) function.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import LongdocError
 
 # ----------------------------------------------------------------------------------------------
 # The spec: one predicate and a dense masked attention (tests and short references only).
@@ -463,9 +469,10 @@ def _flex_options() -> dict:
     try:
         options = json.loads(text) if text else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"LONGDOC_FLEX_OPTIONS is not JSON: {e}") from e
+        problem = f"is not JSON ({e.msg} at column {e.colno})"
+        raise LongdocError(f"LONGDOC_FLEX_OPTIONS {problem}", exit_code=2) from None
     if not isinstance(options, dict):
-        raise ValueError("LONGDOC_FLEX_OPTIONS must be a JSON object")
+        raise LongdocError("LONGDOC_FLEX_OPTIONS must be a JSON object", exit_code=2)
     return options
 
 

@@ -383,3 +383,18 @@ def test_flex_on_cuda_equals_reference(dtype, dilation):
     for name, gr, gf in zip("qkv", grads, grads_ref, strict=True):
         rel = ((gr.double() - gf).norm() / gf.norm()).item()
         assert rel < (2e-2 if dtype == torch.bfloat16 else 2e-3), (name, rel)
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]"])
+def test_bad_flex_options_are_a_usage_error(text, monkeypatch):
+    from longdoc_cli.errors import LongdocError
+
+    monkeypatch.setenv("LONGDOC_FLEX_OPTIONS", text)
+    attention._flex_options.cache_clear()
+    try:
+        with pytest.raises(LongdocError, match="LONGDOC_FLEX_OPTIONS") as e:
+            attention._flex_options()
+        assert e.value.exit_code == 2
+    finally:
+        monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
+        attention._flex_options.cache_clear()
