@@ -319,8 +319,17 @@ def _band_views(
             t = F.pad(t, (0, 0, 0, 0, 0, N - n))
         return t.reshape(B * N, H, Dh)
 
-    kf = F.pad(flat(k), (0, 0, 0, 0, w, w))  # (w + B*N + w, H, Dh)
-    vf = F.pad(flat(v), (0, 0, 0, 0, w, w))
+    def padded(t: Tensor) -> Tensor:  # (B, H, n, Dh) -> (w + B*N + w, H, Dh), zeros around the tokens
+        # One write per element (F.pad of flat() would zero-fill the whole buffer, then copy into it).
+        out = t.new_empty(w + B * N + w, H, Dh)
+        out[:w].zero_()
+        out[w + B * N :].zero_()
+        body = out[w : w + B * N].view(B, N, H, Dh)
+        body[:, :n].copy_(t.transpose(1, 2))
+        body[:, n:].zero_()
+        return out
+
+    kf, vf = padded(k), padded(v)
     kb = kf.unfold(0, L, b).permute(0, 1, 3, 2)  # (B*nb, H, L, Dh): a view, overlapping blocks
     vb = vf.unfold(0, L, b).permute(0, 1, 3, 2)
     qb = flat(q).view(B * nb, b, H, Dh).transpose(1, 2)  # (B*nb, H, b, Dh) view
@@ -335,10 +344,12 @@ def _band_views(
     row_ok = F.pad(query_ok & key_ok, (0, N - n), value=False).view(B * nb, b, 1)
     # Rows that are padding or global see everything (finite; discarded or replaced by the caller).
     allowed = (in_band & band_ok[:, None, :]) | ~row_ok  # (B*nb, b, L)
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    mask = torch.where(allowed, zero, minus_inf)  # additive float mask (B*nb, b, L): one pass
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qb, kb, vb, 0.0, False, attn_mask=mask[:, None]
     )  # (B*nb, H, b, Dh), (B*nb, H, b)
+    # A fresh token-major copy (the caller's final reshape is then free); updated in place below.
     out = out.view(B, nb, H, b, Dh).transpose(2, 3).reshape(B, N, H, Dh)[:, :n].transpose(1, 2)
     if g_keys is not None and g_keys.shape[2] > 0:
         lse = lse.view(B, nb, H, b).transpose(1, 2).reshape(B, H, N)[:, :, :n, None]  # (B, H, n, 1)
@@ -347,8 +358,8 @@ def _band_views(
         scores = scores.to(acc).masked_fill(~g_valid[:, None, None, :], float("-inf"))
         total = torch.logaddexp(lse.to(acc), torch.logsumexp(scores, dim=-1, keepdim=True))
         from_globals = torch.matmul(torch.exp(scores - total).to(v.dtype), g_values)  # (B, H, n, Dh)
-        out = out * torch.exp(lse - total).to(out.dtype) + from_globals
-    return out * query_ok[:, None, :, None]
+        out.mul_(torch.exp(lse - total).to(out.dtype)).add_(from_globals)
+    return out if bool(query_ok.all()) else out.mul_(query_ok[:, None, :, None])
 
 
 # ----------------------------------------------------------------------------------------------

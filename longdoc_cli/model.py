@@ -156,6 +156,21 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gel
                "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}  # fmt: skip
 
 
+def _gelu_tanh_(x: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+# The same functions in place (inference: the feed-forward's n x f activation is not kept twice).
+def _silu_(x: Tensor) -> Tensor:
+    return F.silu(x, inplace=True)
+
+
+IN_PLACE_ACTIVATIONS = {
+    "gelu": torch.ops.aten.gelu_, "gelu_new": _gelu_tanh_, "gelu_pytorch_tanh": _gelu_tanh_,
+    "relu": torch.relu_, "silu": _silu_, "swish": _silu_, "tanh": torch.tanh_,
+}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 
@@ -264,7 +279,9 @@ class LongformerOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        y = self.dropout(self.dense(x))
+        # Without autograd, add into the fresh dense output instead of allocating n x d more.
+        return self.LayerNorm(y + residual if torch.is_grad_enabled() else y.add_(residual))
 
 
 class LongformerAttention(nn.Module):
@@ -282,9 +299,13 @@ class LongformerIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.act_ = IN_PLACE_ACTIVATIONS.get(config.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.dense(x))
+        y = self.dense(x)
+        if not torch.is_grad_enabled() and self.act_ is not None:  # in place: no second n x f buffer
+            return self.act_(y)
+        return self.act(y)
 
 
 class LongformerLayer(nn.Module):

@@ -12,6 +12,8 @@ from transformers.models.longformer import modeling_longformer as hf_modeling
 from longdoc_cli.attention import reference_attention
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.model import (
+    ACTIVATIONS,
+    IN_PLACE_ACTIVATIONS,
     LongformerConfig,
     LongformerEncoder,
     LongformerForQuestionAnswering,
@@ -349,3 +351,9 @@ def test_cuda_fused_path_matches_hf(tmp_path, monkeypatch):
     for name, p in ours.named_parameters():
         if not name.startswith("pooler."):
             torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_in_place_activations_equal_the_functions(name):
+    x = torch.randn(4, 7)
+    assert torch.equal(IN_PLACE_ACTIVATIONS[name](x.clone()), ACTIVATIONS[name](x)), name
