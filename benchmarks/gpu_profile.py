@@ -3,10 +3,11 @@
     python benchmarks/gpu_profile.py --seq-len 16384 [--variants flex,band,compiled,hf] [--out DIR]
 
 Times (CUDA events, median of --iters after --warmup) each variant of the same weights in bf16:
-``flex`` (the default: compiled FlexAttention, eager projections), ``flex-strided`` (the same on the
-strided head views, no copies), ``band`` (LONGDOC_ATTENTION=band: the SDPA band kernel that training
-with attention dropout uses), ``compiled`` / ``compiled-ro`` (every layer through torch.compile,
-FlexAttention inside; mode default / reduce-overhead = CUDA graphs), ``hf`` (transformers').
+``flex`` (the default: compiled FlexAttention, eager projections), ``flex-strided`` (the same on
+the strided head views, no copies), ``flex-tile64`` (64-token mask tiles), ``band``
+(LONGDOC_ATTENTION=band: the SDPA band kernel that training with attention dropout uses),
+``compiled`` / ``compiled-ro`` (every layer through torch.compile, FlexAttention inside; mode
+default / reduce-overhead = CUDA graphs), ``hf`` (transformers').
 Reports ms, TFLOP/s on the useful FLOPs (bench.encoder_flops: projections, FFN, exact band,
 global rows) and the share of a bf16 matmul peak measured here; writes a torch.profiler kernel
 table of the default variant.
@@ -127,13 +128,14 @@ def main() -> None:
     if "band" in variants:
         with env("LONGDOC_ATTENTION", "band"):
             record("band", lambda: ours(ids, mask, glob))
-    if "flex-strided" in variants:
-        from longdoc_cli import attention
+    from longdoc_cli import attention
 
-        with env("LONGDOC_FLEX_OPTIONS", json.dumps({**attention._flex_options(), "contiguous": False})):
+    for name, change in (("flex-strided", {"contiguous": False}), ("flex-tile64", {"tile": 64})):
+        if name in variants:
+            with env("LONGDOC_FLEX_OPTIONS", json.dumps({**attention._flex_options(), **change})):
+                attention._flex_options.cache_clear()
+                record(name, lambda: ours(ids, mask, glob))
             attention._flex_options.cache_clear()
-            record("flex-strided", lambda: ours(ids, mask, glob))
-        attention._flex_options.cache_clear()
     for name, mode in (("compiled", "default"), ("compiled-ro", "reduce-overhead")):
         if name not in variants:
             continue

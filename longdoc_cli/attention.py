@@ -390,7 +390,7 @@ def longformer_block_mask(
     *,
     window: int,
     dilation: Sequence[int] | int = 1,
-    block: int = FLEX_BLOCK,
+    block: int | None = None,
 ):
     """FlexAttention ``BlockMask`` of the local rows: (band | global key) & real key.
 
@@ -401,6 +401,7 @@ def longformer_block_mask(
     an (n, n) tensor. Build it once per batch: every layer with the same window and dilation reuses it.
     """
     fa = _flex_module()
+    block = block or int(_flex_options().get("tile", FLEX_BLOCK))
     B, n = attention_mask.shape
     device = attention_mask.device
     N = -(-n // block) * block
@@ -464,6 +465,7 @@ def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_
     N = block_mask.seq_lengths[0]
     options = {**(CUDA_FLEX_OPTIONS if q.device.type == "cuda" else {}), **_flex_options()}
     contiguous = options.pop("contiguous", True)
+    options.pop("tile", None)
     if n != N:  # (B, H, N, Dh), head-major
         q, k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (q, k, v))
     elif contiguous:  # head-major copies of the strided head views
@@ -475,7 +477,8 @@ def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_
 @functools.cache
 def _flex_options() -> dict:
     """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
-    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are."""
+    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are, ``"tile"``
+    sets the mask's tile (default 128; kernel BLOCK_M/BLOCK_N must divide it)."""
     text = os.environ.get("LONGDOC_FLEX_OPTIONS", "")
     try:
         options = json.loads(text) if text else {}

@@ -398,3 +398,17 @@ def test_bad_flex_options_are_a_usage_error(text, monkeypatch):
     finally:
         monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
         attention._flex_options.cache_clear()
+
+
+@needs_flex
+def test_flex_tile_from_options(monkeypatch):
+    am = torch.ones(1, 300, dtype=torch.bool)
+    gm = torch.zeros_like(am)
+    monkeypatch.setenv("LONGDOC_FLEX_OPTIONS", '{"tile": 64}')
+    attention._flex_options.cache_clear()
+    try:
+        assert attention.longformer_block_mask(am, gm, window=16).BLOCK_SIZE == (64, 64)
+    finally:
+        monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
+        attention._flex_options.cache_clear()
+    assert attention.longformer_block_mask(am, gm, window=16).BLOCK_SIZE == (128, 128)
