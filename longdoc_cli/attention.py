@@ -508,6 +508,13 @@ def _compiled_flex(device_type: str):
 
 @functools.cache
 def _compile_flex(dynamic_lengths: bool):
+    # Past dynamo's recompile limit (8 by default) a function silently runs eagerly, and eager
+    # FlexAttention builds the (n, n) scores. Kinds of mask x static/dynamic length x grad mode x dtype
+    # can pass 8 in a long process (training with dev evaluation), so the limit is raised.
+    import torch._dynamo.config as dynamo_config
+
+    if getattr(dynamo_config, "recompile_limit", 64) < 64:
+        dynamo_config.recompile_limit = 64
     return torch.compile(_flex_module().flex_attention, dynamic=None if dynamic_lengths else False)
 
 

@@ -412,3 +412,11 @@ def test_flex_tile_from_options(monkeypatch):
         monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
         attention._flex_options.cache_clear()
     assert attention.longformer_block_mask(am, gm, window=16).BLOCK_SIZE == (128, 128)
+
+
+@needs_flex
+def test_compiling_flex_raises_the_recompile_limit():
+    import torch._dynamo.config as dynamo_config
+
+    attention._compile_flex(False)
+    assert dynamo_config.recompile_limit >= 64
