@@ -240,7 +240,8 @@ def _band(
     G = 0 if g_keys is None else g_keys.shape[2]
     if n <= w + 1:
         return _dense_short(q, k, v, query_ok, key_ok, g_keys, g_values, g_valid, dropout_p)
-    b = block or _block_size(w, n)
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    b = block or _block_size(w, n, backward)
     nb = -(-n // b)
     L = b + 2 * w  # band keys per block
     right = nb * b - n + w
@@ -542,9 +543,14 @@ def _dense_short(
     return out * query_ok[:, None, :, None]
 
 
-def _block_size(window: int, n: int) -> int:
+def _block_size(window: int, n: int, backward: bool = False) -> int:
     """Query block b: the band costs (b + 2w) / (2w + 1) of the exact FLOPs; small b adds calls.
-    b = 64 measured fastest at w = 256 on the 2-core CPU (benchmarks/README.md)."""
+    Inference: b = 64, measured fastest at w = 256 on the 2-core CPU (benchmarks/README.md). With a
+    backward pass (:func:`_band` copies every key into (b + 2w) / b blocks, and the backward adds the
+    copies up again) b = w: forward + backward of base at n = 4096 took 2.45 s median against 3.07 s
+    at b = 64 (5 interleaved runs each; 2.67 s at b = 128)."""
+    if backward:
+        return max(1, min(max(16, window), n))
     return max(1, min(64, max(16, window), n))
 
 
