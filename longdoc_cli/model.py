@@ -160,11 +160,11 @@ def _gelu_tanh_(x: Tensor) -> Tensor:
     return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
-# The same functions in place (inference: the feed-forward's n x f activation is not kept twice).
 def _silu_(x: Tensor) -> Tensor:
     return F.silu(x, inplace=True)
 
 
+# The same functions in place (inference: the feed-forward's n x f activation is not kept twice).
 IN_PLACE_ACTIVATIONS = {
     "gelu": torch.ops.aten.gelu_, "gelu_new": _gelu_tanh_, "gelu_pytorch_tanh": _gelu_tanh_,
     "relu": torch.relu_, "silu": _silu_, "swish": _silu_, "tanh": torch.tanh_,
