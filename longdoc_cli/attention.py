@@ -500,15 +500,11 @@ def _flex_module():
     return flex_attention
 
 
+@functools.cache
 def _compiled_flex(device_type: str):
     """Compiled once per process and device type. CUDA recompiles once, dynamic in the length, when a
     second length comes; the CPU build is static per length (inductor's dynamic CPU flex code fails
     to compile in torch 2.13)."""
-    return _compile_flex(device_type == "cuda")
-
-
-@functools.cache
-def _compile_flex(dynamic_lengths: bool):
     # Past dynamo's recompile limit (8 by default) a function silently runs eagerly, and eager
     # FlexAttention builds the (n, n) scores. Kinds of mask x static/dynamic length x grad mode x dtype
     # can pass 8 in a long process (training with dev evaluation), so the limit is raised.
@@ -516,7 +512,8 @@ def _compile_flex(dynamic_lengths: bool):
 
     if getattr(dynamo_config, "recompile_limit", 64) < 64:
         dynamo_config.recompile_limit = 64
-    return torch.compile(_flex_module().flex_attention, dynamic=None if dynamic_lengths else False)
+    dynamic = None if device_type == "cuda" else False
+    return torch.compile(_flex_module().flex_attention, dynamic=dynamic)
 
 
 # Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.

@@ -418,5 +418,5 @@ def test_flex_tile_from_options(monkeypatch):
 def test_compiling_flex_raises_the_recompile_limit():
     import torch._dynamo.config as dynamo_config
 
-    attention._compile_flex(False)
+    attention._compiled_flex("cpu")
     assert dynamo_config.recompile_limit >= 64
