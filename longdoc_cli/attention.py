@@ -309,7 +309,7 @@ def _band_views(
     """
     B, H, n, Dh = q.shape
     w = window
-    b = block or _block_size(w, n)
+    b = block or _block_size(w, n, dtype=q.dtype)
     nb = -(-n // b)
     N = nb * b  # per-sequence length padded to whole blocks
     L = b + 2 * w
@@ -342,11 +342,12 @@ def _band_views(
     r = torch.arange(b, device=q.device)[:, None]
     c = torch.arange(L, device=q.device)[None, :]
     in_band = (c >= r) & (c <= r + 2 * w)  # (b, L)
-    row_ok = F.pad(query_ok & key_ok, (0, N - n), value=False).view(B * nb, b, 1)
-    # Rows that are padding or global see everything (finite; discarded or replaced by the caller).
-    allowed = (in_band & band_ok[:, None, :]) | ~row_ok  # (B*nb, b, L)
     zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
-    mask = torch.where(allowed, zero, minus_inf)  # additive float mask (B*nb, b, L): one pass
+    # Additive float mask (B*nb, b, L) written in one pass: the band's shape plus each block's keys.
+    mask = torch.add(torch.where(in_band, zero, minus_inf), torch.where(band_ok, zero, minus_inf)[:, None, :])
+    # Rows that are padding or global see everything (finite; discarded or replaced by the caller).
+    row_ok = F.pad(query_ok & key_ok, (0, N - n), value=False).view(-1)
+    mask.view(-1, L).index_fill_(0, (~row_ok).nonzero().view(-1), 0.0)  # only those few rows
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qb, kb, vb, 0.0, False, attn_mask=mask[:, None]
     )  # (B*nb, H, b, Dh), (B*nb, H, b)
@@ -358,8 +359,13 @@ def _band_views(
         acc = torch.promote_types(q.dtype, torch.float32)
         scores = scores.to(acc).masked_fill(~g_valid[:, None, None, :], float("-inf"))
         total = torch.logaddexp(lse.to(acc), torch.logsumexp(scores, dim=-1, keepdim=True))
-        from_globals = torch.matmul(torch.exp(scores - total).to(v.dtype), g_values)  # (B, H, n, Dh)
-        out.mul_(torch.exp(lse - total).to(out.dtype)).add_(from_globals)
+        probs = torch.exp(scores - total).to(v.dtype)  # (B, H, n, G)
+        out.mul_(torch.exp(lse - total).to(out.dtype))
+        if g_keys.shape[2] <= _FEW_GLOBALS:  # broadcast multiply-adds: a (n, 1) x (1, Dh) bmm is slow
+            for j in range(g_keys.shape[2]):
+                out.addcmul_(probs[..., j : j + 1], g_values[:, :, j : j + 1])
+        else:
+            out.add_(torch.matmul(probs, g_values))  # (B, H, n, Dh)
     return out if bool(query_ok.all()) else out.mul_(query_ok[:, None, :, None])
 
 
@@ -516,6 +522,10 @@ def _compiled_flex(device_type: str):
     return torch.compile(_flex_module().flex_attention, dynamic=dynamic)
 
 
+# Up to this many global keys, :func:`_band_views` adds their values one broadcast multiply-add
+# each: at n = 16384 with one global the (n, 1) x (1, Dh) bmm took 20 ms of a 65 ms overhead.
+_FEW_GLOBALS = 4
+
 # Elements of one chunk's band keys (and as many for the values): 4 M fp32 = 16 MiB each.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -540,15 +550,17 @@ def _dense_short(
     return out * query_ok[:, None, :, None]
 
 
-def _block_size(window: int, n: int, backward: bool = False) -> int:
+def _block_size(window: int, n: int, backward: bool = False, dtype: torch.dtype = torch.float32) -> int:
     """Query block b: the band costs (b + 2w) / (2w + 1) of the exact FLOPs; small b adds calls.
-    Inference: b = 64, measured fastest at w = 256 on the 2-core CPU (benchmarks/README.md). With a
-    backward pass (:func:`_band` copies every key into (b + 2w) / b blocks, and the backward adds the
-    copies up again) b = w: forward + backward of base at n = 4096 took 2.45 s median against 3.07 s
-    at b = 64 (5 interleaved runs each; 2.67 s at b = 128)."""
+    Inference: b = 64, measured fastest at w = 256 on the 2-core CPU (benchmarks/README.md); in bf16
+    b = 128 (the CPU flash kernel's bf16 path: one layer's attention at n = 16384 took 142 ms against
+    191 ms at b = 64, 5 interleaved runs). With a backward pass (:func:`_band` copies every key into
+    (b + 2w) / b blocks, and the backward adds the copies up again) b = w: forward + backward of base
+    at n = 4096 took 2.45 s median against 3.07 s at b = 64 (5 interleaved runs each; 2.67 s at
+    b = 128)."""
     if backward:
         return max(1, min(max(16, window), n))
-    return max(1, min(64, max(16, window), n))
+    return max(1, min(128 if dtype == torch.bfloat16 else 64, max(16, window), n))
 
 
 def global_attention(

@@ -71,6 +71,8 @@ CASES = {
     "n-multiple-of-block": (2, 2, 64, 8, 1, [0, 5], [[0], [3]], 16),
     "n-multiple-of-block-dilated": (1, 2, 64, 8, [1, 2], [0], [[0]], 16),
     "longer-default-block": (1, 2, 300, 16, [1, 3], [11], [[0, 150]], None),
+    # more globals than attention._FEW_GLOBALS: the merge runs one matmul instead of multiply-adds
+    "many-globals": (2, 2, 61, 4, 1, [0, 7], [[0, 5, 9, 20, 33, 40], [1]], None),
 }
 
 
@@ -128,6 +130,24 @@ def test_inference_path_equals_reference(case, monkeypatch):
     assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
     undilated = 1 in ([dilation] if isinstance(dilation, int) else dilation)
     assert bool(calls) == (undilated and n > window + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_in_low_precision(dtype, monkeypatch):
+    """The CPU inference kernel in the model's dtypes, with its default block (128 queries in bf16):
+    close to the float64 reference at the dtype's precision; an odd length, padding, globals."""
+    calls = []
+    views = attention._band_views
+    monkeypatch.setattr(attention, "_band_views", lambda *a, **k: calls.append(1) or views(*a, **k))
+    n, window = 701, 128
+    am, gm = make_masks(n, [0, 37], [[0], [3, 400]])
+    _, tensors = random_inputs(2, 3, n, Dh=16)
+    with torch.no_grad():
+        ref = reference_attention(*tensors, window=window, attention_mask=am, global_mask=gm)
+        out = fast_attention(*(t.to(dtype) for t in tensors), window=window, dilation=1, am=am, gm=gm)
+    assert calls and out.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
 def test_all_padding_row_is_zero_and_finite():
