@@ -641,7 +641,8 @@ def _attention_step(cfg, job: Job) -> Callable[[], None]:
     B, n, H = job.batch_size, job.seq_len, cfg.num_attention_heads
     Dh = cfg.hidden_size // H
     dt = torch_dtype(job.dtype)
-    q, k, v, qg = (torch.randn(B, H, n, Dh, device=job.device, dtype=dt) for _ in range(4))
+    # The layout the model passes: head views (B, H, n, Dh) of token-major (B, n, H, Dh) projections.
+    q, k, v, qg = (torch.randn(B, n, H, Dh, device=job.device, dtype=dt).transpose(1, 2) for _ in range(4))
     real = torch.ones(B, n, dtype=torch.bool, device=job.device)
     glob = torch.zeros_like(real)
     glob[:, : min(job.globals, n)] = True

@@ -601,16 +601,26 @@ def _task_setup(task: str, config_path: str | None, model: str | None, allow_dow
     return cfg, model_dir
 
 
-def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length):
+def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet: bool = False):
     """The task model, command-line options first, then the config's model section."""
+    import torch
+
+    from .runtime import cpu_has_native_bf16
     from .tasks.runner import load_task_model
 
     mc = cfg.model
-    return load_task_model(
+    tm = load_task_model(
         model_dir, task=task, device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
         quantize=_pick(quantize, mc.quantize), max_length=max_length, max_length_cap=mc.max_length,
         attention_window=mc.attention_window,
     )  # fmt: skip
+    if tm.device.type == "cpu" and tm.dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
+        typer.echo(
+            "longdoc: warning: this CPU has no native bf16 (AMX or AVX512-BF16): bf16 runs slower "
+            "than fp32 here",
+            err=True,
+        )
+    return tm
 
 
 def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard):
@@ -771,7 +781,7 @@ def classify(
             if label_list or labels_file or inf.labels_file
             else None
         )
-        tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length)
+        tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length, quiet)
         bs = _pick(batch_size, inf.batch_size)
         clf = Classifier(
             tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
@@ -856,7 +866,7 @@ def qa(
             raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
         cfg, model_dir = _task_setup("qa", config, model, allow_download)
         inf, tk = cfg.inference, cfg.tokenization
-        tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length)
+        tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length, quiet)
         answerer = QuestionAnswerer(
             tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
             max_answer_length=_pick(max_answer_len, inf.max_answer_length),

@@ -31,3 +31,16 @@ def return_freed_memory() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16). With AMX, bf16 matmuls
+    ran 10x faster than fp32 here (2.4 TFLOP/s vs 248 GFLOP/s on 2 cores); without either, torch
+    emulates bf16 and it is slower than fp32."""
+    import torch
+
+    cpu = torch._C._cpu
+    return any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )

@@ -95,6 +95,24 @@ def test_zero_shot_jsonl_schema_and_streams(encoder_dir, docs):
     assert "{" not in r.stderr  # no results on stderr
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_bf16_on_the_cpu(encoder_dir, docs, native, monkeypatch):
+    """--dtype bf16 on the CPU gives the fp32 label and scores to bf16 precision; a CPU without native
+    bf16 (no AMX, no AVX512-BF16) gets a one-line warning, since bf16 is slower than fp32 there."""
+    monkeypatch.setattr("longdoc_cli.runtime.cpu_has_native_bf16", lambda: native)
+    args = ("classify", "-m", str(encoder_dir), "--labels", "sport,music", "--max-length", "64",
+            "--device", "cpu", str(docs / "sport.txt"))  # fmt: skip
+    fp32, bf16 = run(*args, "--dtype", "fp32"), run(*args, "--dtype", "bf16")
+    assert fp32.exit_code == 0 and bf16.exit_code == 0, bf16.stderr
+    (a,), (b,) = jsonl(fp32.stdout), jsonl(bf16.stdout)
+    assert a["label"] == b["label"]
+    for label, score in a["scores"].items():
+        assert b["scores"][label] == pytest.approx(score, abs=0.02)
+    warned = [line for line in bf16.stderr.splitlines() if "no native bf16" in line]
+    assert len(warned) == (0 if native else 1) and "no native bf16" not in fp32.stderr
+    assert "no native bf16" not in run(*args, "--dtype", "bf16", "--quiet").stderr
+
+
 def test_windows_aggregate_and_explain(encoder_dir, docs):
     path = docs / "sport.txt"
     text = path.read_text()
