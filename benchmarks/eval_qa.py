@@ -5,7 +5,7 @@ the context (the same sentence splitter); reported: answer-sentence hit@1 and hi
 sentences include the one holding the gold answer's start), and SQuAD EM/F1 of the top sentence
 against the gold answer (official normalisation), plus time per question.
 
-    python benchmarks/eval_qa.py [--data FILE] [--limit N] [--quantize int8]
+    python benchmarks/eval_qa.py [--data FILE] [--limit N] [--quantize int8] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
     ap.add_argument("--quantize", default="none")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on the CPU), fp32 or bf16")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     with open(args.data, encoding="utf-8") as f:
@@ -67,7 +68,7 @@ def main() -> None:
     if args.limit:
         records = records[: args.limit]
 
-    tm = load_task_model(resolve_model(args.model), task="qa", quantize=args.quantize)
+    tm = load_task_model(resolve_model(args.model), task="qa", quantize=args.quantize, dtype=args.dtype)
     qa = QuestionAnswerer(tm, top_k=5, batch_size=16)
     stats = {m: collections.Counter() for m in ("longdoc", "bm25")}
     elapsed = collections.Counter()
@@ -99,7 +100,8 @@ def main() -> None:
                 st["em"] += max(exact_match_score(top, g) for g in gold_texts)
                 st["f1"] += max(f1_score(top, g) for g in gold_texts)
     n_ctx = len(by_context)
-    print(f"data: {args.data} ({len(records)} questions, {n_ctx} contexts); quantize={args.quantize}")
+    print(f"data: {args.data} ({len(records)} questions, {n_ctx} contexts); "
+          f"quantize={args.quantize} dtype={args.dtype}")  # fmt: skip
     print("| method | hit@1 | hit@5 | EM | F1 | s/question |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, st in stats.items():
