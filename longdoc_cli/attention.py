@@ -355,7 +355,7 @@ def _band_views(
     out = out.view(B, nb, H, b, Dh).transpose(2, 3).reshape(B, N, H, Dh)[:, :n].transpose(1, 2)
     if g_keys is not None and g_keys.shape[2] > 0:
         lse = lse.view(B, nb, H, b).transpose(1, 2).reshape(B, H, N)[:, :, :n, None]  # (B, H, n, 1)
-        scores = torch.matmul(q, g_keys.transpose(-1, -2)) / math.sqrt(Dh)  # (B, H, n, G)
+        scores = _token_major_scores(q, g_keys) / math.sqrt(Dh)  # (B, H, n, G)
         acc = torch.promote_types(q.dtype, torch.float32)
         scores = scores.to(acc).masked_fill(~g_valid[:, None, None, :], float("-inf"))
         total = torch.logaddexp(lse.to(acc), torch.logsumexp(scores, dim=-1, keepdim=True))
@@ -367,6 +367,19 @@ def _band_views(
         else:
             out.add_(torch.matmul(probs, g_values))  # (B, H, n, Dh)
     return out if bool(query_ok.all()) else out.mul_(query_ok[:, None, :, None])
+
+
+def _token_major_scores(q: Tensor, g_keys: Tensor) -> Tensor:
+    """q (B, H, n, Dh) . g_keys (B, H, G, Dh) -> (B, H, n, G) as one GEMM on the token-major rows of
+    q: (B, n, H*Dh) @ a block-diagonal (H*Dh, H*G) of the global keys. Batched per head instead, the
+    matmul of the strided head views is a GEMV per head and, in bf16, first copies q (7 ms per layer
+    at n = 16384); the H-fold zeros cost O(n H G d) FLOPs, small beside the band's O(n w d)."""
+    B, H, n, Dh = q.shape
+    G = g_keys.shape[2]
+    diag = g_keys.new_zeros(B, H, Dh, H, G)
+    diag.diagonal(dim1=1, dim2=3).copy_(g_keys.permute(0, 3, 2, 1))  # (B, Dh, G, H) view of the blocks
+    rows = q.transpose(1, 2).reshape(B, n, H * Dh)  # a view when q is a head view of a projection
+    return torch.matmul(rows, diag.view(B, H * Dh, H * G)).view(B, n, H, G).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,6 +535,9 @@ def _compiled_flex(device_type: str):
     return torch.compile(_flex_module().flex_attention, dynamic=dynamic)
 
 
+# Tokens of a bf16/fp16 hidden state converted to fp32 at a time for the global rows' scores.
+_GLOBAL_CHUNK = 2048
+
 # Up to this many global keys, :func:`_band_views` adds their values one broadcast multiply-add
 # each: at n = 16384 with one global the (n, 1) x (1, Dh) bmm took 20 ms of a 65 ms overhead.
 _FEW_GLOBALS = 4
@@ -593,8 +609,12 @@ def global_attention_from_hidden(
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
     acc = torch.promote_types(q_global.dtype, torch.float32)
-    qk = torch.matmul(q_global, key_weight.view(H, Dh, d))  # (B, H, G, d)
-    scores = torch.matmul(qk.to(acc).view(B, H * G, d), hidden.to(acc).transpose(1, 2))
+    qk = torch.matmul(q_global, key_weight.view(H, Dh, d)).to(acc).view(B, H * G, d)  # (B, H*G, d)
+    if hidden.dtype == acc:
+        scores = torch.matmul(qk, hidden.transpose(1, 2))
+    else:  # hidden in acc precision a chunk at a time: no (B, n, d) fp32 copy of a bf16 hidden state
+        chunks = hidden.split(_GLOBAL_CHUNK, dim=1)
+        scores = torch.cat([torch.matmul(qk, c.to(acc).transpose(1, 2)) for c in chunks], dim=-1)
     scores = scores.view(B, H, G, -1)  # (B, H, G, n)
     if key_bias is not None:  # q . b_k is constant over keys: softmax ignores it, kept for parity
         scores = scores + (q_global.to(acc) * key_bias.to(acc).view(1, H, 1, Dh)).sum(-1, keepdim=True)

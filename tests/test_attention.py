@@ -197,6 +197,29 @@ def test_global_attention_from_hidden_equals_projected_keys():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
 
+def test_global_attention_from_hidden_in_bf16(monkeypatch):
+    """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
+    projected-keys reference, gradients flow through the chunks."""
+    monkeypatch.setattr(attention, "_GLOBAL_CHUNK", 7)  # 19 tokens: three chunks
+    B, H, G, Dh, n = 2, 4, 2, 8, 19
+    d = H * Dh
+    g = torch.Generator().manual_seed(2)
+    qg, x, wk, bk, wv, bv = (torch.randn(*s, dtype=F64, generator=g) for s in
+                             [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)])  # fmt: skip
+    am, _ = make_masks(n, [0, 6], [[], []])
+
+    def heads(t):
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    ref = global_attention(qg, heads(x @ wk.T + bk), heads(x @ wv.T + bv), am)
+    low = [t.to(torch.bfloat16).requires_grad_(True) for t in (qg, x, wk, bk, wv, bv)]
+    out = global_attention_from_hidden(*low, am)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in low)
+
+
 def test_global_indices_order_and_padding():
     gm = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     index, valid = global_indices(gm)
