@@ -77,6 +77,9 @@ def test_bench_json_tiny_all_impls():
         assert r["median_s"] > 0 and r["p95_s"] >= r["median_s"]
         assert r["tokens_per_s"] == pytest.approx(r["seq_len"] / r["median_s"])
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+        # each row's share is against the peak its own child measured right after the runs
+        assert r["matmul_peak_gflops"] > 0
+        assert r["peak_share"] == pytest.approx(r["gflops"] / r["matmul_peak_gflops"])
     assert report["peaks"][0]["gflops"] > 0
     assert report["spec"]["impls"] == ["longdoc", "longdoc-int8", "hf", "full", "longdoc-attn"]
 
