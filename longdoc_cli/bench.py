@@ -89,6 +89,7 @@ class BenchSpec:
     layers: int | None = None  # override the depth (time is linear in layers)
     warmup: int = 1
     iters: int = 5
+    rounds: int = 1  # the whole grid this many times, round-robin; each row pools its rounds' runs
     check: bool = True  # the correctness gate before timing
     check_len: int = 1024  # length of the model-vs-transformers check (capped by the model)
     isolate: bool = True  # one child process per measurement (peak memory, OOM safety)
@@ -120,6 +121,8 @@ class BenchSpec:
             problems.append(f"layers: {self.layers} is not a positive number of layers")
         if self.warmup < 0 or self.iters < 1:
             problems.append(f"warmup {self.warmup} / iters {self.iters}: need warmup >= 0 and iters >= 1")
+        if self.rounds < 1:
+            problems.append(f"rounds: {self.rounds} is not a positive number of rounds")
         if self.check_len < 2:
             problems.append(f"check_len: {self.check_len} is too short")
         if self.time_budget <= 0:
@@ -133,7 +136,7 @@ class BenchSpec:
 
 _LIST_FIELDS = {"models": str, "seq_lens": int, "batch_sizes": int, "dtypes": str, "modes": str, "impls": str}
 _SCALAR_FIELDS = {"device": str, "globals": int, "layers": int, "warmup": int, "iters": int,
-                  "check": bool, "check_len": int, "isolate": bool, "time_budget": float,
+                  "rounds": int, "check": bool, "check_len": int, "isolate": bool, "time_budget": float,
                   "allow_download": bool}  # fmt: skip
 
 
@@ -821,6 +824,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
                         for c in failed
                     )
                     raise LongdocError(f"{model_name}: correctness check failed, not timing ({text})")
+            cells: list[tuple[dict[str, Any], float, Job | None, str]] = []  # key, flops, job, skip
             for dtype, mode, batch, n, impl in _grid(spec, dtypes, impls):
                 key = dict(model=model_name, impl=impl, seq_len=n, batch_size=batch, dtype=dtype, mode=mode)
                 skip = _skip_reason(impl, device, dtype, mode, n, cfg, why_not_hf)
@@ -829,16 +833,26 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
                 if not skip and est > spec.time_budget:
                     skip = (f"one run would take >= {est:.0f} s even at the matmul peak "
                             f"(--time-budget {spec.time_budget:g} s)")  # fmt: skip
-                if skip:
-                    rows.append(Measurement(**key, status="skipped", note=skip, flops=flops))
-                    say(f"{impl} n={n}: skipped ({skip})")
-                    continue
-                say(f"{model_name} {impl} n={n} batch={batch} {dtype} {mode}")
                 job = Job(str(checkpoint), impl, n, batch, dtype, mode, device, spec.globals, spec.warmup,
                           spec.iters, spec.time_budget)  # fmt: skip
-                timeout = spec.time_budget * 2 + 300
-                result = run_child(job, timeout) if spec.isolate else _in_process(job)
-                rows.append(_measurement(key, result, flops, peaks[dtype]))
+                cells.append((key, flops, None if skip else job, skip))
+            # Round-robin: every implementation sees the machine's slow and fast spells alike.
+            results: list[list[dict[str, Any]]] = [[] for _ in cells]
+            for r in range(spec.rounds):
+                for (_key, _cost, job, _skip), got in zip(cells, results, strict=True):
+                    if job is None or (got and got[-1].get("status") != "ok"):
+                        continue  # skipped, or failed in an earlier round
+                    tag = f" (round {r + 1}/{spec.rounds})" if spec.rounds > 1 else ""
+                    what = f"{job.impl} n={job.seq_len} batch={job.batch_size} {job.dtype} {job.mode}"
+                    say(f"{model_name} {what}{tag}")
+                    timeout = spec.time_budget * 2 + 300
+                    got.append(run_child(job, timeout) if spec.isolate else _in_process(job))
+            for (key, flops, job, skip), got in zip(cells, results, strict=True):
+                if job is None:
+                    rows.append(Measurement(**key, status="skipped", note=skip, flops=flops))
+                    say(f"{key['impl']} n={key['seq_len']}: skipped ({skip})")
+                else:
+                    rows.append(_measurement(key, _pool(got), flops, peaks[key["dtype"]]))
     return BenchReport(
         spec=dataclasses.asdict(spec), environment=env, peaks=tuple(peaks.values()), checks=tuple(checks),
         measurements=tuple(rows), notes=tuple(notes),
@@ -883,6 +897,21 @@ def _in_process(job: Job) -> dict[str, Any]:
         return {"status": "skipped", "note": "out of memory"}
     finally:
         gc.collect()
+
+
+def _pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's rounds as one result: every timed run, the median peak memory, the best matmul peak;
+    a round that failed (out of memory, ...) makes the cell a skipped row with its note."""
+    failed = [r for r in results if r.get("status") != "ok"]
+    if failed or len(results) == 1:
+        return failed[0] if failed else results[0]
+    mems = [r["peak_mem_mib"] for r in results if r.get("peak_mem_mib") is not None]
+    notes = list(dict.fromkeys(r["note"] for r in results if r.get("note")))
+    return {
+        "status": "ok", "note": "; ".join(notes), "times": [t for r in results for t in r["times"]],
+        "peak_mem_mib": statistics.median(mems) if mems else None, "iters": sum(r["iters"] for r in results),
+        "matmul_peak_gflops": max((r.get("matmul_peak_gflops") or 0.0) for r in results) or None,
+    }  # fmt: skip
 
 
 def _measurement(key: dict[str, Any], result: dict[str, Any], flops: float, peak: MatmulPeak) -> Measurement:

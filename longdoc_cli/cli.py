@@ -263,6 +263,9 @@ def bench(
     layers: int = typer.Option(None, "--layers", help="Use only the first N layers (time is linear in N)."),
     warmup: int = typer.Option(None, "--warmup", help="Untimed runs first (default 1)."),
     iters: int = typer.Option(None, "--iters", help="Timed runs (default 5)."),
+    rounds: int = typer.Option(
+        None, "--rounds", help="Repeat the whole sweep round-robin N times; rows pool their runs (default 1)."
+    ),
     check: bool = typer.Option(
         None, "--check/--no-check", help="Correctness gate before timing (default on)."
     ),
@@ -300,8 +303,9 @@ def bench(
         data.update({k: [v] for k, v in singles.items() if v is not None})
         if impls is not None:
             data["impls"] = [x.strip() for x in impls.split(",") if x.strip()]
-        scalars = {"device": device, "globals": globals_, "layers": layers, "warmup": warmup, "iters": iters,
-                   "check": check, "isolate": isolate, "time_budget": time_budget}  # fmt: skip
+        scalars = {"device": device, "globals": globals_, "layers": layers, "warmup": warmup,
+                   "iters": iters, "rounds": rounds, "check": check, "isolate": isolate,
+                   "time_budget": time_budget}  # fmt: skip
         data.update({k: v for k, v in scalars.items() if v is not None})
         if quantize not in (None, "none", "int8"):
             raise LongdocError(f"--quantize must be int8 or none, not {quantize!r}", exit_code=2)

@@ -177,6 +177,7 @@ def test_path_model(tmp_path):
         (["--format", "tsv"], "--format"),
         (["--config", "/nonexistent/bench.yaml"], "bench.yaml"),
         (["--model", "/nonexistent/model-dir"], "nonexistent"),
+        (["--rounds", "0"], "rounds"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(args, needle):
@@ -185,6 +186,36 @@ def test_bad_input_is_one_line_on_stderr(args, needle):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("longdoc: error:") and needle in lines[0], res.stderr
     assert res.stdout == ""
+
+
+def test_rounds_pool_the_runs_of_every_round(monkeypatch):
+    """--rounds 3 runs the grid three times, round-robin (longdoc, hf, longdoc, hf, ...), and each row
+    holds all its timed runs."""
+    from longdoc_cli import bench
+
+    order = []
+    measure = bench.measure
+    monkeypatch.setattr(
+        bench, "measure", lambda job, model=None: order.append(job.impl) or measure(job, model)
+    )
+    res = invoke(*FAST, "--seq-len", "24", "--impls", "longdoc,hf", "--iters", "2", "--rounds", "3",
+                 "--no-check", "--format", "json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert order == ["longdoc", "hf"] * 3
+    for m in json.loads(res.stdout)["measurements"]:
+        assert m["status"] == "ok" and m["iters"] == 6
+
+
+def test_pool_of_rounds():
+    from longdoc_cli.bench import _pool
+
+    ok = {"status": "ok", "note": "", "times": [1.0, 2.0], "peak_mem_mib": 10.0, "iters": 2,
+          "matmul_peak_gflops": 100.0}  # fmt: skip
+    pooled = _pool([ok, {**ok, "times": [3.0], "iters": 1, "peak_mem_mib": 30.0, "matmul_peak_gflops": 90.0}])
+    assert pooled["times"] == [1.0, 2.0, 3.0] and pooled["iters"] == 3
+    assert pooled["peak_mem_mib"] == 20.0 and pooled["matmul_peak_gflops"] == 100.0
+    oom = {"status": "skipped", "note": "out of memory at 64 tokens"}
+    assert _pool([ok, oom]) == oom
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
