@@ -4,8 +4,8 @@
     python benchmarks/plot_bench.py sweep.json -o benchmarks/bench_cpu.png
 
 Needs matplotlib (not a longdoc dependency: `pip install matplotlib`). One line per implementation
-(inference rows of the report's first model, dtype and batch size), log-log axes; skipped rows are
-left out and listed under the figure.
+(inference rows of the report's first model, dtype (or --dtype) and batch size), log-log axes;
+skipped rows are left out and listed under the figure.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("report", help="JSON written by `longdoc bench --format json`")
     ap.add_argument("-o", "--output", default="bench.png")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--dtype", default=None, help="which dtype's rows (default: the report's first)")
     args = ap.parse_args()
     try:
         import matplotlib
@@ -34,6 +35,10 @@ def main() -> None:
     rows = [m for m in report["measurements"] if m["mode"] == "infer"]
     if not rows:
         raise SystemExit(f"{args.report}: no inference rows")
+    if args.dtype:
+        rows = [m for m in rows if m["dtype"] == args.dtype]
+        if not rows:
+            raise SystemExit(f"{args.report}: no inference rows in {args.dtype}")
     first = rows[0]
     key = ("model", "dtype", "batch_size")
     rows = [m for m in rows if all(m[k] == first[k] for k in key)]

@@ -348,9 +348,7 @@ def _band_views(
     # Rows that are padding or global see everything (finite; discarded or replaced by the caller).
     row_ok = F.pad(query_ok & key_ok, (0, N - n), value=False).view(-1)
     mask.view(-1, L).index_fill_(0, (~row_ok).nonzero().view(-1), 0.0)  # only those few rows
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qb, kb, vb, 0.0, False, attn_mask=mask[:, None]
-    )  # (B*nb, H, b, Dh), (B*nb, H, b)
+    out, lse = _flash_cpu(qb, kb, vb, mask[:, None])  # (B*nb, H, b, Dh), (B*nb, H, b)
     # A fresh token-major copy (the caller's final reshape is then free); updated in place below.
     out = out.view(B, nb, H, b, Dh).transpose(2, 3).reshape(B, N, H, Dh)[:, :n].transpose(1, 2)
     if g_keys is not None and g_keys.shape[2] > 0:
@@ -367,6 +365,28 @@ def _band_views(
         else:
             out.add_(torch.matmul(probs, g_values))  # (B, H, n, Dh)
     return out if bool(query_ok.all()) else out.mul_(query_ok[:, None, :, None])
+
+
+def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The CPU flash kernel over blocks (dim 0): output (blocks, H, b, Dh), log-sum-exp (blocks, H, b).
+
+    In bf16/fp16 the kernel packs K and V for its AMX GEMMs into buffers the size of the *unfolded*
+    band keys, (b + 2w) / b times K and V (two 126 MB buffers per layer at n = 16384, b = 128); calls
+    of at most ``_PACK_BYTES`` of band keys bound them, at the cost of one copy of the output."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    blocks, H, L, Dh = k.shape
+    step = max(1, _PACK_BYTES // (H * L * Dh * k.element_size()))
+    if q.dtype not in (torch.bfloat16, torch.float16) or step >= blocks:
+        return flash(q, k, v, 0.0, False, attn_mask=mask)
+    b = q.shape[2]
+    out = q.new_empty(blocks, b, H, Dh)  # the layout of the kernel's own output
+    lse = []
+    for s in range(0, blocks, step):
+        part, part_lse = flash(q[s : s + step], k[s : s + step], v[s : s + step], 0.0, False,
+                               attn_mask=mask[s : s + step])  # fmt: skip
+        out[s : s + step].copy_(part.transpose(1, 2))
+        lse.append(part_lse)
+    return out.transpose(1, 2), torch.cat(lse)
 
 
 def _token_major_scores(q: Tensor, g_keys: Tensor) -> Tensor:
@@ -534,6 +554,9 @@ def _compiled_flex(device_type: str):
     dynamic = None if device_type == "cuda" else False
     return torch.compile(_flex_module().flex_attention, dynamic=dynamic)
 
+
+# Band keys (bytes) per call of the CPU flash kernel in bf16/fp16: bounds its packing buffers.
+_PACK_BYTES = 16 << 20
 
 # Tokens of a bf16/fp16 hidden state converted to fp32 at a time for the global rows' scores.
 _GLOBAL_CHUNK = 2048

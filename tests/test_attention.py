@@ -132,10 +132,14 @@ def test_inference_path_equals_reference(case, monkeypatch):
     assert bool(calls) == (undilated and n > window + 1)
 
 
+@pytest.mark.parametrize("pack_bytes", [None, 1], ids=["one-call", "call-per-block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_path_in_low_precision(dtype, monkeypatch):
+def test_inference_path_in_low_precision(dtype, pack_bytes, monkeypatch):
     """The CPU inference kernel in the model's dtypes, with its default block (128 queries in bf16):
-    close to the float64 reference at the dtype's precision; an odd length, padding, globals."""
+    close to the float64 reference at the dtype's precision; an odd length, padding, globals. In bf16
+    the flash kernel may be called on a few blocks at a time (``_PACK_BYTES``): the same result."""
+    if pack_bytes is not None:
+        monkeypatch.setattr(attention, "_PACK_BYTES", pack_bytes)
     calls = []
     views = attention._band_views
     monkeypatch.setattr(attention, "_band_views", lambda *a, **k: calls.append(1) or views(*a, **k))
