@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -534,8 +534,11 @@ def check_attention(cfg, device: str, seed: int = 0) -> Check:
                  f"window {w} one-sided, dilation {sorted(set(dil))}, padding + 3 global tokens")  # fmt: skip
 
 
-def check_models(checkpoint: Path, cfg, spec: BenchSpec, device: str, impls: set[str]) -> list[Check]:
-    """Our model vs transformers' on the same weights; int8 vs fp32 when int8 is benchmarked (fp32)."""
+def check_models(
+    checkpoint: Path, cfg, spec: BenchSpec, device: str, impls: set[str], dtypes: Sequence[str] = ()
+) -> list[Check]:
+    """Our model vs transformers' on the same weights; int8 vs fp32 when int8 is benchmarked (fp32),
+    and each other benchmarked dtype (bf16, fp16) vs fp32."""
     import torch
 
     n = max(2, min(spec.check_len, cfg.max_tokens, max(spec.seq_lens)))
@@ -560,6 +563,15 @@ def check_models(checkpoint: Path, cfg, spec: BenchSpec, device: str, impls: set
             rel = ((forward("longdoc", q, ids, mask, glob) - ref).norm() / ref.norm()).item()
             checks.append(Check("int8 vs fp32 (relative L2)", n, rel, 0.1, rel <= 0.1 and math.isfinite(rel),
                                 "relative error of the hidden states"))  # fmt: skip
+        for dt in dict.fromkeys(d for d in dtypes if d != "fp32"):
+            low = load_impl("longdoc", checkpoint, device, dt)
+            out = forward("longdoc", low, ids, mask, glob).float()
+            rel = ((out - ref).norm() / ref.norm()).item()
+            ok = rel <= 0.05 and math.isfinite(rel)
+            checks.append(
+                Check(f"{dt} vs fp32 (relative L2)", n, rel, 0.05, ok, "relative error of the hidden states")
+            )
+            del low
     del ours
     gc.collect()
     return checks
@@ -815,7 +827,8 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             why_not_hf = hf_incompatible(cfg)
             if spec.check:
                 say(f"{model_name}: correctness checks")
-                new = [check_attention(cfg, device), *check_models(checkpoint, cfg, spec, device, set(impls))]
+                new = [check_attention(cfg, device),
+                       *check_models(checkpoint, cfg, spec, device, set(impls), dtypes)]  # fmt: skip
                 checks += new
                 failed = [c for c in new if not c.passed]
                 if failed:

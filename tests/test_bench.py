@@ -188,6 +188,14 @@ def test_bad_input_is_one_line_on_stderr(args, needle):
     assert res.stdout == ""
 
 
+def test_bf16_rows_get_a_bf16_check():
+    res = invoke(*FAST, "--seq-len", "40", "--impls", "longdoc", "--dtype", "bf16", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    bf16 = checks["bf16 vs fp32 (relative L2)"]
+    assert bf16["passed"] and 0 < bf16["max_abs_diff"] <= 0.05
+
+
 def test_rounds_pool_the_runs_of_every_round(monkeypatch):
     """--rounds 3 runs the grid three times, round-robin (longdoc, hf, longdoc, hf, ...), and each row
     holds all its timed runs."""
