@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -273,9 +274,9 @@ def _band(
         s1 = min(nb, s0 + chunk)
         qb = q_pad[:, :, s0 * b : s1 * b].view(B, H, s1 - s0, b, Dh).transpose(1, 2)
         qb = qb.reshape(-1, H, b, Dh)  # (B*cb, H, b, Dh)
-        part = F.scaled_dot_product_attention(
+        part = _sdpa(
             qb, keys(k_pad, g_keys, s0, s1), keys(v_pad, g_values, s0, s1),
-            attn_mask=mask[:, s0:s1].reshape(-1, 1, b, G + L), dropout_p=dropout_p,
+            mask[:, s0:s1].reshape(-1, 1, b, G + L), dropout_p,
         )  # (B*cb, H, b, Dh)  # fmt: skip
         out.view(B, H, nb, b, Dh)[:, :, s0:s1] = part.view(B, s1 - s0, H, b, Dh).transpose(1, 2)
     return out[:, :, :n] * query_ok[:, None, :, None]
@@ -585,8 +586,48 @@ def _dense_short(
         k, v = torch.cat([g_keys, k], dim=2), torch.cat([g_values, v], dim=2)
         key_ok = torch.cat([g_valid, key_ok], dim=1)
     key_ok = key_ok | ~key_ok.any(dim=1, keepdim=True)  # an all-padding row stays finite
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :], dropout_p=dropout_p)
+    out = _sdpa(q, k, v, key_ok[:, None, None, :], dropout_p)
     return out * query_ok[:, None, :, None]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+    """Scaled-dot-product attention over the ``allowed`` (boolean, broadcast) keys. With attention
+    dropout on the CPU it runs :func:`attention_with_dropout`, since SDPA then takes its unfused path
+    and F.dropout's ``bernoulli_`` took 34% of a training step of the default model (2 x 4096 tokens)."""
+    if dropout_p > 0 and q.device.type == "cpu":
+        return attention_with_dropout(q, k, v, allowed, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, p: float) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) over ``allowed``) with attention dropout p, then @ v: SDPA's math
+    path, with a cheaper mask (:func:`dropout_keep_mask`) applied by one ``where``, and the 1/(1-p)
+    scale on the (b x Dh) output instead of the (b x keys) probabilities."""
+    scores = torch.matmul(q / math.sqrt(q.shape[-1]), k.transpose(-1, -2))  # scale the smaller factor
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    keep, scale = dropout_keep_mask(probs.shape, p, probs.device)
+    return torch.matmul(torch.where(keep, probs, 0.0).to(v.dtype), v) * scale
+
+
+def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device) -> tuple[Tensor, float]:
+    """A boolean keep mask (each element dropped with probability p, rounded to a multiple of
+    1/32768) and the scale 1/(1 - p) that keeps expectations. Two draws per 31-bit random integer
+    (its low 16 bits and the next 15), from torch's generator (``torch.manual_seed`` applies): on
+    the 2-core CPU 3x cheaper than ``bernoulli_`` for 75 M elements."""
+    k = min(32768, max(0, round(p * 32768)))
+    numel = math.prod(shape)
+    if k == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
+    if k == 32768:
+        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
+    half = (numel + 1) // 2
+    r = torch.empty(half, dtype=torch.int32, device=device).random_()  # uniform on [0, 2^31)
+    # Each int32 read as two int16: its low half uniform on [-2^15, 2^15), its high half on [0, 2^15)
+    # (the sign bit is 0). One compare against alternating thresholds drops 2k / 65536 and k / 32768.
+    low, high = -32768 + 2 * k, k
+    pair = (low, high) if sys.byteorder == "little" else (high, low)
+    keep = r.view(torch.int16).view(half, 2) >= torch.tensor(pair, dtype=torch.int16, device=device)
+    return keep.view(-1)[:numel].view(tuple(shape)), 32768 / (32768 - k)
 
 
 def _block_size(window: int, n: int, backward: bool = False, dtype: torch.dtype = torch.float32) -> int:

@@ -154,6 +154,72 @@ def test_inference_path_in_low_precision(dtype, pack_bytes, monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_mask_rate_and_scale(p):
+    """Both draws of a random integer (even and odd positions: its low 16 bits, its next 15) drop at
+    the rate p (to 1/32768), independently; the scale keeps the expectation; the mask follows torch's
+    seed; p = 0 and p = 1 are exact."""
+    torch.manual_seed(0)
+    keep, scale = attention.dropout_keep_mask((1000, 1001), p, torch.device("cpu"))
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    p_eff = round(p * 32768) / 32768
+    flat = keep.flatten()
+    even, odd = ~flat[0::2][: flat.numel() // 2], ~flat[1::2]
+    for part in (even, odd):
+        assert abs(part.float().mean().item() - p_eff) < 0.005
+    both = (even & odd).float().mean().item()  # independent halves: P(both dropped) = p^2
+    assert abs(both - p_eff**2) < 0.005
+    assert scale == pytest.approx(1 / (1 - p_eff))
+    torch.manual_seed(0)
+    assert torch.equal(attention.dropout_keep_mask((1000, 1001), p, torch.device("cpu"))[0], keep)
+    assert attention.dropout_keep_mask((3, 4), 0.0, torch.device("cpu"))[0].all()
+    none, zero = attention.dropout_keep_mask((3, 4), 1.0, torch.device("cpu"))
+    assert not none.any() and zero == 0.0
+
+
+def test_attention_with_dropout_equals_the_formula(monkeypatch):
+    """With a given keep mask: softmax over the allowed keys, dropped entries zeroed, scaled by
+    1/(1-p), times v; values and gradients in float64."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=F64, generator=g, requires_grad=True) for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    allowed[..., 0] = True  # every row has a key
+    keep = torch.rand(2, 3, 5, 5, generator=g) > 0.25
+    monkeypatch.setattr(attention, "dropout_keep_mask", lambda shape, p, device: (keep, 1 / 0.75))
+    out = attention.attention_with_dropout(q, k, v, allowed, 0.25)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~allowed, float("-inf"))
+    ref = (torch.softmax(scores, -1) * keep / 0.75) @ v
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    up = torch.randn_like(out)
+    for g_out, g_ref in zip(torch.autograd.grad((out * up).sum(), [q, k, v]),
+                            torch.autograd.grad((ref * up).sum(), [q, k, v]), strict=True):  # fmt: skip
+        torch.testing.assert_close(g_out, g_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["global-first-padded-batch", "window-larger-than-n", "dilation-mixed"])
+def test_training_dropout_path_is_wired(case, monkeypatch):
+    """Attention dropout on the CPU goes through attention_with_dropout (banded and dense-short
+    paths); with a keep-everything mask it equals the reference."""
+    calls = []
+
+    def keep_all(shape, p, device):
+        calls.append(p)
+        return torch.ones(shape, dtype=torch.bool), 1.0
+
+    monkeypatch.setattr(attention, "dropout_keep_mask", keep_all)
+    B, H, n, window, dilation, pads, globs, block = CASES[case]
+    am, gm = make_masks(n, pads, globs)
+    _, (q, k, v, *_rest) = random_inputs(B, H, n)
+    index, valid = global_indices(gm & am)
+    out = local_attention(q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
+                          global_valid=valid, dropout_p=0.1)  # fmt: skip
+    ref = reference_attention(q, k, v, q, k, v, window=window, dilation=dilation, attention_mask=am,
+                              global_mask=gm)  # fmt: skip
+    local = (~(gm & am))[:, None, :, None]  # rows of global tokens are replaced by the caller
+    torch.testing.assert_close(out * local, ref * local, atol=1e-12, rtol=0)
+    assert calls and set(calls) == {0.1}
+
+
 def test_all_padding_row_is_zero_and_finite():
     am, gm = make_masks(17, [17, 17], [[0], []])
     _, (q, k, v, qg, kg, vg) = random_inputs(2, 2, 17)
