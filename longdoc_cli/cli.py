@@ -160,6 +160,7 @@ def _environment() -> dict[str, Any]:
     import transformers
 
     from .models import cache_entries, default_model_status, longdoc_home
+    from .runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     return {
@@ -169,6 +170,8 @@ def _environment() -> dict[str, Any]:
         "cached_models": cache_entries(),
         "device": "cuda" if cuda else "cpu",
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # AMX or AVX512-BF16: `--dtype bf16` is fast here
         "versions": {
             "longdoc": __version__,
             "torch": torch.__version__,
@@ -218,6 +221,15 @@ def models_cmd(
             ("LONGDOC_HOME", env["longdoc_home"]),
             ("cached models", ", ".join(env["cached_models"]) or "none"),
             ("device", env["device"] + (f" ({env['cuda_device']})" if env["cuda_device"] else "")),
+            (
+                "CPU",
+                f"{env['cpu_capability']}, bf16 "
+                + (
+                    "native (--dtype bf16 is the fast CPU mode)"
+                    if env["cpu_native_bf16"]
+                    else "emulated (slow)"
+                ),
+            ),
         ]
         rows += [(name, version) for name, version in env["versions"].items()]
         rows += [(f"model {k}", v) for k, v in env.get("model", {}).items()]

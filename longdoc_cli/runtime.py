@@ -37,10 +37,10 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16). With AMX, bf16 matmuls
     ran 10x faster than fp32 here (2.4 TFLOP/s vs 248 GFLOP/s on 2 cores); without either, torch
     emulates bf16 and it is slower than fp32."""
-    import torch
+    import torch.cpu
 
-    cpu = torch._C._cpu
-    return any(
-        getattr(cpu, name, lambda: False)()
-        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    )
+    return any(getattr(torch.cpu, name, lambda: False)() for name in BF16_PROBES)
+
+
+# torch.cpu's probes of native bf16 (private API: a torch without them reads as "emulated").
+BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

@@ -95,6 +95,17 @@ def test_zero_shot_jsonl_schema_and_streams(encoder_dir, docs):
     assert "{" not in r.stderr  # no results on stderr
 
 
+def test_native_bf16_probe_uses_torch_api():
+    """The probe reads torch.cpu's own checks (a wrong module would silently say "emulated")."""
+    import torch
+
+    from longdoc_cli import runtime
+
+    assert all(callable(getattr(torch.cpu, name, None)) for name in runtime.BF16_PROBES)
+    expected = any(getattr(torch.cpu, name)() for name in runtime.BF16_PROBES)
+    assert runtime.cpu_has_native_bf16() is expected
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
 def test_bf16_on_the_cpu(encoder_dir, docs, native, monkeypatch):
     """--dtype bf16 on the CPU gives the fp32 label and scores to bf16 precision; a CPU without native

@@ -137,6 +137,7 @@ def test_models_command_json(home):
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["longdoc_home"] == str(home) and data["device"] in ("cpu", "cuda")
+    assert isinstance(data["cpu_native_bf16"], bool) and data["cpu_capability"]
     assert data["default_model"]["sha256"] == models.DEFAULT_SHA256
     assert data["default_model"]["converted"] is False
     assert {"torch", "transformers", "tokenizers", "longdoc"} <= set(data["versions"])
