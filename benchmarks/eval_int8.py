@@ -42,9 +42,9 @@ def main() -> None:
         t = time.perf_counter()
         results[mode] = clf.classify(docs)
         seconds[mode] = time.perf_counter() - t
-    fp32, other = results["none"], results[args.compare]
-    agree = sum(a.label == b.label for a, b in zip(fp32, other, strict=True))
-    pairs = list(zip(fp32, other, strict=True))
+    fp32 = results["none"]
+    pairs = list(zip(fp32, results[args.compare], strict=True))
+    agree = sum(a.label == b.label for a, b in pairs)
     diff = sum(abs(a.score - b.scores.get(a.label, 0.0)) for a, b in pairs) / len(docs)
     tokens = sum(r.n_tokens for r in fp32)
     print(f"{len(docs)} documents, {tokens} tokens (every {args.every}th record, <= {args.max_chars} chars)")

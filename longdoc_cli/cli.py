@@ -207,6 +207,7 @@ def models_cmd(
         from rich.table import Table
 
         d = env["default_model"]
+        bf16 = "native (--dtype bf16 is the fast CPU mode)" if env["cpu_native_bf16"] else "emulated (slow)"
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
@@ -221,15 +222,7 @@ def models_cmd(
             ("LONGDOC_HOME", env["longdoc_home"]),
             ("cached models", ", ".join(env["cached_models"]) or "none"),
             ("device", env["device"] + (f" ({env['cuda_device']})" if env["cuda_device"] else "")),
-            (
-                "CPU",
-                f"{env['cpu_capability']}, bf16 "
-                + (
-                    "native (--dtype bf16 is the fast CPU mode)"
-                    if env["cpu_native_bf16"]
-                    else "emulated (slow)"
-                ),
-            ),
+            ("CPU", f"{env['cpu_capability']}, bf16 {bf16}"),
         ]
         rows += [(name, version) for name, version in env["versions"].items()]
         rows += [(f"model {k}", v) for k, v in env.get("model", {}).items()]
