@@ -16,11 +16,53 @@ from collections.abc import Iterator
 from typing import Any
 
 import typer
+import typer.core
 
 from . import __version__
 from .errors import LongdocError
 
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """The base class of usage errors: ``TyperException`` where Typer vendors click, else click's."""
+    if hasattr(typer, "TyperException"):
+        return (typer.TyperException,)
+    import click
+
+    return (click.ClickException,)
+
+
+class _LongdocGroup(typer.core.TyperGroup):
+    """Usage errors (unknown option, `--iters abc`, ...) as one ``longdoc: error:`` line on stderr
+    with exit code 2, like every other error, instead of Typer's boxed panel. Typer and click handle
+    the error themselves in standalone mode, so the app runs non-standalone here and exits itself."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+            code = rv if isinstance(rv, int) else 0  # an Exit's code; commands return None
+        except typer.Abort:
+            typer.echo("longdoc: aborted", err=True)
+            code = 1
+        except _usage_error_types() as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one (`longdoc` alone) printed the help
+                typer.echo(f"longdoc: error: {usage_error_line(e)}", err=True)
+            code = e.exit_code
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def usage_error_line(error: Exception) -> str:
+    """One line for a click error: its message, then where the help is."""
+    line = " ".join(error.format_message().split())
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        line += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+    return line
+
+
 app = typer.Typer(
+    cls=_LongdocGroup,
     name="longdoc",
     help="Classify long documents and answer questions over them with a Longformer encoder.",
     no_args_is_help=True,

@@ -333,3 +333,26 @@ def test_default_model_main_job(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     (x,) = jsonl(r.stdout)
     assert any("immutable" in a["text"] for a in x["answers"])
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["bench", "--rounds", "abc"], "Invalid value for '--rounds'"),
+        (["classify", "--no-such-option", "x.txt"], "No such option: --no-such-option"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["config", "no-such-command"], "No such command"),
+        (["qa", "--question"], "requires an argument"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], says: str) -> None:
+    r = run(*args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("longdoc: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert says in r.stderr and "╭" not in r.stderr
+
+
+def test_no_arguments_prints_the_help() -> None:
+    r = run()
+    assert r.exit_code == 2 and "Usage: longdoc" in r.stdout and "error" not in r.stderr
+    assert run("--version").exit_code == 0 and run("classify", "-h").exit_code == 0
