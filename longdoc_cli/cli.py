@@ -125,9 +125,13 @@ def errors() -> Iterator[None]:
         if debug_enabled():
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "out of memory" in text.lower() or isinstance(e, MemoryError):
+        if isinstance(e, MemoryError) or any(x in text.lower() for x in _OOM_WORDS):
             text = f"out of memory ({text[:160]}); try a smaller --batch-size or shorter inputs"
         raise fail(f"{type(e).__name__}: {text}") from None
+
+
+# How torch words a failed allocation: CUDA ("out of memory") and the CPU allocator.
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 def _quiet_broken_pipe() -> None:
@@ -149,7 +153,15 @@ def stdout_console():
     from rich.console import Console
 
     wide = None if sys.stdout.isatty() else 240
-    return Console(width=wide, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console = Console(width=wide, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    console.on_broken_pipe = _results_pipe_closed  # rich's own handler exits with 1
+    return console
+
+
+def _results_pipe_closed() -> None:
+    """`longdoc ... | head`: the reader has what it wanted; quiet, exit 0 (as for JSON lines)."""
+    _quiet_broken_pipe()
+    raise typer.Exit(0)
 
 
 def output_format(fmt: str | None) -> str:
@@ -455,9 +467,19 @@ def config_init(
         if path == "-":
             sys.stdout.write(text)
             return
-        if Path(path).exists() and not force:
+        target = Path(path)
+        if target.is_dir():
+            raise LongdocError(
+                f"{path}: is a directory; give a file name such as {path}/longdoc.yaml", exit_code=2
+            )
+        if target.exists() and not force:
             raise LongdocError(f"{path}: exists; pass --force to overwrite it", exit_code=2)
-        Path(path).write_text(text, encoding="utf-8")
+        if not target.parent.is_dir():
+            raise LongdocError(f"{path}: the directory {target.parent} does not exist", exit_code=2)
+        try:
+            target.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise LongdocError(f"{path}: cannot write it ({e.strerror or e})") from None
         typer.echo(f"wrote {path}", err=True)
 
 
@@ -505,11 +527,13 @@ def train_cmd(
         console = stderr_console(quiet=quiet or os.environ.get("RANK", "0") != "0")
         with _TrainDisplay(console) as display:
             result = train(cfg, output, resume=resume, force=force, on_event=display)
-        best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
+        if result.best_metric is None:  # no dev set, or no evaluation yet: best/ is the last model
+            best = "no dev evaluation, best/ holds the last step's model"
+        else:
+            best = f"best dev {result.metric} {result.best_metric:.4f} at step {result.best_step}"
         console.print(
             f"done: {result.steps}/{result.total_steps} steps"
-            f"{' (stopped early)' if result.stopped_early else ''}; "
-            f"best dev {result.metric} {best} at step {result.best_step}; model in {result.output_dir}/best"
+            f"{' (stopped early)' if result.stopped_early else ''}; {best}; model in {result.output_dir}/best"
         )
 
 
@@ -711,7 +735,7 @@ class _Emitter:
         if self.fmt == "jsonl":
             write_jsonl(record)
         elif self.fmt == "tsv":
-            cells = [str(record.get(c, "")).replace("\t", " ").replace("\n", " ") for c in self.columns]
+            cells = [_tsv_cell(record.get(c)) for c in self.columns]
             sys.stdout.write("\t".join(cells) + "\n")
             sys.stdout.flush()
         else:
@@ -729,6 +753,15 @@ class _Emitter:
             for r in self.rows:
                 table.add_row(*[_cell(r, c) for c in self.columns])
             stdout_console().print(table)
+
+
+def _tsv_cell(value: Any) -> str:
+    """A TSV cell: text as is (tabs and line breaks as spaces), anything else as JSON (a dict of
+    scores as an object, booleans as true/false, a missing value as the empty cell)."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 def _cell(record: dict[str, Any], column: str) -> str:
@@ -764,6 +797,19 @@ def _report_input(console, item) -> bool:
             f"longdoc: warning: {item.id}: {item.n_replaced} invalid UTF-8 sequence(s) replaced", err=True
         )
     return False
+
+
+# A result is flagged when this share of its text is only the tokenizer's unknown token.
+UNKNOWN_WARN = 0.5
+
+
+def _warn_unknown(quiet: bool, doc_id: str, share: float) -> None:
+    if share >= UNKNOWN_WARN and not quiet:
+        typer.echo(
+            f"longdoc: warning: {doc_id}: {share:.0%} of the text is unknown to the model's tokenizer "
+            "(a script or symbols it lacks, or words too long to read); the result says little",
+            err=True,
+        )
 
 
 # Options shared by classify and qa (one definition each).
@@ -830,6 +876,8 @@ def classify(
         fmt = output_format(fmt)
         cfg, model_dir = _task_setup("classify", config, model, allow_download)
         inf, tk = cfg.inference, cfg.tokenization
+        if labels is not None and not labels.strip(" ,"):
+            raise LongdocError("--labels: no labels given (a comma-separated list)", exit_code=2)
         label_list = labels.split(",") if labels else list(inf.labels) or None
         chosen = (
             load_labels(label_list, labels_file or inf.labels_file)
@@ -841,7 +889,7 @@ def classify(
         clf = Classifier(
             tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
             threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
-            stride=_pick(stride, tk.stride),
+            stride=_pick(stride, tk.stride), strict_stride=stride is not None,
         )  # fmt: skip
         items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
@@ -854,6 +902,7 @@ def classify(
                 docs = [x for x in chunk if not _report_input(console, x)]
                 failed |= len(docs) < len(chunk)
                 for doc, result in zip(docs, clf.classify([(d.id, d.text) for d in docs]), strict=True):
+                    _warn_unknown(quiet, doc.id, result.unknown_share)
                     record = result.to_record(doc.key)
                     emit(
                         {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
@@ -868,7 +917,9 @@ def classify(
 def qa(
     paths: list[str] = _PATHS,
     question: list[str] = typer.Option([], "--question", "-Q", help="A question (repeatable)."),
-    questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
+    questions_file: str | None = typer.Option(
+        None, "--questions", help='A file of questions, one per line (.jsonl: a "question" key per line).'
+    ),
     model: str | None = _MODEL,
     allow_download: bool = _ALLOW_DOWNLOAD,
     config: str | None = _CONFIG,
@@ -912,7 +963,10 @@ def qa(
                 raise LongdocError(
                     f"{questions_file}: cannot read the questions ({e.__class__.__name__})"
                 ) from e
-            asked += [line.strip() for line in text.splitlines() if line.strip()]
+            from_file = read_questions(text, questions_file)
+            if not from_file:
+                raise LongdocError(f"{questions_file}: holds no questions", exit_code=2)
+            asked += from_file
         if not asked:
             raise LongdocError(
                 "give a question with --question (or a file of them with --questions)", exit_code=2
@@ -928,6 +982,7 @@ def qa(
             null_threshold=_pick(null_threshold, inf.null_threshold),
             batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
             max_question_length=_pick(max_question_len, tk.max_question_length),
+            strict_stride=doc_stride is not None,
         )  # fmt: skip
         items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
         emit = _Emitter(fmt, ["path", "question", "answer", "score", "start", "end"])
@@ -939,7 +994,9 @@ def qa(
                 if _report_input(console, item):
                     failed = True
                     continue
-                for result in answerer.answer(item.id, item.text, asked):
+                results = answerer.answer(item.id, item.text, asked)
+                _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)
+                for result in results:
                     record = result.to_record(item.key)
                     emit(
                         {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
@@ -956,6 +1013,26 @@ def qa(
         )
         if failed:
             raise typer.Exit(1)
+
+
+def read_questions(text: str, source: str) -> list[str]:
+    """Questions from a file: one per line, or in a .jsonl file one JSON object per line with a
+    "question" key. Blank lines are skipped."""
+    if not source.lower().endswith((".jsonl", ".ndjson")):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    questions = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LongdocError(f"{source}:{number}: not valid JSON ({e.msg})", exit_code=2) from None
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise LongdocError(f'{source}:{number}: needs a non-empty string "question"', exit_code=2)
+        questions.append(question.strip())
+    return questions
 
 
 def main() -> None:

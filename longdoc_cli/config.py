@@ -216,7 +216,9 @@ def _convert(value: Any, tp: Any) -> Any:
         raise _Bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(value):  # YAML's .inf and .nan are floats too
+                return float(value)
+            raise _Bad
         if isinstance(value, str):
             try:
                 x = float(value.strip())
@@ -368,9 +370,11 @@ def config_from_dict(data: Any, source: str = "<dict>") -> LongdocConfig:
                 problems.append(f"{key}: unknown top-level key; did you mean {where[0]}.{key}?")
             else:
                 problems.append(f"{key}: unknown key (allowed: {', '.join(top)})")
-    cfg = LongdocConfig(**kwargs)
-    if not problems:
-        _check(cfg, problems)
+    cfg = LongdocConfig(**kwargs)  # a field with a type problem holds its default here
+    checked: list[str] = []
+    _check(cfg, checked)  # also with type problems: every problem at once, not one round each
+    typed = {p.split(":", 1)[0] for p in problems}
+    problems += [p for p in checked if p.split(":", 1)[0] not in typed]
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -455,12 +459,28 @@ def _read_yaml(path: Path) -> Any:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read it ({e})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the
+    last silently, so a second ``lr:`` further down a file would win unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(cfg: LongdocConfig, path: str | Path) -> None:

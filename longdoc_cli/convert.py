@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LongdocError
+from .runtime import umask_mode
 
 SUPPORTED = ("bert", "roberta")
 TOKENIZER_FILES = (
@@ -67,6 +68,7 @@ def convert_checkpoint(
     source_config = read_source_config(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask_mode(tmp)  # mkdtemp makes it 0700
     try:
         write_longformer(src, tmp, source_config, max_positions, attention_window)
         _publish(tmp, out)

@@ -296,7 +296,9 @@ def evaluate_model(
     known = set((model.config.id2label or {}).values())
     unknown = sorted({x for d in data.docs for x in d.labels} - known)
     if unknown:
-        raise LongdocError(f"{data_path}: labels the model does not know: {', '.join(unknown[:5])}")
+        raise LongdocError(
+            f"{data_path}: labels the model does not know: {', '.join(map(repr, unknown[:5]))}"
+        )
     preds, lengths = predict_classification(model, tokenizer, data.docs, cfg)
     labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
     m = classification_metrics([d.labels for d in data.docs], preds, labels, lengths)

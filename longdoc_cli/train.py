@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ TOKENIZER_FILES = (
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 OUR_OUTPUTS = ("best", "last", LOG_FILE)
+LOCK_FILE = ".longdoc-train.lock"  # held by the run writing into the directory
 
 Event = dict[str, Any]
 
@@ -143,7 +144,7 @@ def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise LongdocError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not force:
             raise LongdocError(
                 f"{out}: output directory is not empty; pass --resume to continue or --force to overwrite",
@@ -156,6 +157,66 @@ def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
+    """:func:`prepare_output_dir` under an exclusive lock on OUT/.longdoc-train.lock, held for the
+    whole run: a second ``longdoc train`` into the same directory is refused, instead of the two
+    runs mixing their checkpoints and logs. A run that fails before writing anything removes the
+    directory it created."""
+    if out.exists() and not out.is_dir():
+        raise LongdocError(f"{out}: exists and is not a directory", exit_code=2)
+    created = not out.exists()
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if out.is_dir():
+            stack.enter_context(_exclusive(out / LOCK_FILE))
+        try:
+            prepare_output_dir(out, resume, force)
+            yield
+        except BaseException:
+            if created and out.is_dir() and all(p.name == LOCK_FILE for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)  # the lock file goes with it, still held
+            raise
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard against a second run
+        yield
+        return
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LongdocError(
+                f"{lock_file.parent}: another `longdoc train` is writing there; wait for it to finish "
+                "or choose another output directory",
+                exit_code=2,
+            ) from None
+        try:
+            yield
+        finally:  # removed while still held, so the directory ends as the run left it
+            lock_file.unlink(missing_ok=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _changed_keys(old_yaml: str, new_yaml: str) -> str:
+    """The dotted keys whose values differ between two saved configs, e.g. "train.lr: 0.0001 -> 0.5"."""
+    import yaml
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix: data}
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "; ".join(f"{k.rstrip('.')}: {old.get(k)} -> {new.get(k)}" for k in keys[:5]) or "formatting"
 
 
 def _looks_like_wrong_task(path: str, cfg: LongdocConfig) -> None:
@@ -333,7 +394,7 @@ def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
     metrics = card.get("metrics") or {}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     labels = card.get("labels")
-    command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -q "..." FILE'
+    command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -Q "..." FILE'
     return f"""---
 library_name: transformers
 pipeline_tag: {"text-classification" if cfg.task == "classify" else "question-answering"}
@@ -377,6 +438,20 @@ def train(
 ) -> TrainResult:
     """Fine-tune per ``cfg`` into ``output_dir``. ``stop_after_steps`` ends the run after that many
     optimizer steps, as an interruption would (last/ is saved), for tests of ``resume``."""
+    out = Path(output_dir)
+    if _dist_info()[0] != 0:  # rank 0 claims and prepares the directory for all ranks
+        return _train(cfg, out, resume, on_event, stop_after_steps)
+    with claimed_output_dir(out, resume, force):
+        return _train(cfg, out, resume, on_event, stop_after_steps)
+
+
+def _train(
+    cfg: LongdocConfig,
+    out: Path,
+    resume: bool,
+    on_event: Callable[[Event], None] | None,
+    stop_after_steps: int | None,
+) -> TrainResult:
     import torch
     import torch.distributed as dist
 
@@ -386,11 +461,8 @@ def train(
     from .tokenize import DocumentTokenizer
 
     emit = on_event or (lambda e: None)
-    out = Path(output_dir)
     rank, world, local_rank = _dist_info()
     distributed = world > 1
-    if rank == 0:
-        prepare_output_dir(out, resume, force)
     device = pick_device(cfg.model.device)
     if distributed:
         if device.type == "cuda":
@@ -444,7 +516,11 @@ def train(
     if resume:
         ckpt = torch.load(out / "last" / STATE_FILE, map_location="cpu", weights_only=False)
         if ckpt["config"] != config_to_yaml(cfg, commented=False):
-            raise ConfigError(f"--resume: the config differs from the one {out} was trained with")
+            changed = _changed_keys(ckpt["config"], config_to_yaml(cfg, commented=False))
+            raise ConfigError(
+                f"--resume: the config differs from the one {out} was trained with ({changed}); a resumed "
+                "run continues the same schedule exactly, so start a new run to change it"
+            )
         from .model import load_state_dict
 
         model.load_state_dict(load_state_dict(out / "last"))

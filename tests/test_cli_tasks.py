@@ -225,8 +225,14 @@ def test_invalid_utf8_is_replaced_and_warned(encoder_dir, tmp_path):
         (["--labels", "a,b", "--labels-file", "x.txt"], 2, "not both"),
         (["--aggregate", "median"], 2, "mean, max or first"),
         (["--format", "xml"], 2, "--format"),
-        (["--max-length", "100000"], 1, "limit"),
+        (["--max-length", "100000"], 2, "--max-length 100000"),
+        (["--max-length", "0"], 2, "--max-length 0"),
         (["--device", "tpu"], 2, "--device"),
+        (["--labels", ""], 2, "no labels given"),
+        (["--threshold", "2"], 2, "--threshold"),
+        (["--threshold", "nan"], 2, "--threshold"),
+        (["--stride", "-1"], 2, "--stride -1"),
+        (["--max-length", "64", "--stride", "40"], 2, "at most 31 tokens"),
     ],
 )
 def test_bad_options(encoder_dir, docs, args, code, message):
@@ -260,6 +266,28 @@ def test_labels_file_and_tsv(encoder_dir, docs, tmp_path):
     assert r.exit_code == 0, r.stderr
     header, row = r.stdout.strip().split("\n")
     assert header.split("\t")[:3] == ["path", "label", "score"] and row.split("\t")[1] in ("sport", "music")
+    cells = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+    assert set(json.loads(cells["scores"])) == {"sport", "music"} and cells["truncated"] == "false"
+
+
+def test_text_the_tokenizer_cannot_read_is_flagged(encoder_dir, docs, tmp_path):
+    unreadable = tmp_path / "symbols.txt"
+    unreadable.write_text("\u2603\u2603\u2603 \u2604\u2604 " * 40 + "the match.\n")
+    r = run(
+        "classify",
+        "-m",
+        str(encoder_dir),
+        "--labels",
+        "sport,music",
+        str(unreadable),
+        str(docs / "sport.txt"),
+    )
+    assert r.exit_code == 0 and len(jsonl(r.stdout)) == 2
+    assert r.stderr.count("unknown to the model's tokenizer") == 1 and "symbols.txt" in r.stderr
+    r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, "-Q", "Why?", str(unreadable))
+    assert r.exit_code == 0 and len(jsonl(r.stdout)) == 2 and r.stderr.count("unknown to the model") == 1
+    quiet = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "-q", str(unreadable))
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,8 +332,50 @@ def test_qa_zero_shot_returns_a_sentence(encoder_dir, docs, tmp_path):
 def test_qa_bad_input(encoder_dir, docs):
     r = run("qa", "-m", str(encoder_dir), str(docs / "sport.txt"))
     assert r.exit_code == 2 and "--question" in r.stderr
+    for args, says in [
+        (["--max-question-len", "0"], "--max-question-len 0"),
+        (["--max-length", "64", "--doc-stride", "1000"], "--doc-stride 1000"),
+        (["--doc-stride", "-3"], "--doc-stride -3"),
+    ]:
+        r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, *args, str(docs / "sport.txt"))
+        assert r.exit_code == 2 and says in r.stderr and r.stdout == "", (args, r.stderr)
     r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, str(docs / "nope.txt"))
     assert r.exit_code == 1 and "no such file" in r.stderr and r.stdout == ""
+
+
+def test_questions_files(encoder_dir, docs, tmp_path):
+    doc = str(docs / "sport.txt")
+    good = tmp_path / "q.jsonl"
+    good.write_text(
+        json.dumps({"question": QUESTION, "id": 1}) + "\n\n" + json.dumps({"question": "Why?"}) + "\n"
+    )
+    r = run("qa", "-m", str(encoder_dir), "--questions", str(good), doc)
+    assert r.exit_code == 0 and [x["question"] for x in jsonl(r.stdout)] == [QUESTION, "Why?"]
+    for content, says in [
+        ('{"question": "Who?"}\n{bad\n', "q.jsonl:2: not valid JSON"),
+        ('{"text": "Who?"}\n', 'q.jsonl:1: needs a non-empty string "question"'),
+        ("\n\n", "holds no questions"),
+    ]:
+        good.write_text(content)
+        r = run("qa", "-m", str(encoder_dir), "--questions", str(good), doc)
+        assert r.exit_code == 2 and says in r.stderr and r.stdout == "", r.stderr
+    empty = tmp_path / "q.txt"
+    empty.write_text("  \n")
+    r = run("qa", "-m", str(encoder_dir), "--questions", str(empty), doc)
+    assert r.exit_code == 2 and "q.txt: holds no questions" in r.stderr
+
+
+def test_a_closed_pipe_ends_a_table_quietly(monkeypatch):
+    """rich's console exits 1 when the reader of stdout has gone (`longdoc evaluate | head -1`)."""
+    import typer
+
+    from longdoc_cli import cli
+
+    silenced = []
+    monkeypatch.setattr(cli, "_quiet_broken_pipe", lambda: silenced.append(True))  # not pytest's fd 1
+    with pytest.raises(typer.Exit) as e:
+        cli.stdout_console().on_broken_pipe()
+    assert e.value.exit_code == 0 and silenced == [True]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ def test_cli_config_init_and_validate(tmp_path):
     path = tmp_path / "qa.yaml"
     assert runner.invoke(app, ["config", "init", "--task", "qa", str(path)]).exit_code == 0
     assert runner.invoke(app, ["config", "init", str(path)]).exit_code == 2  # exists, no --force
+    for target, says in [(tmp_path / "no" / "x.yaml", "does not exist"), (tmp_path, "is a directory")]:
+        r = runner.invoke(app, ["config", "init", "--force", str(target)])
+        assert r.exit_code == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = runner.invoke(app, ["config", "validate", str(path)])
     assert r.exit_code == 0 and "ok (qa)" in r.stderr
     path.write_text("model:\n  windw: 3\n  max_length: abc\n")
@@ -122,3 +125,21 @@ def test_cli_config_init_and_validate(tmp_path):
     assert r.exit_code == 2
     assert "model.windw: unknown key; did you mean model.attention_window?" in r.stderr
     assert "model.max_length: expected an integer, got 'abc'" in r.stderr
+
+
+def test_every_problem_at_once_duplicates_and_infinities(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text('train:\n  epochs: "three"\n  lr: -1\n  batch_size: 0\n  weight_decay: .inf\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    for says in [
+        "train.epochs: expected an integer",
+        "train.lr: must be > 0",
+        "train.batch_size: must be >= 1",
+        "train.weight_decay: expected a number, got Infinity",
+    ]:
+        assert says in text, text
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: .*the key 'lr' is given twice"):
+        load_config(path)

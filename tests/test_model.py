@@ -357,3 +357,25 @@ def test_cuda_fused_path_matches_hf(tmp_path, monkeypatch):
 def test_in_place_activations_equal_the_functions(name):
     x = torch.randn(4, 7)
     assert torch.equal(IN_PLACE_ACTIVATIONS[name](x.clone()), ACTIVATIONS[name](x)), name
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """safetensors writes 0600 and mkdtemp makes 0700: models must stay readable by other users."""
+    import os
+    import stat
+
+    from longdoc_cli.runtime import umask_mode
+
+    old = os.umask(0o022)
+    try:
+        torch.manual_seed(0)
+        LongformerEncoder(
+            LongformerConfig.from_dict(transformers.LongformerConfig(**TINY).to_dict())
+        ).save_pretrained(tmp_path / "m")
+        d = tmp_path / "d"
+        d.mkdir(mode=0o700)
+        umask_mode(d)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755

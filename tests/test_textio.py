@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import sys
 
 import pytest
@@ -36,7 +39,16 @@ def test_utf16_with_bom(tmp_path):
 
 @pytest.mark.parametrize(
     ("data", "message"),
-    [(b"", "empty"), (b" \n\t\r\n", "only whitespace"), (b"PK\x03\x04\x00\x00binary", "binary")],
+    [
+        (b"", "empty"),
+        (b" \n\t\r\n", "only whitespace"),
+        (b"\x7fELF\x02\x01\x01\x00\x00binary", "binary"),
+        (b"PK\x03\x04\x14\x00\x06\x00", "is a zip"),
+        (gzip.compress(b"some text"), "is a gzip-compressed file"),
+        (bz2.compress(b"some text"), "is a bzip2-compressed file"),
+        (lzma.compress(b"some text"), "is a xz-compressed file"),
+        (b"%PDF-1.7\n%\xe2\xe3", "is a PDF"),
+    ],
 )
 def test_refused_documents(tmp_path, data, message):
     with pytest.raises(LongdocError, match=message) as e:

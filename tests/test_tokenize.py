@@ -152,3 +152,32 @@ def test_default_tokenizer_does_not_truncate_and_1mb_is_fast():
     assert elapsed < 15, f"tokenizing 1 MB took {elapsed:.1f} s"
     a, b = enc.offsets[-1]
     assert text[a:b].lower() == tok.tokenizer.id_to_token(enc.ids[-1]).removeprefix("##")
+
+
+def test_special_tokens_written_in_the_text_are_text(tmp_path):
+    """A document about BERT may contain "[SEP]" or "[PAD]": those are characters, not control tokens."""
+    from longdoc_cli.tokenize import DocumentTokenizer, load_tokenizer
+    from tests.fixtures_tiny import build_tiny_model
+
+    tokenizer = load_tokenizer(build_tiny_model(tmp_path / "m"))
+    tokenizer.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])  # as real checkpoints declare them
+    assert tokenizer.encode("[SEP]", add_special_tokens=False).tokens == ["[SEP]"]
+    tok = DocumentTokenizer(tokenizer, "bert", 64)
+    enc = tok.encode("the [SEP] code [PAD] [CLS] value")
+    assert not {tok.cls_id, tok.sep_id, tok.pad_id} & set(enc.ids)
+    windows = tok.question_windows("what [SEP] value", enc, 64, 8, 16)
+    assert windows[0].input_ids.count(tok.sep_id) == 2  # only the real separators
+
+
+def test_unknown_share(tmp_path):
+    from longdoc_cli.tokenize import DocumentTokenizer
+    from tests.fixtures_tiny import build_tiny_model
+
+    tok = DocumentTokenizer.from_dir(build_tiny_model(tmp_path / "m"))
+    for text, low, high in [
+        ("the code is a value", 0.0, 0.0),
+        ("\u2603\u2603 \u2603 the", 0.5, 0.5),  # 3 of the 6 visible characters
+        ("x" * 500, 1.0, 1.0),  # one 'word' longer than WordPiece reads
+        ("", 0.0, 0.0),
+    ]:
+        assert low <= tok.unknown_share(text, tok.encode(text)) <= high, text

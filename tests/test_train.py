@@ -98,7 +98,7 @@ def test_resume_is_exact(tiny, tiny_model_dir, cls_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in log if "loss" in x] == [1, 2, 3, 4, 5, 6]
-    with pytest.raises(ConfigError, match="config differs"):
+    with pytest.raises(ConfigError, match=r"config differs .*\(train.lr: [0-9.e-]+ -> 0.5\)"):
         train(load_config(None, [*sets, "train.lr=0.5"]), tmp_path / "resumed", resume=True)
 
 
@@ -199,3 +199,26 @@ def test_csv_data_and_seeded_group_split(tmp_path):
     train_a, dev_a = split_dev(items, 0.3, 7, group=lambda x: x[0])
     assert split_dev(items, 0.3, 7, group=lambda x: x[0]) == (train_a, dev_a)  # seeded
     assert not {g for g, _ in train_a} & {g for g, _ in dev_a} and len(dev_a) % 3 == 0
+
+
+def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
+    """A second `longdoc train` into a directory a run is writing is refused; a failed run leaves
+    no directory of its own behind, and a finished one no lock file."""
+    import fcntl
+
+    from longdoc_cli.train import LOCK_FILE
+
+    cfg = load_config(None, tiny.overrides(tiny_model_dir, cls_data, **{"train.max_steps": 1}))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / LOCK_FILE, "a") as held:  # what a running `longdoc train` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LongdocError, match="another `longdoc train` is writing there") as e:
+            train(cfg, busy)
+        assert e.value.exit_code == 2 and not (busy / "best").exists()
+    train(cfg, tmp_path / "done")
+    assert not (tmp_path / "done" / LOCK_FILE).exists() and (tmp_path / "done" / "best").is_dir()
+    with pytest.raises(LongdocError):
+        train(load_config(None, [*tiny.overrides(tiny_model_dir, cls_data), "data.train=nope.jsonl"]),
+              tmp_path / "new" / "out")  # fmt: skip
+    assert not (tmp_path / "new" / "out").exists()

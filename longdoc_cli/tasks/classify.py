@@ -9,6 +9,7 @@ MultipleNegativesRankingLoss), so the scores are that training's own calibration
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import LongdocError
 from ..tokenize import Window
-from .runner import TaskModel, embed_texts, pool, run_windows
+from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
 from .text import passage_spans, snippet
 
 SCALE = 20.0
@@ -58,10 +59,11 @@ class Classification:
     n_windows: int
     truncated: bool
     passages: list[Passage] = field(default_factory=list)
+    unknown_share: float = 0.0  # of the text only the unknown token stands for (not in the record)
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
         fields = asdict(self)
-        del fields["id"]
+        del fields["id"], fields["unknown_share"]
         if not self.passages:
             del fields["passages"]
         return {"schema_version": SCHEMA_VERSION, key: self.id, **fields}
@@ -124,15 +126,17 @@ class Classifier:
         explain: int = 0,
         batch_size: int = 4,
         stride: int = 256,
+        strict_stride: bool = False,
     ) -> None:
         if aggregate not in ("mean", "max", "first"):
             raise LongdocError(f"--aggregate must be mean, max or first, not {aggregate!r}", exit_code=2)
         if top_k < 1 or explain < 0:
             raise LongdocError("--top-k must be at least 1 and --explain at least 0", exit_code=2)
+        if not 0.0 < threshold < 1.0:  # also NaN
+            raise LongdocError(f"--threshold {threshold}: must be between 0 and 1", exit_code=2)
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold
-        # Consecutive windows share at most half a window (a larger stride would not advance).
         self.explain, self.batch_size = explain, batch_size
-        self.stride = min(stride, (tm.max_length - 2) // 2)
+        self.stride = window_overlap("--stride", stride, (tm.max_length - 2) // 2, strict_stride)
         self.multi_label = False
         if tm.head == "classification":
             if labels is not None:
@@ -160,9 +164,11 @@ class Classifier:
         windows: list[Window] = []
         owner: list[int] = []
         n_tokens = []
+        unknown: list[float] = []
         for d, (_, text) in enumerate(docs):
             enc = tok.encode(text)
             n_tokens.append(len(enc))
+            unknown.append(tok.unknown_share(text, enc))
             doc_windows = tok.document_windows(enc, self.tm.max_length, self.stride)
             if self.aggregate == "first":  # truncation, reported as such
                 doc_windows = doc_windows[:1]
@@ -177,7 +183,8 @@ class Classifier:
             probs = self._aggregate(per_doc[d])
             spans = [(w.doc_start, w.doc_end) for i, w in enumerate(windows) if owner[i] == d]
             truncated = not covers(spans, n_tokens[d])
-            results.append(self._result(doc_id, text, probs, n_tokens[d], len(per_doc[d]), truncated))
+            result = self._result(doc_id, text, probs, n_tokens[d], len(per_doc[d]), truncated)
+            results.append(dataclasses.replace(result, unknown_share=unknown[d]))
         return results
 
     # -- scoring ---------------------------------------------------------------------------------

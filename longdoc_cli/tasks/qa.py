@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import LongdocError
 from ..tokenize import Encoding, Window
-from .runner import TaskModel, embed_texts, run_windows
+from .runner import TaskModel, embed_texts, run_windows, window_overlap
 from .text import sentence_spans, snippet
 
 SCHEMA_VERSION = 1
@@ -52,6 +52,7 @@ class QAResult:
     n_windows: int
     truncated: bool  # the question was cut to max_question_length tokens
     method: str  # "span" (QA head) or "sentence" (zero-shot)
+    unknown_share: float = 0.0  # of the document only the unknown token stands for (not in the record)
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
         best = self.answers[0] if self.answers else None
@@ -88,26 +89,32 @@ class QuestionAnswerer:
         batch_size: int = 4,
         doc_stride: int = 256,
         max_question_length: int = 64,
+        strict_stride: bool = False,
     ) -> None:
         if top_k < 1 or n_best < 1 or max_answer_length < 1:
             raise LongdocError("--top-k, --n-best and --max-answer-len must be at least 1", exit_code=2)
         self.tm, self.top_k, self.n_best, self.max_answer_length = tm, top_k, n_best, max_answer_length
         self.null_threshold, self.batch_size = null_threshold, batch_size
+        if max_question_length < 1:
+            raise LongdocError(f"--max-question-len {max_question_length}: must be at least 1", exit_code=2)
         self.max_question_length = max_question_length
-        # Consecutive windows share at most half of the context part of a window.
-        self.doc_stride = max(0, min(doc_stride, (tm.max_length - max_question_length - 4) // 2))
+        self.doc_stride = window_overlap("--doc-stride", doc_stride, doc_stride, strict_stride)  # >= 0
+        self.strict_stride = strict_stride
         self._sentences: tuple[str, list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None
 
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:
         enc = self.tm.tokenizer.encode(text)
-        return [self._answer_one(doc_id, text, enc, q) for q in questions]
+        unknown = self.tm.tokenizer.unknown_share(text, enc)
+        return [replace(self._answer_one(doc_id, text, enc, q), unknown_share=unknown) for q in questions]
 
     def _answer_one(self, doc_id: str, text: str, enc: Encoding, question: str) -> QAResult:
         if not question.strip():
             raise LongdocError("a question is empty", exit_code=2)
-        windows = self.tm.tokenizer.question_windows(
-            question, enc, self.tm.max_length, self.doc_stride, self.max_question_length
-        )
+        tok = self.tm.tokenizer
+        # Consecutive windows share at most half of the context part of a window (this question's).
+        budget = tok.context_budget(question, self.tm.max_length, self.max_question_length)
+        stride = window_overlap("--doc-stride", self.doc_stride, max(0, budget // 2), self.strict_stride)
+        windows = tok.question_windows(question, enc, self.tm.max_length, stride, self.max_question_length)
         if self.tm.head == "qa":
             answers = self._spans(text, windows)
             method = "span"

@@ -121,7 +121,9 @@ def load_task_model(
     limit = min(tokenizer.max_tokens, config.max_tokens)
     length = int(max_length) if max_length is not None else min(limit, max_length_cap or limit)
     if not 8 <= length <= limit:
-        raise LongdocError(f"max length {length} must be between 8 and the model's limit of {limit} tokens")
+        raise LongdocError(
+            f"--max-length {length}: must be between 8 and the model's limit of {limit} tokens", exit_code=2
+        )
     return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
 
 
@@ -186,6 +188,19 @@ def embed_texts(tm: TaskModel, texts: Sequence[str], batch_size: int) -> Tensor:
         sums[owner[i]] += pool(states, tm.pooling) * len(windows[i])
         weights[owner[i]] += len(windows[i])
     return F.normalize(sums / weights.clamp(min=1), dim=-1)
+
+
+def window_overlap(option: str, value: int, limit: int, strict: bool) -> int:
+    """The tokens consecutive windows share: at most ``limit`` (half a window's text, so that windows
+    advance). A larger value given by the user (``strict``) is an error; a default is capped."""
+    if value < 0:
+        raise LongdocError(f"{option} {value}: must be at least 0", exit_code=2)
+    if value > limit and strict:
+        raise LongdocError(
+            f"{option} {value}: consecutive windows can share at most {limit} tokens at this --max-length",
+            exit_code=2,
+        )
+    return min(value, limit)
 
 
 def batched(items: Sequence[Any] | Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import re
 
-# A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and a capital, digit or
-# opening quote; or at a line break before a list item; or at a blank line.
+# A sentence ends at . ! ? (and a closing quote or bracket, kept in the sentence) followed by space
+# and a capital, digit or opening quote; at a CJK full stop, exclamation or question mark, a danda
+# or an Arabic question mark (scripts without capitals, often without spaces); at a line break
+# before a list item; or at a blank line.
+_CLOSE = "\"'\u201d\u2019)\\]\u300d\u300f\uff09"  # closing quotes and brackets
+_END = ".!?"
+_END_NO_CAPITALS = "\u3002\uff01\uff1f\uff61\u0964\u061f"  # 。！？｡ । ؟
+
+
+def _after(ends: str) -> str:  # just after an end mark, or after an end mark and one closer
+    return f"(?:(?<=[{ends}])|(?<=[{ends}][{_CLOSE}]))(?![{_CLOSE}])"
+
+
 _BREAK = re.compile(
-    r"(?<=[.!?])[\"'\u201d\u2019)\]]*[ \t]+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])"
+    _after(_END) + r"[ \t]+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])"
+    "|" + _after(_END_NO_CAPITALS) + r"[ \t]*(?=\S)"
     r"|\n[ \t]*\n\s*"
     r"|\n(?=[ \t]*(?:[-*\u2022]|\d+[.)])[ \t])"
 )
