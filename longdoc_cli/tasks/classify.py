@@ -130,8 +130,10 @@ class Classifier:
     ) -> None:
         if aggregate not in ("mean", "max", "first"):
             raise LongdocError(f"--aggregate must be mean, max or first, not {aggregate!r}", exit_code=2)
-        if top_k < 1 or explain < 0:
-            raise LongdocError("--top-k must be at least 1 and --explain at least 0", exit_code=2)
+        if top_k < 1:
+            raise LongdocError(f"--top-k {top_k}: must be at least 1", exit_code=2)
+        if explain < 0:
+            raise LongdocError(f"--explain {explain}: must be at least 0", exit_code=2)
         if not 0.0 < threshold < 1.0:  # also NaN
             raise LongdocError(f"--threshold {threshold}: must be between 0 and 1", exit_code=2)
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold

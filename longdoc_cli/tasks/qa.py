@@ -98,8 +98,9 @@ class QuestionAnswerer:
         if max_question_length < 1:
             raise LongdocError(f"--max-question-len {max_question_length}: must be at least 1", exit_code=2)
         self.max_question_length = max_question_length
-        self.doc_stride = window_overlap("--doc-stride", doc_stride, doc_stride, strict_stride)  # >= 0
-        self.strict_stride = strict_stride
+        if doc_stride < 0:
+            raise LongdocError(f"--doc-stride {doc_stride}: must be at least 0", exit_code=2)
+        self.doc_stride, self.strict_stride = doc_stride, strict_stride  # capped per question
         self._sentences: tuple[str, list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None
 
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:
