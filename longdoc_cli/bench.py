@@ -895,6 +895,7 @@ def _skip_reason(impl: str, device: str, dtype: str, mode: str, n: int, cfg, why
 
 def _flops(impl: str, cfg, n: int, batch: int, globals_: int, mode: str) -> float:
     train = mode == "train"
+    globals_ = min(globals_, n)  # as make_inputs marks them
     if impl == "longdoc-attn":
         d = cfg.hidden_size
         w, dil = cfg.windows[0] // 2, cfg.dilations[0]
@@ -962,13 +963,14 @@ def _cpu_name() -> str:
 
 
 def ratios(report: BenchReport, base: str = "hf") -> dict[tuple[str, int, int, str, str, str], float]:
-    """Median time of every measured row divided by ``base``'s at the same point of the sweep."""
+    """Median time of every measured model row divided by ``base``'s at the same point of the sweep
+    (not longdoc-attn's: one attention call against a whole model would mean nothing)."""
     ref = {(m.model, m.seq_len, m.batch_size, m.dtype, m.mode): m.median_s for m in report.measurements
            if m.impl == base and m.median_s}  # fmt: skip
     out = {}
     for m in report.measurements:
         r = ref.get((m.model, m.seq_len, m.batch_size, m.dtype, m.mode))
-        if m.median_s and r:
+        if m.median_s and r and m.impl != "longdoc-attn":
             out[(m.model, m.seq_len, m.batch_size, m.dtype, m.mode, m.impl)] = m.median_s / r
     return out
 

@@ -126,7 +126,7 @@ def errors() -> Iterator[None]:
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, MemoryError) or any(x in text.lower() for x in _OOM_WORDS):
-            text = f"out of memory ({text[:160]}); try a smaller --batch-size or shorter inputs"
+            text = f"out of memory ({text[:160]}); try a smaller batch or shorter inputs"
         raise fail(f"{type(e).__name__}: {text}") from None
 
 
@@ -164,13 +164,18 @@ def _results_pipe_closed() -> None:
     raise typer.Exit(0)
 
 
-def output_format(fmt: str | None) -> str:
-    """'table' on a TTY, else 'jsonl', unless --format says otherwise."""
+def output_format(fmt: str | None, allowed: tuple[str, ...] = ("table", "jsonl", "json", "tsv")) -> str:
+    """'table' on a TTY, else 'jsonl', unless --format says otherwise (one of ``allowed``)."""
     if fmt:
-        if fmt not in ("table", "jsonl", "json", "tsv"):
-            raise LongdocError(f"--format must be table, jsonl, json or tsv, not {fmt!r}", exit_code=2)
+        if fmt not in allowed:
+            choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise LongdocError(f"--format must be {choices}, not {fmt!r}", exit_code=2)
         return fmt
     return "table" if sys.stdout.isatty() else "jsonl"
+
+
+# The commands whose result is one report (bench, evaluate, models): a table or JSON, no TSV.
+REPORT_FORMATS = ("table", "json", "jsonl")
 
 
 def write_jsonl(record: dict[str, Any]) -> None:
@@ -199,12 +204,11 @@ def convert(
 ) -> None:
     """Turn a short-context BERT/RoBERTa checkpoint into a Longformer (positions copied, global
     projections from the local ones, tokenizer length raised)."""
-    from pathlib import Path
 
     with errors():
         from .convert import convert_checkpoint
 
-        path = convert_checkpoint(Path(src), Path(out), max_positions, attention_window, force=force)
+        path = convert_checkpoint(src, out, max_positions, attention_window, force=force)
         typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
 
 
@@ -249,7 +253,7 @@ def models_cmd(
     """Show the default model (source, sha256, cache path, converted yet?), LONGDOC_HOME, the device
     and library versions."""
     with errors():
-        kind = output_format(fmt)
+        kind = output_format(fmt, REPORT_FORMATS)
         env = _environment()
         if model is not None:
             from .models import model_info, resolve_model
@@ -344,9 +348,7 @@ def bench(
     with errors():
         from .bench import load_spec, parse_lengths, run_bench, spec_from_dict
 
-        kind = output_format(fmt)
-        if kind not in ("table", "json", "jsonl"):
-            raise LongdocError(f"bench: --format must be table, json or jsonl, not {kind!r}", exit_code=2)
+        kind = output_format(fmt, REPORT_FORMATS)
         import dataclasses
 
         data = dataclasses.asdict(load_spec(config)) if config else {}
@@ -604,7 +606,9 @@ def evaluate_cmd(
         None, "--config", "-c", help="Config (default: the model's longdoc.yaml)."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
-    fmt: str | None = typer.Option(None, "--format", "-f", help="table | json (default: table on a TTY)."),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f", help="table, json or jsonl (default: table on a TTY, else JSON)."
+    ),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
 ) -> None:
     """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
@@ -615,7 +619,7 @@ def evaluate_cmd(
 
     return_freed_memory()  # inference only
     with errors():
-        out_fmt = output_format(fmt)
+        out_fmt = output_format(fmt, REPORT_FORMATS)
         cfg = load_config(config) if config else None
         extra = ["data.skip_bad_lines=true"] if skip_bad_lines else []
         report = evaluate_model(model, data, cfg, [*overrides, *extra])

@@ -41,8 +41,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def convert_checkpoint(
-    src: Path,
-    out: Path,
+    src: str | Path,
+    out: str | Path,
     max_positions: int = 4096,
     attention_window: int = 512,
     *,
@@ -56,6 +56,8 @@ def convert_checkpoint(
     nothing else in it is touched). Written to a temporary directory first, so an interrupted
     conversion leaves no half-written model.
     """
+    if not str(out).strip() or not str(src).strip():  # Path("") is the current directory
+        raise LongdocError("convert: SRC and OUT must be non-empty paths", exit_code=2)
     src, out = Path(src), Path(out)
     if max_positions < 1:
         raise LongdocError(f"--max-positions must be positive, got {max_positions}", exit_code=2)

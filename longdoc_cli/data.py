@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import DataSection
 from .errors import LongdocError
-from .textio import normalise_newlines, parse_jsonl_line
+from .textio import container_kind, normalise_newlines, parse_jsonl_line
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -81,6 +81,10 @@ def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) ->
         raise LongdocError(f"{path}: is a directory, not a data file")
     if not p.is_file():
         raise LongdocError(f"{path}: no such file")
+    with p.open("rb") as f:
+        kind = container_kind(f.read(16))
+    if kind is not None:
+        raise LongdocError(f"{path}: is {kind}, not JSON lines or CSV; extract it first")
     if _format(path, fmt) == "csv":
         yield from _iter_csv(p)
         return

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ from .runtime import umask_mode
 
 # ----------------------------------------------------------------------------------------------
 # Config
+
+
+_M = TypeVar("_M", bound="_PretrainedMixin")  # from_pretrained returns the class it is called on
+
+# Config fields that must be positive integers.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "max_position_embeddings", "type_vocab_size")  # fmt: skip
 
 
 @dataclass
@@ -67,6 +75,14 @@ class LongformerConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, kept on save
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_SIZES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LongdocError(f"config: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.attention_window, str):
+            raise LongdocError(
+                f"config: attention_window must be an int or a list, got {self.attention_window!r}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise LongdocError(
                 f"config: hidden_size {self.hidden_size} is not a multiple of "
@@ -390,11 +406,17 @@ class _PretrainedMixin(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, init_missing_head: bool = False, config: LongformerConfig | None = None
-    ):
+        cls: type[_M],
+        path: str | Path,
+        *,
+        init_missing_head: bool = False,
+        config: LongformerConfig | None = None,
+    ) -> _M:
         """Load a Hugging Face-format Longformer directory (keys with prefix '', 'longformer.' or
         'roberta.'). A task head missing from the checkpoint is an error unless
         ``init_missing_head`` (then it starts from random weights, as for fine-tuning)."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise LongdocError(f"from_pretrained: expected a model directory path, got {path!r}")
         path = Path(path)
         config = config or load_config(path)
         state = load_state_dict(path)

@@ -48,6 +48,14 @@ _ARCHIVES = tuple(
 )
 
 
+def container_kind(head: bytes) -> str | None:
+    """'a gzip-compressed file', 'a PDF', ... when the first bytes say the data is not plain text."""
+    if head.startswith(b"%PDF-"):
+        return "a PDF (e.g. pdftotext gives its text)"
+    kind = next((kind for magic, kind in _ARCHIVES if magic.match(head)), None)
+    return None if kind is None else f"a {kind} file"
+
+
 def normalise_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -58,11 +66,9 @@ def decode_text(data: bytes, source: str) -> Document:
         text = data.decode("utf-16", errors="replace")
         n_replaced = text.count("\ufffd")
     else:
-        kind = next((kind for magic, kind in _ARCHIVES if magic.match(data)), None)
+        kind = container_kind(data)
         if kind is not None:
-            raise LongdocError(f"{source}: is a {kind} file; extract the text first")
-        if data.startswith(b"%PDF-"):
-            raise LongdocError(f"{source}: is a PDF; extract its text first (e.g. with pdftotext)")
+            raise LongdocError(f"{source}: is {kind}; extract the text first")
         if b"\x00" in data:
             raise LongdocError(f"{source}: looks like a binary file (it contains NUL bytes), not text")
         if data.startswith(codecs.BOM_UTF8):

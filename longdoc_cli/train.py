@@ -222,10 +222,12 @@ def _changed_keys(old_yaml: str, new_yaml: str) -> str:
 def _looks_like_wrong_task(path: str, cfg: LongdocConfig) -> None:
     from .data import iter_rows
 
+    skipped: list[str] = []
     try:
-        _, row = next(iter(iter_rows(path, cfg.data.format, skipped=[])))
+        _, row = next(iter(iter_rows(path, cfg.data.format, skipped=skipped)))
     except StopIteration:
-        raise LongdocError(f"{path}: no records") from None
+        why = f" (the first bad one: {skipped[0]})" if skipped else ""
+        raise LongdocError(f"{path}: no valid records{why}") from None
     d = cfg.data
     is_qa = d.question_key in row and d.context_key in row
     is_cls = d.text_key in row and d.label_key in row
@@ -438,6 +440,8 @@ def train(
 ) -> TrainResult:
     """Fine-tune per ``cfg`` into ``output_dir``. ``stop_after_steps`` ends the run after that many
     optimizer steps, as an interruption would (last/ is saved), for tests of ``resume``."""
+    if not str(output_dir).strip():  # Path("") is the current directory
+        raise LongdocError("the output directory is an empty path; give a directory", exit_code=2)
     out = Path(output_dir)
     if _dist_info()[0] != 0:  # rank 0 claims and prepares the directory for all ranks
         return _train(cfg, out, resume, on_event, stop_after_steps)

@@ -308,3 +308,24 @@ def test_cli_sets_memory_settings_before_torch():
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "1 False"
+
+
+def test_globals_beyond_the_length_are_counted_as_marked():
+    """make_inputs marks min(G, n) global tokens: the FLOPs must count no more."""
+    cfg = bench.preset_config("tiny", 64, None)
+    for impl in ("longdoc", "full", "longdoc-attn"):
+        assert bench._flops(impl, cfg, 16, 1, 1000, "infer") == bench._flops(impl, cfg, 16, 1, 16, "infer")
+
+
+def test_ratios_compare_models_with_models():
+    from types import SimpleNamespace
+
+    def row(impl: str, t: float) -> SimpleNamespace:
+        return SimpleNamespace(model="base", seq_len=64, batch_size=1, dtype="fp32", mode="infer", impl=impl,
+                               median_s=t)  # fmt: skip
+
+    report = SimpleNamespace(measurements=[row("hf", 2.0), row("longdoc", 1.0), row("longdoc-attn", 0.2)])
+    assert bench.ratios(report) == {
+        ("base", 64, 1, "fp32", "infer", "hf"): 1.0,
+        ("base", 64, 1, "fp32", "infer", "longdoc"): 0.5,
+    }

@@ -422,6 +422,12 @@ def test_usage_errors_are_one_line(args: list[str], says: str) -> None:
     assert says in r.stderr and "╭" not in r.stderr
 
 
+@pytest.mark.parametrize("command", [["models"], ["bench", "-m", "tiny"], ["evaluate", "data.jsonl"]])
+def test_reports_have_no_tsv(command: list[str]) -> None:
+    r = run(*command, "--format", "tsv")
+    assert r.exit_code == 2 and "--format must be table, json or jsonl" in r.stderr
+
+
 def test_no_arguments_prints_the_help() -> None:
     r = run()
     assert r.exit_code == 2 and "Usage: longdoc" in r.stdout and "error" not in r.stderr

@@ -148,3 +148,10 @@ def test_cli_convert_refuses_non_empty_out_and_force(bert_dir, tmp_path):
     assert r.exit_code == 2 and "two-sided" in r.stderr
     r = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "y")])
     assert r.exit_code == 1 and "not a directory" in r.stderr
+
+
+def test_empty_paths_are_refused(tmp_path, monkeypatch):
+    """Path("") is the current directory: an empty OUT must not mean "here"."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["convert", str(tmp_path), ""])
+    assert r.exit_code == 2 and "non-empty paths" in r.stderr and list(tmp_path.iterdir()) == []

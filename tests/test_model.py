@@ -379,3 +379,24 @@ def test_saved_files_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ({"hidden_size": "768"}, "hidden_size must be a positive integer"),
+        ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+        ({"attention_window": "512"}, "attention_window must be an int or a list"),
+        ({"hidden_size": 30}, "not a multiple of num_attention_heads"),
+    ],
+)
+def test_bad_configs_are_longdoc_errors(changes, says):
+    with pytest.raises(LongdocError, match=says):
+        LongformerConfig(**changes)
+
+
+@pytest.mark.parametrize("path", [123, None, "", "  "])
+def test_from_pretrained_needs_a_path(path):
+    with pytest.raises(LongdocError, match="expected a model directory path"):
+        LongformerEncoder.from_pretrained(path)

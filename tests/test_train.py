@@ -222,3 +222,22 @@ def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
         train(load_config(None, [*tiny.overrides(tiny_model_dir, cls_data), "data.train=nope.jsonl"]),
               tmp_path / "new" / "out")  # fmt: skip
     assert not (tmp_path / "new" / "out").exists()
+    with pytest.raises(LongdocError, match="empty path") as e:  # Path("") would be the current directory
+        train(cfg, "")
+    assert e.value.exit_code == 2
+
+
+def test_unreadable_training_data_says_why(tiny, tiny_model_dir, tmp_path):
+    import gzip
+
+    packed = tmp_path / "data.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"text": "a", "label": "x"}\n'))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n[1, 2\n")
+    for data, says in [
+        (packed, "is a gzip-compressed file"),
+        (broken, r"no valid records \(the first bad one: .*:1"),
+    ]:
+        cfg = load_config(None, tiny.overrides(tiny_model_dir, data))
+        with pytest.raises(LongdocError, match=says):
+            train(cfg, tmp_path / "out")
