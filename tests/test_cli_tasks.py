@@ -432,3 +432,30 @@ def test_no_arguments_prints_the_help() -> None:
     r = run()
     assert r.exit_code == 2 and "Usage: longdoc" in r.stdout and "error" not in r.stderr
     assert run("--version").exit_code == 0 and run("classify", "-h").exit_code == 0
+
+
+def test_library_api_runs_the_tasks_silently(encoder_dir, docs, capsys):
+    """The README's library example, on the tiny model: the tasks return data and print nothing."""
+    import longdoc_cli
+    from longdoc_cli import (
+        Classifier,
+        LongdocError,
+        QuestionAnswerer,
+        load_labels,
+        load_task_model,
+        resolve_model,
+    )
+
+    assert all(getattr(longdoc_cli, name) is not None for name in longdoc_cli.__all__)
+    text = (docs / "sport.txt").read_text()
+    tm = load_task_model(resolve_model(str(encoder_dir)), task="classify", max_length=64)
+    [result] = Classifier(tm, load_labels(["sport", "music"], None)).classify([("doc", text)])
+    assert result.label in ("sport", "music") and result.n_windows > 1
+    qa = QuestionAnswerer(load_task_model(resolve_model(str(encoder_dir)), task="qa", max_length=64), top_k=2)
+    [answered] = qa.answer("doc", text, [QUESTION])
+    best = answered.answers[0]
+    assert text[best.start : best.end] == best.text and len(answered.answers) == 2
+    with pytest.raises(LongdocError, match="task must be"):
+        load_task_model(encoder_dir, task="summarise")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""

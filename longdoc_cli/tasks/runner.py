@@ -93,6 +93,8 @@ def load_task_model(
 
     Windows are ``max_length`` tokens (an error above the model's limit), else the model's limit
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
+    if task not in ("classify", "qa"):
+        raise LongdocError(f"task must be 'classify' or 'qa', not {task!r}", exit_code=2)
     config = load_config(model_dir)
     if attention_window is not None:
         config = dataclasses.replace(config, attention_window=int(attention_window))
