@@ -956,6 +956,7 @@ def qa(
 
         fmt = output_format(fmt)
         asked = [q.strip() for q in question if q.strip()]
+        question_ids: list[Any] = [None] * len(asked)
         if questions_file:
             try:
                 if questions_file == "-":
@@ -970,7 +971,8 @@ def qa(
             from_file = read_questions(text, questions_file)
             if not from_file:
                 raise LongdocError(f"{questions_file}: holds no questions", exit_code=2)
-            asked += from_file
+            asked += [q for q, _ in from_file]
+            question_ids += [i for _, i in from_file]
         if not asked:
             raise LongdocError(
                 "give a question with --question (or a file of them with --questions)", exit_code=2
@@ -1000,8 +1002,10 @@ def qa(
                     continue
                 results = answerer.answer(item.id, item.text, asked)
                 _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)
-                for result in results:
+                for result, question_id in zip(results, question_ids, strict=True):
                     record = result.to_record(item.key)
+                    if question_id is not None:
+                        record["question_id"] = question_id
                     emit(
                         {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
                     )
@@ -1019,11 +1023,12 @@ def qa(
             raise typer.Exit(1)
 
 
-def read_questions(text: str, source: str) -> list[str]:
-    """Questions from a file: one per line, or in a .jsonl file one JSON object per line with a
-    "question" key. Blank lines are skipped."""
+def read_questions(text: str, source: str) -> list[tuple[str, Any]]:
+    """(question, id) pairs from a file: one question per line (no id), or in a .jsonl file one JSON
+    object per line with a "question" key and an optional "id" (copied to the results as
+    ``question_id``). Blank lines are skipped."""
     if not source.lower().endswith((".jsonl", ".ndjson")):
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [(line.strip(), None) for line in text.splitlines() if line.strip()]
     questions = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -1035,7 +1040,7 @@ def read_questions(text: str, source: str) -> list[str]:
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
             raise LongdocError(f'{source}:{number}: needs a non-empty string "question"', exit_code=2)
-        questions.append(question.strip())
+        questions.append((question.strip(), record.get("id")))
     return questions
 
 

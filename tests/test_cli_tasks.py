@@ -349,8 +349,10 @@ def test_questions_files(encoder_dir, docs, tmp_path):
     good.write_text(
         json.dumps({"question": QUESTION, "id": 1}) + "\n\n" + json.dumps({"question": "Why?"}) + "\n"
     )
-    r = run("qa", "-m", str(encoder_dir), "--questions", str(good), doc)
-    assert r.exit_code == 0 and [x["question"] for x in jsonl(r.stdout)] == [QUESTION, "Why?"]
+    r = run("qa", "-m", str(encoder_dir), "-Q", "What?", "--questions", str(good), doc)
+    records = jsonl(r.stdout)
+    assert r.exit_code == 0 and [x["question"] for x in records] == ["What?", QUESTION, "Why?"]
+    assert [x.get("question_id") for x in records] == [None, 1, None]
     for content, says in [
         ('{"question": "Who?"}\n{bad\n', "q.jsonl:2: not valid JSON"),
         ('{"text": "Who?"}\n', 'q.jsonl:1: needs a non-empty string "question"'),
