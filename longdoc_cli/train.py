@@ -167,7 +167,7 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
     directory it created."""
     if out.exists() and not out.is_dir():
         raise LongdocError(f"{out}: exists and is not a directory", exit_code=2)
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the run fails early
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -179,6 +179,9 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
         except BaseException:
             if created and out.is_dir() and all(p.name == LOCK_FILE for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # the lock file goes with it, still held
+                for parent in created[1:]:  # innermost first; only while empty
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
 
 

@@ -221,7 +221,7 @@ def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
     with pytest.raises(LongdocError):
         train(load_config(None, [*tiny.overrides(tiny_model_dir, cls_data), "data.train=nope.jsonl"]),
               tmp_path / "new" / "out")  # fmt: skip
-    assert not (tmp_path / "new" / "out").exists()
+    assert not (tmp_path / "new").exists()  # nor the parent it created
     with pytest.raises(LongdocError, match="empty path") as e:  # Path("") would be the current directory
         train(cfg, "")
     assert e.value.exit_code == 2
