@@ -164,7 +164,7 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
     """:func:`prepare_output_dir` under an exclusive lock on OUT/.longdoc-train.lock, held for the
     whole run: a second ``longdoc train`` into the same directory is refused, instead of the two
     runs mixing their checkpoints and logs. A run that fails before writing anything removes the
-    directory it created."""
+    directory it created, and the parents it created."""
     if out.exists() and not out.is_dir():
         raise LongdocError(f"{out}: exists and is not a directory", exit_code=2)
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the run fails early
