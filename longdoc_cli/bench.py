@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LongdocError
+from .errors import LongdocError, is_out_of_memory
 
 IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -649,7 +649,7 @@ def measure(job: Job, model=None) -> dict[str, Any]:
             if runs > warmup:
                 times.append(dt)
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and "out of memory" not in str(e).lower():
+        if not is_out_of_memory(e):
             raise
         return {"status": "skipped", "note": f"out of memory at {n} tokens ({str(e).splitlines()[0][:100]})"}
     peak_mib = mem.peak_mib()

@@ -19,7 +19,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .errors import LongdocError
+from .errors import LongdocError, is_out_of_memory
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -125,13 +125,9 @@ def errors() -> Iterator[None]:
         if debug_enabled():
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, MemoryError) or any(x in text.lower() for x in _OOM_WORDS):
+        if is_out_of_memory(e):
             text = f"out of memory ({text[:160]}); try a smaller batch or shorter inputs"
         raise fail(f"{type(e).__name__}: {text}") from None
-
-
-# How torch words a failed allocation: CUDA ("out of memory") and the CPU allocator.
-_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 def _quiet_broken_pipe() -> None:

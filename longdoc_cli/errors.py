@@ -7,3 +7,12 @@ class LongdocError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# How a failed allocation reads: CUDA's "out of memory" and the CPU allocator's wording.
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation (MemoryError, or torch's RuntimeError for one)."""
+    return isinstance(error, MemoryError) or any(w in str(error).lower() for w in _OOM_WORDS)

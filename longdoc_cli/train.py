@@ -135,16 +135,15 @@ def _dist_info() -> tuple[int, int, int]:
 
 def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse a non-empty directory unless resuming (which needs last/) or forced (which removes
-    only longdoc's own outputs: best/, last/, train_log.jsonl)."""
+    only longdoc's own outputs: best/, last/, train_log.jsonl). ``out`` is a directory already
+    unless resuming (:func:`claimed_output_dir` made it)."""
     if resume and force:
         raise LongdocError("--resume and --force exclude each other", exit_code=2)
     if resume:
         if not (out / "last" / STATE_FILE).is_file():
             raise LongdocError(f"{out}: nothing to resume (no last/{STATE_FILE})")
         return
-    if out.exists() and not out.is_dir():
-        raise LongdocError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         if not force:
             raise LongdocError(
                 f"{out}: output directory is not empty; pass --resume to continue or --force to overwrite",
@@ -156,7 +155,6 @@ def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager

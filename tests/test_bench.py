@@ -329,3 +329,15 @@ def test_ratios_compare_models_with_models():
         ("base", 64, 1, "fp32", "infer", "hf"): 1.0,
         ("base", 64, 1, "fp32", "infer", "longdoc"): 0.5,
     }
+
+
+def test_out_of_memory_is_recognised_in_every_wording():
+    """The CLI's message and the bench's skipped rows share one test of a failed allocation."""
+    from longdoc_cli.errors import is_out_of_memory
+
+    cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"
+    )
+    assert is_out_of_memory(cpu) and is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
