@@ -1,6 +1,7 @@
-"""Process-wide memory settings for longdoc's own processes (the CLI and the bench's children);
-a library user's process is left as it is. Measured on the 2-core CPU (base model, 2 layers;
-benchmarks/README.md, "Memory settings"). A variable the user set wins.
+"""Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
+children; a library user's process is left as it is), measured on the 2-core CPU (base model,
+2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
+CPU computes bf16 natively; the umask's mode for the files longdoc writes.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ class DocumentTokenizer:
             head, mid = [self.cls_id, *q, self.sep_id], [self.sep_id]
             head_types, ctx_type = [0] * (len(q) + 2), 0
         prefix = head + mid
-        budget = self.context_budget(question, max_tokens, max_question_tokens)
+        budget = self._max(max_tokens) - len(prefix) - 1  # = context_budget(), without encoding again
         if budget <= 0:
             raise LongdocError(f"the question ({len(q)} tokens) leaves no room for context in a window")
         spans = _spans(len(context_enc), budget, doc_stride, "doc_stride")

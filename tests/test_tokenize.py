@@ -181,3 +181,14 @@ def test_unknown_share(tmp_path):
         ("", 0.0, 0.0),
     ]:
         assert low <= tok.unknown_share(text, tok.encode(text)) <= high, text
+
+
+def test_context_budget_is_what_a_question_window_holds(tmp_path):
+    from longdoc_cli.tokenize import DocumentTokenizer
+    from tests.fixtures_tiny import build_tiny_model
+
+    tok = DocumentTokenizer.from_dir(build_tiny_model(tmp_path / "m"))
+    enc = tok.encode("the code of a class is a value " * 40)
+    for question in ("what", "what is the value of the code in a class", "code " * 30):
+        first = tok.question_windows(question, enc, 64, 8, 16)[0]
+        assert len(first) == 64 and first.doc_end - first.doc_start == tok.context_budget(question, 64, 16)
