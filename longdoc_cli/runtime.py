@@ -1,7 +1,7 @@
 """Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
 children; a library user's process is left as it is), measured on the 2-core CPU (base model,
 2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
-CPU computes bf16 natively; the umask's mode for the files longdoc writes.
+CPU computes bf16 natively; the umask's mode for the files longdoc writes; an exclusive file lock.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -54,3 +56,21 @@ def umask_mode(path: str | os.PathLike[str]) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block. Without
+    ``wait``, a lock another process holds raises BlockingIOError at once. Where there is no flock
+    (Windows) no lock is taken: the callers' atomic renames keep their files sound without it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -37,6 +37,7 @@ from typing import Any
 
 from .config import MODEL_CONFIG_NAME, ConfigError, LongdocConfig, config_to_yaml, save_config
 from .errors import LongdocError
+from .runtime import exclusive_lock
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -170,7 +171,18 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if out.is_dir():
-            stack.enter_context(_exclusive(out / LOCK_FILE))
+            lock_file = out / LOCK_FILE
+            try:
+                stack.enter_context(exclusive_lock(lock_file, wait=False))
+            except BlockingIOError:
+                raise LongdocError(
+                    f"{out}: another `longdoc train` is writing there; wait for it to finish or choose "
+                    "another output directory",
+                    exit_code=2,
+                ) from None
+            # Removed while still held (callbacks run last in, first out): the directory ends as
+            # the run left it.
+            stack.callback(lock_file.unlink, missing_ok=True)
         try:
             prepare_output_dir(out, resume, force)
             yield
@@ -181,29 +193,6 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no guard against a second run
-        yield
-        return
-    with open(lock_file, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LongdocError(
-                f"{lock_file.parent}: another `longdoc train` is writing there; wait for it to finish "
-                "or choose another output directory",
-                exit_code=2,
-            ) from None
-        try:
-            yield
-        finally:  # removed while still held, so the directory ends as the run left it
-            lock_file.unlink(missing_ok=True)
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _changed_keys(old_yaml: str, new_yaml: str) -> str:
