@@ -9,7 +9,6 @@ MultipleNegativesRankingLoss), so the scores are that training's own calibration
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -185,8 +184,9 @@ class Classifier:
             probs = self._aggregate(per_doc[d])
             spans = [(w.doc_start, w.doc_end) for i, w in enumerate(windows) if owner[i] == d]
             truncated = not covers(spans, n_tokens[d])
-            result = self._result(doc_id, text, probs, n_tokens[d], len(per_doc[d]), truncated)
-            results.append(dataclasses.replace(result, unknown_share=unknown[d]))
+            results.append(
+                self._result(doc_id, text, probs, n_tokens[d], len(per_doc[d]), truncated, unknown[d])
+            )
         return results
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -215,7 +215,14 @@ class Classifier:
         return self._probabilities(agg)
 
     def _result(
-        self, doc_id: str, text: str, probs: torch.Tensor, n_tok: int, n_win: int, truncated: bool
+        self,
+        doc_id: str,
+        text: str,
+        probs: torch.Tensor,
+        n_tok: int,
+        n_win: int,
+        truncated: bool,
+        unknown_share: float,
     ) -> Classification:
         order = torch.argsort(probs, descending=True).tolist()
         best = order[0]
@@ -227,7 +234,7 @@ class Classifier:
         passages = self._explain(text, best) if self.explain else []
         return Classification(
             doc_id, self.names[best], round(float(probs[best]), 6), scores, chosen, n_tok, n_win, truncated,
-            passages,
+            passages, unknown_share,
         )  # fmt: skip
 
     def _explain(self, text: str, label: int) -> list[Passage]:
