@@ -22,9 +22,7 @@ dropout, through banded scaled-dot-product attention over query blocks (:func:`_
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import LongdocError
+from .envvars import env
 
 # ----------------------------------------------------------------------------------------------
 # The spec: one predicate and a dense masked attention (tests and short references only).
@@ -419,7 +417,7 @@ def choose_kernel(device: torch.device, dropout_p: float, n: int, window: int) -
     """Which local-attention kernel runs: ``"flex"`` (compiled FlexAttention, CUDA, no attention
     dropout) or ``"band"`` (:func:`local_attention`'s own kernels). ``LONGDOC_ATTENTION=band``
     forces the latter; ``=flex`` also allows FlexAttention on the CPU (compiled, inference)."""
-    choice = os.environ.get("LONGDOC_ATTENTION", "auto")
+    choice = env("LONGDOC_ATTENTION", "auto")
     if choice == "band" or dropout_p > 0 or n <= window + 1 or _flex_module() is None:
         return "band"
     return "flex" if choice == "flex" or device.type == "cuda" else "band"
@@ -520,15 +518,7 @@ def _flex_options() -> dict:
     """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
     tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are, ``"tile"``
     sets the mask's tile (default 128; kernel BLOCK_M/BLOCK_N must divide it)."""
-    text = os.environ.get("LONGDOC_FLEX_OPTIONS", "")
-    try:
-        options = json.loads(text) if text else {}
-    except json.JSONDecodeError as e:
-        problem = f"is not JSON ({e.msg} at column {e.colno})"
-        raise LongdocError(f"LONGDOC_FLEX_OPTIONS {problem}", exit_code=2) from None
-    if not isinstance(options, dict):
-        raise LongdocError("LONGDOC_FLEX_OPTIONS must be a JSON object", exit_code=2)
-    return options
+    return env("LONGDOC_FLEX_OPTIONS", {})
 
 
 @functools.cache

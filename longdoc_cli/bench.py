@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .envvars import env
 from .errors import LongdocError, is_out_of_memory
 
 IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
@@ -456,7 +457,7 @@ def load_impl(impl: str, checkpoint: Path, device: str, dtype: str):
         model = quantize_int8(model, inplace=True)
     if impl == "longdoc-compiled":
         for layer in model.encoder.layer:
-            layer.compile(mode=os.environ.get("LONGDOC_COMPILE_MODE", "default"))
+            layer.compile(mode=env("LONGDOC_COMPILE_MODE", "default"))
     return model
 
 

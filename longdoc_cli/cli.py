@@ -86,6 +86,10 @@ def _root(
     ),
 ) -> None:
     """Classify long documents and answer questions over them with a Longformer encoder."""
+    from .envvars import check_environment
+
+    with errors():
+        check_environment()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,12 +97,34 @@ def _root(
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("LONGDOC_DEBUG", "") not in ("", "0")
+    from .envvars import env
+
+    try:
+        return env("LONGDOC_DEBUG", False)
+    except LongdocError:  # reported by _root's check
+        return False
+
+
+# An error line longer than this is cut (a bad value's preview must not flood the terminal).
+MAX_ERROR_LINE = 1000
+MAX_ERROR_LINES = 50
+
+
+def bounded(message: str) -> str:
+    """``message`` with each line cut to MAX_ERROR_LINE characters and at most MAX_ERROR_LINES lines."""
+    lines = message.splitlines() or [""]
+    cut = [
+        line if len(line) <= MAX_ERROR_LINE else f"{line[:MAX_ERROR_LINE]}... ({len(line)} characters)"
+        for line in lines[:MAX_ERROR_LINES]
+    ]
+    if len(lines) > MAX_ERROR_LINES:
+        cut.append(f"... {len(lines) - MAX_ERROR_LINES} more line(s)")
+    return "\n".join(cut)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one error line on stderr and return the Exit to raise."""
-    typer.echo(f"longdoc: error: {message}", err=True)
+    """Print one error line on stderr (bounded) and return the Exit to raise."""
+    typer.echo(f"longdoc: error: {bounded(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -121,7 +147,7 @@ def errors() -> Iterator[None]:
     except BrokenPipeError:
         _quiet_broken_pipe()
         raise typer.Exit(0) from None
-    except (OSError, MemoryError, RuntimeError, ValueError) as e:
+    except (OSError, MemoryError, RuntimeError, ValueError, OverflowError) as e:  # and RecursionError
         if debug_enabled():
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -213,13 +239,14 @@ def _environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    from .envvars import env
     from .models import cache_entries, default_model_status, longdoc_home
     from .runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     return {
         "default_model": default_model_status(),
-        "longdoc_model": os.environ.get("LONGDOC_MODEL") or "default",
+        "longdoc_model": env("LONGDOC_MODEL", "default"),
         "longdoc_home": str(longdoc_home()),
         "cached_models": cache_entries(),
         "device": "cuda" if cuda else "cpu",
@@ -520,9 +547,9 @@ def train_cmd(
         extra = [f"model.name={model}"] if model else []
         extra += ["data.skip_bad_lines=true"] if skip_bad_lines else []
         cfg = load_config(config, [*overrides, *extra])
-        from .train import train
+        from .train import _dist_info, train
 
-        console = stderr_console(quiet=quiet or os.environ.get("RANK", "0") != "0")
+        console = stderr_console(quiet=quiet or _dist_info()[0] != 0)
         with _TrainDisplay(console) as display:
             result = train(cfg, output, resume=resume, force=force, on_event=display)
         if result.best_metric is None:  # no dev set, or no evaluation yet: best/ is the last model
@@ -702,13 +729,49 @@ def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet:
     return tm
 
 
-def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard):
+def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard, max_bytes: str | None):
     from .tasks.inputs import iter_inputs, parse_shard
+    from .textio import MAX_DOCUMENT_BYTES, parse_size
 
     return iter_inputs(
         _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
         id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+        max_bytes=MAX_DOCUMENT_BYTES if max_bytes is None else parse_size(max_bytes),
     )  # fmt: skip
+
+
+# Seconds without a new input after which the documents read so far are classified and printed:
+# results are not held back for a batch behind a slow (or blocked) input.
+FLUSH_IDLE_S = 0.5
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = f"{type(error).__name__}: {text[:200]}"
+    return (
+        f"out of memory; try --max-bytes lower or a smaller batch ({text})"
+        if is_out_of_memory(error)
+        else text
+    )
+
+
+def _each_or_alone(run, docs: list) -> Iterator[tuple[Any, Any]]:
+    """(doc, result) for ``docs`` run together; when the batch fails, each document alone, so one
+    document's failure is its own error (the result is then the error's text) and not the batch's."""
+    if not docs:
+        return
+    try:
+        results = run([(d.id, d.text) for d in docs])
+    except (RuntimeError, ValueError, MemoryError) as e:
+        if debug_enabled():
+            raise
+        if len(docs) == 1:
+            yield docs[0], _short(e)
+            return
+        for doc in docs:
+            yield from _each_or_alone(run, [doc])
+        return
+    yield from zip(docs, results, strict=True)
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -786,11 +849,15 @@ def _progress(console, label: str):
 
 
 def _report_input(console, item) -> bool:
-    """Warn about an input problem; True if the item is an error."""
+    """Report an input problem; True if the item is an error (a failure for the exit code)."""
     from .tasks.inputs import InputError
 
     if isinstance(item, InputError):
-        typer.echo(f"longdoc: error: {item.message}", err=True)
+        if item.warning:
+            if not console.quiet:
+                typer.echo(f"longdoc: warning: {bounded(item.message)}", err=True)
+            return False
+        typer.echo(f"longdoc: error: {bounded(item.message)}", err=True)
         return True
     if item.n_replaced and not console.quiet:
         typer.echo(
@@ -832,6 +899,9 @@ _FMT = typer.Option(
     None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
 )
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
+_MAX_BYTES = typer.Option(
+    None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G (default 64M)."
+)
 
 
 @app.command()
@@ -866,11 +936,13 @@ def classify(
     shard: str | None = _SHARD,
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
+    max_bytes: str | None = _MAX_BYTES,
 ) -> None:
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the 17 IPTC media topics). One result per document."""
     with errors():
         from .tasks.classify import Classifier, load_labels
+        from .tasks.inputs import InputError
         from .tasks.runner import batched
 
         fmt = output_format(fmt)
@@ -891,17 +963,21 @@ def classify(
             threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
             stride=_pick(stride, tk.stride), strict_stride=stride is not None,
         )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
+        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
         emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
         console = stderr_console(quiet)
         failed = False
         with _progress(console, "documents") as progress:
             task = progress.add_task("classify", total=None)
-            for chunk in batched(items, max(4 * bs, 8)):
-                docs = [x for x in chunk if not _report_input(console, x)]
-                failed |= len(docs) < len(chunk)
-                for doc, result in zip(docs, clf.classify([(d.id, d.text) for d in docs]), strict=True):
+            for chunk in batched(items, max(4 * bs, 8), idle_s=FLUSH_IDLE_S):
+                docs = [x for x in chunk if not _report_input(console, x) and not isinstance(x, InputError)]
+                failed |= any(isinstance(x, InputError) and not x.warning for x in chunk)
+                for doc, result in _each_or_alone(clf.classify, docs):
+                    if isinstance(result, str):
+                        typer.echo(f"longdoc: error: {doc.id}: cannot classify it ({result})", err=True)
+                        failed = True
+                        continue
                     _warn_unknown(quiet, doc.id, result.unknown_share)
                     record = result.to_record(doc.key)
                     emit(
@@ -944,26 +1020,21 @@ def qa(
     shard: str | None = _SHARD,
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
+    max_bytes: str | None = _MAX_BYTES,
 ) -> None:
     """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
     the sentence that best answers it. One result per question and document."""
     with errors():
+        from .tasks.inputs import InputError
         from .tasks.qa import QuestionAnswerer
 
         fmt = output_format(fmt)
         asked = [q.strip() for q in question if q.strip()]
         question_ids: list[Any] = [None] * len(asked)
         if questions_file:
-            try:
-                if questions_file == "-":
-                    text = sys.stdin.read()
-                else:
-                    with open(questions_file, encoding="utf-8") as f:
-                        text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise LongdocError(
-                    f"{questions_file}: cannot read the questions ({e.__class__.__name__})"
-                ) from e
+            from .textio import read_text_file
+
+            text = read_text_file(questions_file, "questions file")
             from_file = read_questions(text, questions_file)
             if not from_file:
                 raise LongdocError(f"{questions_file}: holds no questions", exit_code=2)
@@ -986,7 +1057,7 @@ def qa(
             max_question_length=_pick(max_question_len, tk.max_question_length),
             strict_stride=doc_stride is not None,
         )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard)
+        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
         emit = _Emitter(fmt, ["path", "question", "answer", "score", "start", "end"])
         console = stderr_console(quiet)
         failed = False
@@ -996,7 +1067,16 @@ def qa(
                 if _report_input(console, item):
                     failed = True
                     continue
-                results = answerer.answer(item.id, item.text, asked)
+                if isinstance(item, InputError):  # a warning: skipped
+                    continue
+                try:
+                    results = answerer.answer(item.id, item.text, asked)
+                except (RuntimeError, ValueError, MemoryError) as e:  # this document's failure only
+                    if debug_enabled():
+                        raise
+                    typer.echo(f"longdoc: error: {item.id}: cannot answer over it ({_short(e)})", err=True)
+                    failed = True
+                    continue
                 _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)
                 for result, question_id in zip(results, question_ids, strict=True):
                     record = result.to_record(item.key)

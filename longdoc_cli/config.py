@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import LongdocError
+from .textio import MAX_SIDE_FILE_BYTES, preview, read_text_file
 
 MODEL_CONFIG_NAME = "longdoc.yaml"
 TASKS = ("classify", "qa")
@@ -284,10 +285,52 @@ def _build_section(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 60) -> str:
+    """A bounded preview of a bad value: at most ``limit`` characters, built without expanding the
+    whole value (a YAML alias bomb is a small graph of shared lists that prints as gigabytes)."""
     if isinstance(value, (dict, list)):
-        return f"a {type(value).__name__} {json.dumps(value, default=str)[:60]}"
-    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+        return f"a {type(value).__name__} {_preview_json(value, limit)}"
+    if isinstance(value, str):
+        return preview(value, limit)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return preview(json.dumps(value, default=str), limit).strip("'\"")
+
+
+def _preview_json(value: Any, limit: int) -> str:
+    """JSON-like text of ``value``, cut after ``limit`` characters (each part is cut before it is
+    joined, so the cost is bounded by ``limit``, not by the value's size)."""
+    out: list[str] = []
+    size = 0
+
+    def put(text: str) -> bool:
+        nonlocal size
+        out.append(text[: limit - size + 1])
+        size += len(out[-1])
+        return size <= limit
+
+    def walk(v: Any, depth: int) -> bool:
+        if depth > 20:
+            return put("...")
+        if isinstance(v, dict):
+            if not put("{"):
+                return False
+            for i, (k, x) in enumerate(v.items()):
+                if (i and not put(", ")) or not put(_show(k, limit) + ": ") or not walk(x, depth + 1):
+                    return False
+            return put("}")
+        if isinstance(v, list):
+            if not put("["):
+                return False
+            for i, x in enumerate(v):
+                if (i and not put(", ")) or not walk(x, depth + 1):
+                    return False
+            return put("]")
+        return put(_show(v, limit))
+
+    if walk(value, 0):
+        return "".join(out)
+    return "".join(out)[:limit] + "..."
 
 
 def _check(cfg: LongdocConfig, problems: list[str]) -> None:
@@ -390,8 +433,10 @@ def config_to_dict(cfg: LongdocConfig) -> dict[str, Any]:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        return yaml.load(text, Loader=_StrictLoader) if text.strip() else ""
+    except yaml.composer.ComposerError as e:  # an alias bomb
+        raise ConfigError(f"--set {preview(text, 40)}: {e.problem}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):  # read as the text it is
         return text
 
 
@@ -445,31 +490,64 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Longd
 
 
 def _read_yaml(path: Path) -> Any:
-    if str(path) == "-":
-        import sys
-
-        text = sys.stdin.read()
-    else:
-        if path.is_dir():
-            raise ConfigError(f"{path}: is a directory, not a YAML config")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read it ({e})") from None
+    if str(path) != "-" and not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        text = read_text_file(str(path), "YAML config", MAX_SIDE_FILE_BYTES)
+    except LongdocError as e:
+        raise ConfigError(str(e)) from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        raise ConfigError(f"{where}: not valid YAML ({preview(problem, 200).strip(chr(39))})") from None
+    except ValueError:  # an integer past Python's 4300-digit limit
+        raise ConfigError(f"{path}: holds a number too long to read (over 4300 digits)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+
+
+# Nodes a config may expand to through aliases (*name): a real config has a few hundred at most;
+# a "billion laughs" document of nested aliases expands to billions.
+MAX_YAML_NODES = 10_000
 
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the
-    last silently, so a second ``lr:`` further down a file would win unnoticed)."""
+    last silently, so a second ``lr:`` further down a file would win unnoticed), and a document
+    whose aliases expand to more than MAX_YAML_NODES nodes (an alias bomb) is refused before it
+    is built."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node, open_: set[int]) -> int:  # expanded node count, shared nodes memoised
+            if id(n) in sizes:
+                return sizes[id(n)]
+            if id(n) in open_:
+                raise yaml.composer.ComposerError(None, None, "an alias refers to itself", n.start_mark)
+            total = 1
+            if isinstance(n, (yaml.SequenceNode, yaml.MappingNode)):
+                open_.add(id(n))
+                children = n.value if isinstance(n, yaml.SequenceNode) else [x for kv in n.value for x in kv]
+                for child in children:
+                    total += size(child, open_)
+                    if total > MAX_YAML_NODES:
+                        raise yaml.composer.ComposerError(
+                            None, None,
+                            f"its aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?)",
+                            n.start_mark,
+                        )  # fmt: skip
+                open_.discard(id(n))
+            sizes[id(n)] = total
+            return total
+
+        if node is not None:
+            size(node, set())
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()

@@ -21,12 +21,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import LongdocError
-from .runtime import umask_mode
+from .runtime import clean_stale, temp_dir
 
 SUPPORTED = ("bert", "roberta")
 TOKENIZER_FILES = (
@@ -68,9 +67,8 @@ def convert_checkpoint(
         )
     _check_out(src, out, force)
     source_config = read_source_config(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask_mode(tmp)  # mkdtemp makes it 0700
+    clean_stale(out.parent, out.name)  # what a killed conversion into ``out`` left
+    tmp = temp_dir(out.parent, out.name)
     try:
         write_longformer(src, tmp, source_config, max_positions, attention_window)
         _publish(tmp, out)

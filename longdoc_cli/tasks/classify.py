@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import LongdocError
+from ..textio import read_text_file
 from ..tokenize import Window
 from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
 from .text import passage_spans, snippet
@@ -90,12 +90,7 @@ def load_labels(labels: Sequence[str] | None, labels_file: str | None) -> list[L
     if labels and labels_file:
         raise LongdocError("give either --labels or --labels-file, not both", exit_code=2)
     if labels_file:
-        path = Path(labels_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LongdocError(f"{labels_file}: cannot read the labels file ({e.__class__.__name__})") from e
-        return parse_labels(text, labels_file)
+        return parse_labels(read_text_file(labels_file, "labels file"), labels_file)
     if labels:
         return _checked([Label(x.strip()) for x in labels if x.strip()], "--labels")
     return default_labels()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,12 +207,67 @@ def window_overlap(option: str, value: int, limit: int, strict: bool) -> int:
     return min(value, limit)
 
 
-def batched(items: Sequence[Any] | Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
+def batched(
+    items: Sequence[Any] | Iterator[Any], size: int, idle_s: float | None = None
+) -> Iterator[list[Any]]:
+    """Lists of up to ``size`` items. With ``idle_s``, items are read ahead in a thread and a
+    shorter list is given as soon as no new item came for ``idle_s`` seconds: what was read is
+    processed at once, not held back behind a slow or blocked input (a pipe that waits)."""
+    if idle_s is None:
+        chunk: list[Any] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
             yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        return
+    yield from _batched_ahead(iter(items), size, idle_s)
+
+
+_END = object()
+
+
+def _batched_ahead(items: Iterator[Any], size: int, idle_s: float) -> Iterator[list[Any]]:
+    ahead: queue.Queue = queue.Queue(maxsize=2 * size)  # bounded: the reader stays a batch or two ahead
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ahead.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            ahead.put((_END, e))
+
+    threading.Thread(target=read, name="longdoc-read-ahead", daemon=True).start()
+    chunk: list[Any] = []
+    try:
+        while True:
+            try:
+                item, error = ahead.get(timeout=idle_s if chunk else 1.0)
+            except queue.Empty:  # the input is slow: process what there is
+                if chunk:
+                    yield chunk
+                    chunk = []
+                continue
+            if item is _END:
+                if chunk:
+                    yield chunk
+                if error is not None:
+                    raise error
+                return
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    finally:
+        stop.set()
