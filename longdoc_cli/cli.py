@@ -111,10 +111,14 @@ MAX_ERROR_LINES = 50
 
 
 def bounded(message: str) -> str:
-    """``message`` with each line cut to MAX_ERROR_LINE characters and at most MAX_ERROR_LINES lines."""
+    """``message`` with each line cut to about MAX_ERROR_LINE characters (its start and its end) and
+    at most MAX_ERROR_LINES lines."""
     lines = message.splitlines() or [""]
+    head, tail = MAX_ERROR_LINE * 2 // 3, MAX_ERROR_LINE // 3  # the end often says what is wrong
     cut = [
-        line if len(line) <= MAX_ERROR_LINE else f"{line[:MAX_ERROR_LINE]}... ({len(line)} characters)"
+        line
+        if len(line) <= MAX_ERROR_LINE
+        else f"{line[:head]} ...[{len(line) - head - tail} characters]... {line[-tail:]}"
         for line in lines[:MAX_ERROR_LINES]
     ]
     if len(lines) > MAX_ERROR_LINES:

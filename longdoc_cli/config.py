@@ -509,22 +509,22 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: nested too deeply to read") from None
 
 
-# Nodes a config may expand to through aliases (*name): a real config has a few hundred at most;
-# a "billion laughs" document of nested aliases expands to billions.
-MAX_YAML_NODES = 10_000
+# Values a config's aliases (*name) may add when expanded: a real config adds a few at most; a
+# "billion laughs" document of nested aliases adds billions.
+MAX_ALIAS_EXPANSION = 10_000
 
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the
     last silently, so a second ``lr:`` further down a file would win unnoticed), and a document
-    whose aliases expand to more than MAX_YAML_NODES nodes (an alias bomb) is refused before it
-    is built."""
+    whose aliases add more than MAX_ALIAS_EXPANSION values when expanded (an alias bomb) is
+    refused before it is built."""
 
     def compose_document(self) -> yaml.Node:
         node = super().compose_document()
-        sizes: dict[int, int] = {}
+        sizes: dict[int, int] = {}  # node -> its expanded size; shared nodes are computed once
 
-        def size(n: yaml.Node, open_: set[int]) -> int:  # expanded node count, shared nodes memoised
+        def size(n: yaml.Node, open_: set[int]) -> int:
             if id(n) in sizes:
                 return sizes[id(n)]
             if id(n) in open_:
@@ -533,32 +533,18 @@ class _StrictLoader(yaml.SafeLoader):
             if isinstance(n, (yaml.SequenceNode, yaml.MappingNode)):
                 open_.add(id(n))
                 children = n.value if isinstance(n, yaml.SequenceNode) else [x for kv in n.value for x in kv]
-                for child in children:
-                    total += size(child, open_)
-                    if total > MAX_YAML_NODES:
-                        raise yaml.composer.ComposerError(
-                            None, None,
-                            f"its aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?)",
-                            n.start_mark,
-                        )  # fmt: skip
+                total += sum(size(child, open_) for child in children)
                 open_.discard(id(n))
             sizes[id(n)] = total
             return total
 
-        if node is not None:
-            size(node, set())
+        if node is not None and size(node, set()) - len(sizes) > MAX_ALIAS_EXPANSION:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"its aliases expand to more than {MAX_ALIAS_EXPANSION} extra values (an alias bomb?)",
+                node.start_mark,
+            )  # fmt: skip
         return node
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(cfg: LongdocConfig, path: str | Path) -> None:

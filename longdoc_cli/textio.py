@@ -26,6 +26,7 @@ _REPLACEMENT_UTF8 = "\ufffd".encode()
 MAX_DOCUMENT_BYTES = 64 << 20  # one document or JSON-lines record; --max-bytes raises it
 MAX_SIDE_FILE_BYTES = 16 << 20  # a config, labels or questions file
 _CHUNK = 1 << 20
+_MAX_SKIP = 1 << 30  # read past (not kept) to find the end of a record over the limit
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30,
           "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}  # fmt: skip
 
@@ -276,8 +277,9 @@ def parse_jsonl_line(raw: bytes, where: str, first: bool = False) -> dict | None
 
 def iter_lines(f: BinaryIO, source: str, limit: int) -> Iterator[tuple[int, bytes | None]]:
     """``(line_no, raw line)`` of a binary stream, each line read with at most ``limit`` bytes in
-    memory: a longer line is skipped (read in chunks up to another ``limit`` bytes, to find its end)
-    and given as None. NUL bytes, never in JSON lines or CSV, mean a binary file: LongdocError."""
+    memory: a longer line is skipped (read in chunks, not kept, up to 1 GiB or 4 ``limit`` more,
+    to find its end) and given as None. NUL bytes, never in JSON lines or CSV, mean a binary file
+    (LongdocError)."""
     line_no = 0
     while True:
         raw = f.readline(limit + 1)
@@ -299,7 +301,7 @@ def iter_lines(f: BinaryIO, source: str, limit: int) -> Iterator[tuple[int, byte
             skipped += len(raw)
             if not raw:
                 break
-            if b"\x00" in raw or skipped > limit:
+            if b"\x00" in raw or skipped > max(4 * limit, _MAX_SKIP):
                 raise LongdocError(
                     f"{source}:{line_no}: a record larger than the {format_size(limit)} limit on one "
                     "document and no end in sight; the rest of this file is skipped (--max-bytes raises it)"
