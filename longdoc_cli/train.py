@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -715,12 +716,18 @@ def _train(
 
 
 def _truncate_log(file: Path, step: int) -> None:
-    """Drop log records written after the checkpoint being resumed (they will be redone)."""
+    """Drop log records written after the checkpoint being resumed (they will be redone), and a
+    line torn by a kill while it was written. The new log replaces the old one in one rename."""
     if not file.is_file():
         return
-    keep = [
-        line
-        for line in file.read_text(encoding="utf-8").splitlines()
-        if json.loads(line).get("step", 0) <= step
-    ]
-    file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}-log")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, file)

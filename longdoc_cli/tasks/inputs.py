@@ -97,7 +97,11 @@ def _expand(path: str, recursive: bool) -> Iterator[str | InputError]:
         yield InputError(path, f"{path}: is a directory (use -r to read the files under it)")
         return
     found = False
-    for root, dirs, files in os.walk(path):
+    unreadable: list[OSError] = []
+    for root, dirs, files in os.walk(path, onerror=unreadable.append):
+        while unreadable:  # a directory under it that cannot be listed
+            e = unreadable.pop(0)
+            yield InputError(str(e.filename), f"{e.filename}: cannot read the directory ({e.strerror or e})")
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):
@@ -105,7 +109,9 @@ def _expand(path: str, recursive: bool) -> Iterator[str | InputError]:
                 file = os.path.join(root, name)
                 special = _special(file)
                 yield file if special is None else InputError(file, f"{file}: {special}; skipped", True)
-    if not found:
+    for e in unreadable:
+        yield InputError(str(e.filename), f"{e.filename}: cannot read the directory ({e.strerror or e})")
+    if not found and not unreadable:
         yield InputError(path, f"{path}: the directory holds no files")
 
 
