@@ -158,6 +158,11 @@ def errors() -> Iterator[None]:
         if is_out_of_memory(e):
             text = f"out of memory ({text[:160]}); try a smaller batch or shorter inputs"
         raise fail(f"{type(e).__name__}: {text}") from None
+    except Exception as e:  # a bug of longdoc's: still one line (the traceback with LONGDOC_DEBUG=1)
+        if debug_enabled():
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise fail(f"internal error {type(e).__name__}: {text[:300]} (LONGDOC_DEBUG=1 shows where)") from None
 
 
 def _quiet_broken_pipe() -> None:
@@ -1122,6 +1127,10 @@ def read_questions(text: str, source: str) -> list[tuple[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise LongdocError(f"{source}:{number}: not valid JSON ({e.msg})", exit_code=2) from None
+        except (ValueError, RecursionError):  # a number over 4300 digits, nesting too deep
+            raise LongdocError(
+                f"{source}:{number}: not readable JSON (a huge number or deep nesting)", 2
+            ) from None
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
             raise LongdocError(f'{source}:{number}: needs a non-empty string "question"', exit_code=2)

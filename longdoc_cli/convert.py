@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import LongdocError
 from .runtime import clean_stale, temp_dir
+from .textio import preview, read_text_file
 
 SUPPORTED = ("bert", "roberta")
 TOKENIZER_FILES = (
@@ -107,9 +108,11 @@ def read_source_config(src: Path) -> dict[str, Any]:
     if not file.is_file():
         raise LongdocError(f"{src}: no config.json, so this is not a Hugging Face-format model directory")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LongdocError(f"{file}: cannot read it as JSON ({e})") from e
+        data = json.loads(read_text_file(str(file), "config.json"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LongdocError(f"{file}: cannot read it as JSON ({preview(str(e), 100)})") from e
+    if not isinstance(data, dict):
+        raise LongdocError(f"{file}: expected a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
     if model_type == "longformer":
         raise LongdocError(f"{src}: is already a Longformer; use it as it is")

@@ -740,3 +740,68 @@ def test_fifo_named_directly_does_not_hold_back_earlier_results(tmp_path, tiny_d
         assert proc.returncode == 0 and len(out.splitlines()) == 1
     finally:
         proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbours: model directories, questions files, torn logs, config init
+
+
+def test_model_directory_with_a_bad_config_json(tmp_path, tiny_dir):
+    for name, content in [
+        ("list", "[1, 2]"),
+        ("nested", "[" * 100_000),
+        ("number", '{"a": ' + "1" * 5000 + "}"),
+    ]:
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(content)
+        r = run("classify", "-m", str(model), "--labels", "a,b", "/dev/null")
+        assert r.exit_code == 1, r.stderr
+        one_error_line(r, "config.json")
+        r = run("convert", str(model), str(tmp_path / f"{name}-out"))
+        assert r.exit_code == 1
+        one_error_line(r, "config.json")
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "config.json").symlink_to("/dev/zero")
+    r = run("classify", "-m", str(zero), "--labels", "a,b", "/dev/null")
+    assert r.exit_code != 0 and "Traceback" not in r.stderr
+
+
+def test_questions_file_with_a_huge_number(tmp_path, tiny_dir):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "who?"}\n{"question": "why?", "id": ' + "9" * 5000 + "}\n")
+    r = run("qa", "-m", str(tiny_dir), "--questions", str(questions), "/dev/null")
+    assert r.exit_code == 2
+    one_error_line(r, f"{questions}:2")
+
+
+def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
+    from longdoc_cli.train import _truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    _truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n' and [p.name for p in tmp_path.iterdir()] == [
+        log.name
+    ]
+
+
+def test_config_init_leaves_no_temporary_file(tmp_path):
+    r = run("config", "init", str(tmp_path / "c.yaml"))
+    assert r.exit_code == 0 and [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
+def test_unreadable_directory_under_a_tree(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every directory")
+    tree = tmp_path / "tree"
+    (tree / "locked").mkdir(parents=True)
+    (tree / "a.txt").write_text(SPORT)
+    (tree / "locked").chmod(0)
+    try:
+        items = list(iter_inputs([str(tree)], recursive=True))
+    finally:
+        (tree / "locked").chmod(0o755)
+    assert any(isinstance(x, InputError) and "locked" in x.message and not x.warning for x in items)
+    assert [x.id for x in items if isinstance(x, InputDoc)] == [str(tree / "a.txt")]
