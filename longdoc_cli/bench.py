@@ -200,19 +200,11 @@ def _coerce(value: Any, want: type) -> tuple[Any] | None:
 
 
 def load_spec(path: str | Path) -> BenchSpec:
-    """A spec from a YAML file (e.g. configs/bench.yaml)."""
-    import yaml
+    """A spec from a YAML file (e.g. configs/bench.yaml), read as configs are (bounded, strict,
+    aliases on a budget)."""
+    from .config import read_yaml
 
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise LongdocError(f"{path}: cannot read the bench config ({e.strerror or e})", exit_code=2) from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LongdocError(f"{path}: not valid YAML ({str(e).splitlines()[0]})", exit_code=2) from e
-    return spec_from_dict(data or {}, source=str(path))
+    return spec_from_dict(read_yaml(Path(path)) or {}, source=str(path))
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:

@@ -989,7 +989,9 @@ def classify(
                 failed |= any(isinstance(x, InputError) and not x.warning for x in chunk)
                 for doc, result in _each_or_alone(clf.classify, docs):
                     if isinstance(result, str):
-                        typer.echo(f"longdoc: error: {doc.id}: cannot classify it ({result})", err=True)
+                        typer.echo(
+                            f"longdoc: error: {bounded(f'{doc.id}: cannot classify it ({result})')}", err=True
+                        )
                         failed = True
                         continue
                     _warn_unknown(quiet, doc.id, result.unknown_share)
@@ -1088,7 +1090,10 @@ def qa(
                 except (RuntimeError, ValueError, MemoryError) as e:  # this document's failure only
                     if debug_enabled():
                         raise
-                    typer.echo(f"longdoc: error: {item.id}: cannot answer over it ({_short(e)})", err=True)
+                    typer.echo(
+                        f"longdoc: error: {bounded(f'{item.id}: cannot answer over it ({_short(e)})')}",
+                        err=True,
+                    )
                     failed = True
                     continue
                 _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)

@@ -484,12 +484,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Longd
     if path is None:
         cfg = LongdocConfig()
     else:
-        data = _read_yaml(Path(path))
+        data = read_yaml(Path(path))
         cfg = config_from_dict(data, source=str(path))
     return apply_overrides(cfg, overrides)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """A YAML file ("-" = stdin), read bounded, strictly, with aliases on a budget; ConfigError if bad."""
     if str(path) != "-" and not path.exists() and not path.is_symlink():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -502,7 +503,8 @@ def _read_yaml(path: Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({preview(problem, 200).strip(chr(39))})") from None
+        problem = problem if len(problem) <= 200 else problem[:200] + "..."
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     except ValueError:  # an integer past Python's 4300-digit limit
         raise ConfigError(f"{path}: holds a number too long to read (over 4300 digits)") from None
     except RecursionError:
@@ -545,6 +547,21 @@ class _StrictLoader(yaml.SafeLoader):
                 node.start_mark,
             )  # fmt: skip
         return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML's own construct_mapping refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {preview(key)} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(cfg: LongdocConfig, path: str | Path) -> None:

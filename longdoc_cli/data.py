@@ -113,6 +113,7 @@ def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) ->
 
 def _iter_csv(p: Path) -> Iterator[tuple[str, Any]]:
     delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    reader = None
     try:
         with p.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -120,8 +121,9 @@ def _iter_csv(p: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{p}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
     except UnicodeDecodeError as e:
         raise LongdocError(f"{p}: not valid UTF-8 (byte {e.start})") from None
-    except csv.Error as e:
-        raise LongdocError(f"{p}: not valid CSV ({e})") from None
+    except csv.Error as e:  # e.g. a field over csv's size limit: name the line
+        where = f"{p}:{reader.line_num}" if reader is not None else str(p)
+        raise LongdocError(f"{where}: not valid CSV ({e})") from None
 
 
 def _bad(skipped: list[str] | None, message: str) -> None:

@@ -805,3 +805,23 @@ def test_unreadable_directory_under_a_tree(tmp_path):
         (tree / "locked").chmod(0o755)
     assert any(isinstance(x, InputError) and "locked" in x.message and not x.warning for x in items)
     assert [x.id for x in items if isinstance(x, InputDoc)] == [str(tree / "a.txt")]
+
+
+def test_one_document_failing_inside_the_model_is_its_own_error(tiny_dir, tmp_path, monkeypatch):
+    from longdoc_cli.tasks.classify import Classifier
+
+    real = Classifier.classify
+
+    def poisoned(self, docs):
+        if any("poison" in text for _, text in docs):
+            raise RuntimeError("kernel failed")
+        return real(self, docs)
+
+    monkeypatch.setattr(Classifier, "classify", poisoned)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate([SPORT, "poison", SPORT]))
+    )
+    r = classify(tiny_dir, str(data))
+    assert r.exit_code == 1 and [x["id"] for x in results(r.stdout)] == ["0", "2"]
+    one_error_line(r, "1: cannot classify it", "kernel failed")
