@@ -825,3 +825,27 @@ def test_one_document_failing_inside_the_model_is_its_own_error(tiny_dir, tmp_pa
     r = classify(tiny_dir, str(data))
     assert r.exit_code == 1 and [x["id"] for x in results(r.stdout)] == ["0", "2"]
     one_error_line(r, "1: cannot classify it", "kernel failed")
+
+
+def test_bench_config_is_read_like_a_config(tmp_path):
+    bomb = tmp_path / "bench.yaml"
+    bomb.write_text(bomb_text("seq_lens"))
+    t0 = time.monotonic()
+    r = run("bench", "--config", str(bomb))
+    assert r.exit_code == 2 and time.monotonic() - t0 < 10
+    one_error_line(r, "alias")
+    r = run("bench", "--config", "/dev/zero")
+    assert r.exit_code == 2
+    one_error_line(r, "/dev/zero", "binary")
+
+
+def test_unhashable_and_duplicate_yaml_keys(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  ? [a, b]\n  : 1\n")
+    r = run("config", "validate", str(cfg))
+    assert r.exit_code == 2
+    one_error_line(r, "unhashable")
+    cfg.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    r = run("config", "validate", str(cfg))
+    assert r.exit_code == 2
+    one_error_line(r, f"{cfg}:3", "the key 'lr' is given twice")
