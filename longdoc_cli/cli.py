@@ -713,9 +713,21 @@ def _task_setup(task: str, config_path: str | None, model: str | None, allow_dow
     cfg = load_config(config_path) if config_path else None
     if cfg is not None:
         check_task(cfg, task, config_path)
-    name = model or (cfg.model.name if cfg is not None and cfg.model.name != "default" else None)
+    from .envvars import env
+
+    from_env = model is None and env("LONGDOC_MODEL") is not None
+    name = (
+        model
+        or env("LONGDOC_MODEL")
+        or (cfg.model.name if cfg is not None and cfg.model.name != "default" else None)
+    )
     allow = allow_download or (cfg is not None and cfg.model.allow_download)
-    model_dir = resolve_model(name, allow_download=allow)
+    try:
+        model_dir = resolve_model(name, allow_download=allow)
+    except LongdocError as e:
+        if not from_env:
+            raise
+        raise LongdocError(f"LONGDOC_MODEL={name!r}: {e}", exit_code=2) from None
     if cfg is None:
         cfg = load_model_dir_config(model_dir) or default_config(task)
     return cfg, model_dir
@@ -895,7 +907,7 @@ def _warn_unknown(quiet: bool, doc_id: str, share: float) -> None:
 
 # Options shared by classify and qa (one definition each).
 _PATHS = typer.Argument(None, help="Text files, - for stdin, directories (with -r), .jsonl files.")
-_MODEL = typer.Option(None, "--model", "-m", envvar="LONGDOC_MODEL", help=_MODEL_HELP)
+_MODEL = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Default: $LONGDOC_MODEL, else default.")
 _ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Allow fetching a hub model.")
 _CONFIG = typer.Option(None, "--config", help="YAML config (options given here override it).")
 _RECURSIVE = typer.Option(False, "--recursive", "-r", help="Read the files under directories.")

@@ -849,3 +849,15 @@ def test_unhashable_and_duplicate_yaml_keys(tmp_path):
     r = run("config", "validate", str(cfg))
     assert r.exit_code == 2
     one_error_line(r, f"{cfg}:3", "the key 'lr' is given twice")
+
+
+def test_a_model_named_by_the_environment_is_named_in_its_error(tmp_path, tiny_dir):
+    doc = tmp_path / "d.txt"
+    doc.write_text(SPORT)
+    r = run("classify", "--labels", "a,b", str(doc), env={"LONGDOC_MODEL": str(tmp_path / "nowhere")})
+    assert r.exit_code == 2
+    one_error_line(r, "LONGDOC_MODEL=", "nowhere")
+    r = run("classify", "--labels", "a,b", "-f", "jsonl", str(doc), env={"LONGDOC_MODEL": str(tiny_dir)})
+    assert r.exit_code == 0 and len(results(r.stdout)) == 1
+    r = run("classify", "-m", str(tiny_dir), "--labels", "a,b", str(doc), env={"LONGDOC_MODEL": "/nowhere"})
+    assert r.exit_code == 0  # -m wins
