@@ -185,7 +185,6 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
             if out.is_dir():  # under the lock: no run writes here, every temporary entry is stale
                 clean_stale(out)
                 for name in ("best", "last"):
-                    clean_stale(out / name)
                     shutil.rmtree(out / f"{name}.tmp", ignore_errors=True)  # older versions' name
             prepare_output_dir(out, resume, force)
             yield
