@@ -393,7 +393,8 @@ def test_default_model_main_job(tmp_path, monkeypatch):
     r = run("classify", str(SAMPLES / "sotu-1962-kennedy.txt"), "--labels", "politics,sport,music,cooking")
     assert r.exit_code == 0, r.stderr
     (x,) = jsonl(r.stdout)
-    assert x["label"] == "politics" and x["n_tokens"] > 4096 and x["n_windows"] == 2
+    assert x["label"] == "politics" and x["n_tokens"] > 4096
+    assert x["n_windows"] == -(-x["n_tokens"] // 254)  # zero-shot reads 256-token passages
     r = run(
         "qa",
         "-Q",
