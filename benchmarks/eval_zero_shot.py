@@ -11,9 +11,10 @@ embeddings (cached under ``--cache``, so trying variants does not re-encode docu
 
 - ``legacy``: the method before issue 12, one mean-pooled vector per ``--legacy-length``-token window
   (default 4096), the windows' cosines averaged, ``softmax(20 cos)``, no calibration;
-- ``VOTE/PROMPTS/cal|raw``: PASSAGE_TOKENS-token passages scored and aggregated by VOTE
-  (soft, mean, centroid), labels embedded from PROMPTS (name, description, multi), with or without
-  contextual calibration. ``longdoc classify``'s default is soft/description/raw.
+- ``VOTE/PROMPTS/CAL``: PASSAGE_TOKENS-token passages scored and aggregated by VOTE
+  (soft, mean, centroid), labels embedded from PROMPTS (auto, name, description, multi), with (cal)
+  or without (raw) contextual calibration, or auto (calibrated when no label has a description).
+  ``longdoc classify``'s default is soft/auto/auto.
 
 ``--heldout`` adds a check on text that is neither corpus: licence texts shipped with Debian
 (/usr/share/common-licenses and a JDK's legal notices: expected "law and justice") and software
@@ -39,7 +40,14 @@ from pathlib import Path
 import torch
 
 from longdoc_cli.models import resolve_model
-from longdoc_cli.tasks.classify import PASSAGE_TOKENS, PROMPT_STYLES, VOTES, Classifier, load_labels
+from longdoc_cli.tasks.classify import (
+    PASSAGE_TOKENS,
+    PROMPT_STYLES,
+    VOTES,
+    Classifier,
+    Label,
+    load_labels,
+)
 from longdoc_cli.tasks.runner import load_task_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -84,14 +92,13 @@ def cached_embeddings(clf: Classifier, docs: list[tuple[str, str]], cache: Path)
     return [torch.load(p) for p in paths], seconds
 
 
-def legacy_classifier(model_dir: Path, dtype: str, length: int) -> Classifier:
-    """The method before issue 12: IPTC topics, one vector per long window (windows sharing 256
-    tokens), the windows' cosines averaged, softmax(20 cos)."""
+def legacy_classifier(model_dir: Path, dtype: str, length: int, labels: list[Label]) -> Classifier:
+    """The method before issue 12 (with IPTC as its default labels): one vector per long window
+    (windows sharing 256 tokens), the windows' cosines averaged, softmax(20 cos), each label
+    embedded as ``name: description``, no calibration."""
     tm = load_task_model(model_dir, task="classify", device="cpu", dtype=dtype, max_length=length)
-    labels = load_labels(["@iptc"], None)
-    return Classifier(
-        tm, labels, batch_size=8, stride=256, strict_stride=True, passage_tokens=length, vote="mean"
-    )
+    return Classifier(tm, labels, batch_size=8, stride=256, strict_stride=True, passage_tokens=length,
+                      prompts="description", calibrate=False, vote="mean")  # fmt: skip
 
 
 def report(name: str, method: str, expected: set[str], names: list[str], probs: list[torch.Tensor]) -> None:
@@ -114,8 +121,8 @@ def main() -> None:
     ap.add_argument("--sets", default="@topics", help="label presets to compare, comma-separated")
     ap.add_argument(
         "--methods",
-        default="soft/description/raw",
-        help="VOTE/PROMPTS/cal|raw, comma-separated; all = every one",
+        default="soft/auto/auto",
+        help="VOTE/PROMPTS/cal|raw|auto, comma-separated; all = every one",
     )
     ap.add_argument(
         "--legacy", action="store_true", help="also the method before issue 12 (slow: long windows)"
@@ -152,7 +159,7 @@ def main() -> None:
         }
     methods = args.methods.split(",")
     if methods == ["all"]:
-        methods = [f"{v}/{p}/{c}" for v in VOTES for p in PROMPT_STYLES for c in ("cal", "raw")]
+        methods = [f"{v}/{p}/{c}" for v in VOTES for p in PROMPT_STYLES for c in ("cal", "raw", "auto")]
     sizes = ", ".join(f"{k} {len(v)} docs" for k, v in corpora.items())
     print(
         f"every {args.every}, max {args.max_chars} chars, {args.dtype}, {args.passage_tokens}-token passages"
@@ -168,17 +175,18 @@ def main() -> None:
         print(f"{name}: {n} passages" + (f", encoded in {sec:.3f} s/doc" if sec is not None else " (cached)"),
               flush=True)  # fmt: skip
     if args.legacy:
-        legacy = legacy_classifier(model_dir, args.dtype, args.legacy_length)
+        legacy_labels = label_sets["--labels"] if args.labels else load_labels(["@iptc"], None)
+        legacy = legacy_classifier(model_dir, args.dtype, args.legacy_length, legacy_labels)
         for name, docs in corpora.items():
             embs, sec = cached_embeddings(legacy, docs, cache)
             probs = [legacy.scores_from_passages(e, w) for e, w in embs]
             print(
-                f"legacy @iptc, {args.legacy_length}-token windows"
+                f"legacy, {args.legacy_length}-token windows"
                 + (f", encoded in {sec:.3f} s/doc" if sec else "")
             )
             report(name, "legacy/description/raw", expected[name], legacy.names, probs)  # fmt: skip
     if args.speed:
-        legacy = legacy_classifier(model_dir, args.dtype, args.legacy_length)
+        legacy = legacy_classifier(model_dir, args.dtype, args.legacy_length, load_labels(["@iptc"], None))
         default = Classifier(tm, None, batch_size=8)
         for name in CORPORA:
             docs = corpora[name][: args.speed]
@@ -195,7 +203,7 @@ def main() -> None:
         for method in methods:
             vote, prompts, cal = method.split("/")
             clf = Classifier(tm, labels, batch_size=8, passage_tokens=args.passage_tokens, prompts=prompts,
-                             calibrate=cal == "cal", vote=vote)  # fmt: skip
+                             calibrate=None if cal == "auto" else cal == "cal", vote=vote)  # fmt: skip
             for name in corpora:
                 probs = [clf.scores_from_passages(e, w) for e, w in passages[name]]
                 assert all(abs(float(p.sum()) - 1) < 1e-4 for p in probs)

@@ -2,13 +2,15 @@
 
 Zero-shot (a checkpoint without a classification head, such as the embedded default): the document
 is read as consecutive passages of PASSAGE_TOKENS tokens (the length a sentence encoder was trained
-on), each embedded with the model's pooling; every label is embedded from its name and description.
-A passage's scores are ``softmax(SCALE * cosine)`` over the labels; the document's scores are the
-token-weighted mean of its passages' scores (a soft vote), so they are probabilities that sum to 1.
-SCALE = 20 is the similarity scale all-MiniLM-L6-v2 was trained with (sentence-transformers'
-MultipleNegativesRankingLoss). Optional, measured and off by default: contextual calibration
-(Zhao et al. 2021; each label's cosine minus its mean cosine with content-free texts), other prompts
-and votes. The numbers behind each choice: benchmarks/eval_zero_shot.py, benchmarks/README.md.
+on), each embedded with the model's pooling. A label with a description is embedded as
+``name: description``; a bare name as the mean of the name and "This text is about NAME.", and
+calibrated (Zhao et al. 2021): its cosine minus its mean cosine with content-free texts, so that a
+short name that is close to any text gains nothing from it. A passage's scores are
+``softmax(SCALE * cosine)`` over the labels; the document's scores are the token-weighted mean of its
+passages' scores (a soft vote), so they are probabilities that sum to 1. SCALE = 20 is the
+similarity scale all-MiniLM-L6-v2 was trained with (sentence-transformers'
+MultipleNegativesRankingLoss). The numbers behind each choice: benchmarks/eval_zero_shot.py and
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SCHEMA_VERSION = 1
 PASSAGE_TOKENS = 256  # zero-shot passages: all-MiniLM-L6-v2's max_seq_length (trained on <= 128)
 # Content-free texts for contextual calibration (Zhao et al. used "N/A", "" and "[MASK]"): no topic.
 NEUTRAL_TEXTS = ("", "N/A", "text", "This is a text.", "Here is some text.", "The following.", "...")
-PROMPT_STYLES = ("name", "description", "multi")
+PROMPT_STYLES = ("auto", "name", "description", "multi")
 VOTES = ("soft", "mean", "centroid")
 DEFAULT_PRESET = "topics"
 _PRESETS = "resources/labels"  # configs/labels/*.tsv, shipped inside the package
@@ -47,9 +49,12 @@ class Label:
     def prompt(self) -> str:
         return f"{self.name}: {self.description}" if self.description else self.name
 
-    def prompts(self, style: str = "description") -> list[str]:
-        """What is embedded for the label: its name; name and description; or several phrasings
-        (their embeddings averaged)."""
+    def prompts(self, style: str = "auto") -> list[str]:
+        """What is embedded for the label (several prompts: their embeddings averaged): its name;
+        ``name: description``; or several phrasings. ``auto``: ``name: description`` for a label with
+        a description, several phrasings of a bare name."""
+        if style == "auto":
+            style = "description" if self.description else "multi"
         if style == "name":
             return [self.name]
         if style == "description":
@@ -187,9 +192,9 @@ class Classifier:
     """Classifies documents with ``tm``: its head when it has one, else zero-shot over ``labels``.
 
     Zero-shot only: ``passage_tokens`` (the passage length, capped by the model's window),
-    ``prompts`` (a :data:`PROMPT_STYLES` entry), ``calibrate`` (subtract each label's mean cosine
-    with :data:`NEUTRAL_TEXTS`; measured, it hurt, so off) and ``vote``
-    (:func:`zero_shot_probabilities`; ``aggregate="max"`` takes each label's best passage instead)."""
+    ``prompts`` (a :data:`PROMPT_STYLES` entry, see :meth:`Label.prompts`), ``calibrate`` (subtract
+    each label's mean cosine with :data:`NEUTRAL_TEXTS`; None = when no label has a description) and
+    ``vote`` (:func:`zero_shot_probabilities`; ``aggregate="max"`` takes each label's best passage)."""
 
     def __init__(
         self,
@@ -204,8 +209,8 @@ class Classifier:
         stride: int = 256,
         strict_stride: bool = False,
         passage_tokens: int = PASSAGE_TOKENS,
-        prompts: str = "description",
-        calibrate: bool = False,
+        prompts: str = "auto",
+        calibrate: bool | None = None,
         vote: str = "soft",
     ) -> None:
         if aggregate not in ("mean", "max", "first"):
@@ -238,6 +243,8 @@ class Classifier:
             self.names = [label.name for label in labels]
             self.label_embeddings = label_embeddings(tm, labels, prompts, batch_size)  # (L, d)
             self.bias = torch.zeros(len(labels))  # (L,)
+            if calibrate is None:  # measured: it helps bare names, hurts described labels
+                calibrate = not any(label.description for label in labels)
             if calibrate:
                 self.bias = (embed_texts(tm, NEUTRAL_TEXTS, batch_size) @ self.label_embeddings.T).mean(0)
             self.window = max(8, min(tm.max_length, passage_tokens))
