@@ -176,5 +176,15 @@ def test_classifier_reads_passages_and_scores_them(encoder_dir):
     assert emb.shape[0] == result.n_windows and int(weights.sum()) == n_body + 2 * result.n_windows
     probs = clf.scores_from_passages(emb, weights)
     assert {n: round(float(p), 6) for n, p in zip(clf.names, probs, strict=True)} == result.scores
-    raw = Classifier(tm, labels, passage_tokens=32)
+    raw = Classifier(tm, labels, passage_tokens=32, calibrate=False)
     assert torch.all(raw.bias == 0) and not torch.all(clf.bias == 0)
+
+
+def test_bare_names_get_a_template_and_calibration_described_labels_do_not(encoder_dir):
+    tm = load_task_model(encoder_dir, task="classify", max_length=64)
+    assert Label("sport").prompts() == ["sport", "sport", "This text is about sport."]
+    assert Label("sport", "games").prompts() == ["sport: games"]
+    bare = Classifier(tm, [Label("sport"), Label("music")])
+    described = Classifier(tm, [Label("sport", "games"), Label("music", "songs")])
+    assert not torch.all(bare.bias == 0) and torch.all(described.bias == 0)
+    assert torch.all(Classifier(tm, [Label("sport"), Label("music")], calibrate=False).bias == 0)
