@@ -188,3 +188,16 @@ def test_bare_names_get_a_template_and_calibration_described_labels_do_not(encod
     described = Classifier(tm, [Label("sport", "games"), Label("music", "songs")])
     assert not torch.all(bare.bias == 0) and torch.all(described.bias == 0)
     assert torch.all(Classifier(tm, [Label("sport"), Label("music")], calibrate=False).bias == 0)
+
+
+def test_soft_half_lets_only_the_most_topical_half_vote():
+    """Two passages squarely about label 0 and two long, vaguer ones leaning to label 2: the soft vote
+    follows the long ones, soft-half only the clear ones."""
+    emb = _unit([1, 0, 0], [1, 0, 0], [0.3, 0.5, 0.8], [0.3, 0.5, 0.8])
+    weights = torch.tensor([10, 10, 40, 40])
+    zero = torch.zeros(3)
+    assert int(zero_shot_probabilities(emb, weights, LABELS, zero, "soft").argmax()) == 2
+    half = zero_shot_probabilities(emb, weights, LABELS, zero, "soft-half")
+    assert int(half.argmax()) == 0 and abs(float(half.sum()) - 1) < 1e-6
+    one = zero_shot_probabilities(emb[2:3], weights[2:3], LABELS, zero, "soft-half")  # one passage votes
+    assert torch.allclose(one, zero_shot_probabilities(emb[2:3], weights[2:3], LABELS, zero, "soft"))
