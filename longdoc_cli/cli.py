@@ -291,6 +291,10 @@ def models_cmd(
             from .models import model_info, resolve_model
 
             env["model"] = model_info(resolve_model(model, allow_download=allow_download))
+        from .tasks.classify import DEFAULT_PRESET, preset_names
+
+        env["label_presets"] = preset_names()
+        env["default_labels"] = DEFAULT_PRESET
         if kind != "table":
             sys.stdout.write(json.dumps(env, indent=None if kind == "jsonl" else 2) + "\n")
             return
@@ -313,6 +317,10 @@ def models_cmd(
             ("cached models", ", ".join(env["cached_models"]) or "none"),
             ("device", env["device"] + (f" ({env['cuda_device']})" if env["cuda_device"] else "")),
             ("CPU", f"{env['cpu_capability']}, bf16 {bf16}"),
+            (
+                "label presets",
+                ", ".join(f"@{n}" for n in env["label_presets"]) + f" (default @{DEFAULT_PRESET})",
+            ),
         ]
         rows += [(name, version) for name, version in env["versions"].items()]
         rows += [(f"model {k}", v) for k, v in env.get("model", {}).items()]
@@ -936,7 +944,12 @@ def classify(
     model: str | None = _MODEL,
     allow_download: bool = _ALLOW_DOWNLOAD,
     config: str | None = _CONFIG,
-    labels: str | None = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
+    labels: str | None = typer.Option(
+        None,
+        "--labels",
+        help="Zero-shot labels, comma-separated; or @NAME, a preset listed by `longdoc models` "
+        "(@topics is the default, @iptc the 17 IPTC media topics), or @FILE, a labels file.",
+    ),
     labels_file: str | None = typer.Option(
         None, "--labels-file", help="Zero-shot labels, one per line (optionally a tab and a description)."
     ),
@@ -965,7 +978,7 @@ def classify(
     max_bytes: str | None = _MAX_BYTES,
 ) -> None:
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
-    --labels (or the 17 IPTC media topics). One result per document."""
+    --labels (or the default topics, @topics). One result per document."""
     with errors():
         from .tasks.classify import Classifier, load_labels
         from .tasks.inputs import InputError

@@ -92,7 +92,7 @@ class InferenceSection:
         "mean", "mean | max over a document's windows | first (only the first window: truncation)"
     )
     threshold: float = _f(0.5, "multi-label: sigmoid probability above which a label is predicted")
-    labels: list[str] = _f([], "zero-shot labels; empty = the shipped topic set")
+    labels: list[str] = _f([], "zero-shot labels, or ['@NAME'] (a preset or a labels file); empty = @topics")
     labels_file: str | None = _f(None, "zero-shot labels, one per line")
     explain: int = _f(0, "report this many most influential windows per document (0 = off)")
     n_best: int = _f(20, "qa: start/end candidates per window")

@@ -116,7 +116,8 @@ def test_bf16_on_the_cpu(encoder_dir, docs, native, monkeypatch):
     fp32, bf16 = run(*args, "--dtype", "fp32"), run(*args, "--dtype", "bf16")
     assert fp32.exit_code == 0 and bf16.exit_code == 0, bf16.stderr
     (a,), (b,) = jsonl(fp32.stdout), jsonl(bf16.stdout)
-    assert a["label"] == b["label"]
+    # the same label, unless fp32 itself has a near-tie (the tiny random model's labels are close)
+    assert a["label"] == b["label"] or a["scores"][a["label"]] - a["scores"][b["label"]] < 0.02
     for label, score in a["scores"].items():
         assert b["scores"][label] == pytest.approx(score, abs=0.02)
     warned = [line for line in bf16.stderr.splitlines() if "no native bf16" in line]
@@ -393,7 +394,8 @@ def test_default_model_main_job(tmp_path, monkeypatch):
     r = run("classify", str(SAMPLES / "sotu-1962-kennedy.txt"), "--labels", "politics,sport,music,cooking")
     assert r.exit_code == 0, r.stderr
     (x,) = jsonl(r.stdout)
-    assert x["label"] == "politics" and x["n_tokens"] > 4096 and x["n_windows"] == 2
+    assert x["label"] == "politics" and x["n_tokens"] > 4096
+    assert x["n_windows"] == -(-x["n_tokens"] // 254)  # zero-shot reads 256-token passages
     r = run(
         "qa",
         "-Q",

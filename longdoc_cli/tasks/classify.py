@@ -1,10 +1,16 @@
 """Document classification over windows: a fine-tuned head, or zero-shot by embedding similarity.
 
 Zero-shot (a checkpoint without a classification head, such as the embedded default): the document
-and every label description are embedded with the pooling the model was trained with; cosine
-similarity ranks the labels and ``softmax(SCALE * cosine)`` turns it into scores. SCALE = 20 is
-the similarity scale all-MiniLM-L6-v2 was trained with (sentence-transformers'
-MultipleNegativesRankingLoss), so the scores are that training's own calibration.
+is read as consecutive passages of PASSAGE_TOKENS tokens (the length a sentence encoder was trained
+on), each embedded with the model's pooling. A label with a description is embedded as
+``name: description``; a bare name as the mean of the name and "This text is about NAME.", and
+calibrated (Zhao et al. 2021): its cosine minus its mean cosine with content-free texts, so that a
+short name that is close to any text gains nothing from it. A passage's scores are
+``softmax(SCALE * cosine)`` over the labels; the document's scores are the token-weighted mean of its
+passages' scores (a soft vote), so they are probabilities that sum to 1. SCALE = 20 is the
+similarity scale all-MiniLM-L6-v2 was trained with (sentence-transformers'
+MultipleNegativesRankingLoss). The numbers behind each choice: benchmarks/eval_zero_shot.py and
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +32,13 @@ from .text import passage_spans, snippet
 
 SCALE = 20.0
 SCHEMA_VERSION = 1
+PASSAGE_TOKENS = 256  # zero-shot passages: all-MiniLM-L6-v2's max_seq_length (trained on <= 128)
+# Content-free texts for contextual calibration (Zhao et al. used "N/A", "" and "[MASK]"): no topic.
+NEUTRAL_TEXTS = ("", "N/A", "text", "This is a text.", "Here is some text.", "The following.", "...")
+PROMPT_STYLES = ("auto", "name", "description", "multi")
+VOTES = ("soft", "soft-half", "mean", "centroid")
+DEFAULT_PRESET = "topics"
+_PRESETS = "resources/labels"  # configs/labels/*.tsv, shipped inside the package
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,18 @@ class Label:
     @property
     def prompt(self) -> str:
         return f"{self.name}: {self.description}" if self.description else self.name
+
+    def prompts(self, style: str = "auto") -> list[str]:
+        """What is embedded for the label (several prompts: their embeddings averaged): its name;
+        ``name: description``; or several phrasings. ``auto``: ``name: description`` for a label with
+        a description, several phrasings of a bare name."""
+        if style == "auto":
+            style = "description" if self.description else "multi"
+        if style == "name":
+            return [self.name]
+        if style == "description":
+            return [self.prompt]
+        return [self.name, self.prompt, f"This text is about {self.name}."]
 
 
 @dataclass(frozen=True)
@@ -68,10 +94,28 @@ class Classification:
         return {"schema_version": SCHEMA_VERSION, key: self.id, **fields}
 
 
+def preset_names() -> list[str]:
+    """The label presets shipped with longdoc (``--labels @NAME``)."""
+    folder = resources.files("longdoc_cli").joinpath(_PRESETS)
+    return sorted(f.name.removesuffix(".tsv") for f in folder.iterdir() if f.name.endswith(".tsv"))
+
+
+def preset_labels(name: str) -> list[Label]:
+    """``@NAME``: the shipped preset NAME (configs/labels/NAME.tsv), else the labels file at path NAME."""
+    if name in preset_names():
+        text = resources.files("longdoc_cli").joinpath(f"{_PRESETS}/{name}.tsv").read_text(encoding="utf-8")
+        return parse_labels(text, f"@{name}")
+    if not name or not Path(name).is_file():
+        raise LongdocError(
+            f"--labels @{name}: no such label preset or file (presets: {', '.join(preset_names())})",
+            exit_code=2,
+        )
+    return read_labels_file(name)
+
+
 def default_labels() -> list[Label]:
-    """The 17 top-level IPTC media topics shipped in configs/iptc_topics.tsv."""
-    text = resources.files("longdoc_cli").joinpath("resources/iptc_topics.tsv").read_text(encoding="utf-8")
-    return parse_labels(text, "iptc_topics.tsv")
+    """The default zero-shot topics: the ``topics`` preset (configs/labels/topics.tsv)."""
+    return preset_labels(DEFAULT_PRESET)
 
 
 def parse_labels(text: str, source: str) -> list[Label]:
@@ -85,14 +129,24 @@ def parse_labels(text: str, source: str) -> list[Label]:
     return _checked(labels, source)
 
 
+def read_labels_file(path: str) -> list[Label]:
+    return parse_labels(read_text_file(path, "labels file"), path)
+
+
 def load_labels(labels: Sequence[str] | None, labels_file: str | None) -> list[Label]:
-    """Labels from ``--labels``, ``--labels-file`` or, with neither, the shipped topic set."""
+    """Labels from ``--labels`` (names, or one ``@PRESET`` / ``@FILE``), ``--labels-file`` or, with
+    neither, the default topics."""
     if labels and labels_file:
         raise LongdocError("give either --labels or --labels-file, not both", exit_code=2)
     if labels_file:
-        return parse_labels(read_text_file(labels_file, "labels file"), labels_file)
-    if labels:
-        return _checked([Label(x.strip()) for x in labels if x.strip()], "--labels")
+        return read_labels_file(labels_file)
+    names = [x.strip() for x in labels or [] if x.strip()]
+    if any(x.startswith("@") for x in names):
+        if len(names) > 1:
+            raise LongdocError("--labels: a @preset stands alone, not in a list of labels", exit_code=2)
+        return preset_labels(names[0][1:])
+    if names:
+        return _checked([Label(x) for x in names], "--labels")
     return default_labels()
 
 
@@ -106,8 +160,47 @@ def _checked(labels: list[Label], source: str) -> list[Label]:
     return labels
 
 
+def zero_shot_probabilities(
+    embeddings: torch.Tensor,
+    weights: torch.Tensor,
+    label_embeddings: torch.Tensor,
+    bias: torch.Tensor,
+    vote: str = "soft",
+) -> torch.Tensor:
+    """Passages -> one probability per label, summing to 1.
+
+    ``embeddings`` (n, d) are the L2-normalised passages, ``weights`` (n,) their token counts,
+    ``label_embeddings`` (L, d) normalised, ``bias`` (L,) the labels' calibration cosines. ``soft``:
+    the weighted mean of the passages' softmax(SCALE * (cos - bias)); ``soft-half``: the same over
+    the half of the passages (at least one) whose best label is closest, so that passages with no
+    clear topic (code, tables, boilerplate) do not vote (measured: not better over all documents);
+    ``mean``: softmax of the weighted mean (cos - bias); ``centroid``: softmax of
+    (cos(mean passage, label) - bias)."""
+    w = weights.float()  # (n,)
+    if vote == "soft-half":
+        best = (embeddings @ label_embeddings.T - bias).max(dim=-1).values  # (n,)
+        keep = torch.zeros_like(w)
+        keep[best.topk(max(1, len(best) // 2)).indices] = 1.0
+        w, vote = w * keep, "soft"
+    w = w / w.sum()
+    if vote == "centroid":
+        centre = F.normalize((embeddings * w[:, None]).sum(0), dim=-1)  # (d,)
+        return torch.softmax(SCALE * (label_embeddings @ centre - bias), dim=-1)
+    cos = embeddings @ label_embeddings.T - bias  # (n, L)
+    if vote == "mean":
+        return torch.softmax(SCALE * (w @ cos), dim=-1)
+    if vote == "soft":
+        return w @ torch.softmax(SCALE * cos, dim=-1)
+    raise LongdocError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}", exit_code=2)
+
+
 class Classifier:
-    """Classifies documents with ``tm``: its head when it has one, else zero-shot over ``labels``."""
+    """Classifies documents with ``tm``: its head when it has one, else zero-shot over ``labels``.
+
+    Zero-shot only: ``passage_tokens`` (the passage length, capped by the model's window),
+    ``prompts`` (a :data:`PROMPT_STYLES` entry, see :meth:`Label.prompts`), ``calibrate`` (subtract
+    each label's mean cosine with :data:`NEUTRAL_TEXTS`; None = when no label has a description) and
+    ``vote`` (:func:`zero_shot_probabilities`; ``aggregate="max"`` takes each label's best passage)."""
 
     def __init__(
         self,
@@ -121,6 +214,10 @@ class Classifier:
         batch_size: int = 4,
         stride: int = 256,
         strict_stride: bool = False,
+        passage_tokens: int = PASSAGE_TOKENS,
+        prompts: str = "auto",
+        calibrate: bool | None = None,
+        vote: str = "soft",
     ) -> None:
         if aggregate not in ("mean", "max", "first"):
             raise LongdocError(f"--aggregate must be mean, max or first, not {aggregate!r}", exit_code=2)
@@ -130,9 +227,10 @@ class Classifier:
             raise LongdocError(f"--explain {explain}: must be at least 0", exit_code=2)
         if not 0.0 < threshold < 1.0:  # also NaN
             raise LongdocError(f"--threshold {threshold}: must be between 0 and 1", exit_code=2)
+        if prompts not in PROMPT_STYLES or vote not in VOTES:
+            raise LongdocError(f"prompts {prompts!r} / vote {vote!r}: unknown", exit_code=2)
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold
-        self.explain, self.batch_size = explain, batch_size
-        self.stride = window_overlap("--stride", stride, (tm.max_length - 2) // 2, strict_stride)
+        self.explain, self.batch_size, self.vote = explain, batch_size, vote
         self.multi_label = False
         if tm.head == "classification":
             if labels is not None:
@@ -145,10 +243,20 @@ class Classifier:
             self.names = [id2label[i] for i in range(len(id2label))]
             self.multi_label = tm.config.problem_type == "multi_label_classification"
             self.label_embeddings = None
+            self.window = tm.max_length
         else:
             labels = labels or default_labels()
             self.names = [label.name for label in labels]
-            self.label_embeddings = embed_texts(tm, [label.prompt for label in labels], batch_size)
+            self.label_embeddings = label_embeddings(tm, labels, prompts, batch_size)  # (L, d)
+            self.bias = torch.zeros(len(labels))  # (L,)
+            if calibrate is None:  # measured: it helps bare names, hurts described labels
+                calibrate = not any(label.description for label in labels)
+            if calibrate:
+                self.bias = (embed_texts(tm, NEUTRAL_TEXTS, batch_size) @ self.label_embeddings.T).mean(0)
+            self.window = max(8, min(tm.max_length, passage_tokens))
+        self.stride = window_overlap("--stride", stride, (self.window - 2) // 2, strict_stride)
+        if self.zero_shot and not strict_stride:  # passages are read one after the other
+            self.stride = 0
 
     @property
     def zero_shot(self) -> bool:
@@ -156,53 +264,69 @@ class Classifier:
 
     def classify(self, docs: Sequence[tuple[str, str]]) -> list[Classification]:
         """Classify (id, text) documents; all their windows are batched together by length."""
-        tok = self.tm.tokenizer
-        windows: list[Window] = []
-        owner: list[int] = []
-        n_tokens = []
-        unknown: list[float] = []
-        for d, (_, text) in enumerate(docs):
-            enc = tok.encode(text)
-            n_tokens.append(len(enc))
-            unknown.append(tok.unknown_share(text, enc))
-            doc_windows = tok.document_windows(enc, self.tm.max_length, self.stride)
-            if self.aggregate == "first":  # truncation, reported as such
-                doc_windows = doc_windows[:1]
-            for w in doc_windows:
-                windows.append(w)
-                owner.append(d)
-        per_doc: list[list[tuple[int, torch.Tensor]]] = [[] for _ in docs]
-        for i, out in run_windows(self.tm, windows, self.batch_size):
-            per_doc[owner[i]].append((len(windows[i]), self._window_scores(out)))
         results = []
-        for d, (doc_id, text) in enumerate(docs):
-            probs = self._aggregate(per_doc[d])
-            spans = [(w.doc_start, w.doc_end) for i, w in enumerate(windows) if owner[i] == d]
-            truncated = not covers(spans, n_tokens[d])
+        for (doc_id, text), run in zip(docs, self._run(docs), strict=True):
+            probs = self._aggregate(run.outputs)
             results.append(
-                self._result(doc_id, text, probs, n_tokens[d], len(per_doc[d]), truncated, unknown[d])
+                self._result(doc_id, text, probs, run.n_tokens, len(run.outputs), run.truncated, run.unknown)
             )
         return results
 
+    def passage_embeddings(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero-shot: per text, its passages' normalised embeddings (n, d) and token counts (n,),
+        what :meth:`scores_from_passages` scores (benchmarks cache them)."""
+        if not self.zero_shot:
+            raise LongdocError("passage embeddings are for zero-shot models only", exit_code=2)
+        out = []
+        for run in self._run([("", t) for t in texts]):
+            out.append((torch.stack([e for _, e in run.outputs]), torch.tensor([n for n, _ in run.outputs])))
+        return out
+
+    def scores_from_passages(self, embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Zero-shot: a document's probabilities from :meth:`passage_embeddings`' output."""
+        return self._aggregate(list(zip(weights.tolist(), embeddings, strict=True)))
+
     # -- scoring ---------------------------------------------------------------------------------
 
-    def _window_scores(self, out: torch.Tensor) -> torch.Tensor:
-        """Zero-shot: cosine of the pooled window with every label; head: the logits."""
+    def _run(self, docs: Sequence[tuple[str, str]]) -> list[_Run]:
+        tok = self.tm.tokenizer
+        windows: list[Window] = []
+        owner: list[int] = []
+        runs = []
+        for d, (_, text) in enumerate(docs):
+            enc = tok.encode(text)
+            doc_windows = tok.document_windows(enc, self.window, self.stride)
+            if self.aggregate == "first":  # truncation, reported as such
+                doc_windows = doc_windows[:1]
+            spans = [(w.doc_start, w.doc_end) for w in doc_windows]
+            runs.append(_Run(len(enc), tok.unknown_share(text, enc), not covers(spans, len(enc)), []))
+            windows.extend(doc_windows)
+            owner.extend([d] * len(doc_windows))
+        for i, out in run_windows(self.tm, windows, self.batch_size):
+            runs[owner[i]].outputs.append((len(windows[i]), self._window_output(out)))
+        return runs
+
+    def _window_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Zero-shot: the window's normalised embedding (d,); head: its logits."""
         if self.zero_shot:
-            return self.label_embeddings @ F.normalize(pool(out, self.tm.pooling), dim=-1)
+            return F.normalize(pool(out, self.tm.pooling), dim=-1)
         return out
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores -> probabilities: softmax(SCALE * cosine) zero-shot; softmax or sigmoid of logits."""
-        if self.zero_shot:
-            return torch.softmax(SCALE * scores, dim=-1)
+        """Head logits -> probabilities: sigmoid (multi-label) or softmax."""
         return torch.sigmoid(scores) if self.multi_label else torch.softmax(scores, dim=-1)
 
     def _aggregate(self, scored: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Windows -> one probability per label: the windows' scores (token-weighted mean, or max),
-        then normalised, as `longdoc evaluate` and training's dev evaluation do."""
+        """Windows -> one probability per label. Zero-shot: the passages' vote (or, with max, each
+        label's best passage); head: the windows' logits (token-weighted mean, or max), normalised,
+        as `longdoc evaluate` and training's dev evaluation do."""
         weights = torch.tensor([n for n, _ in scored], dtype=torch.float32)
-        stack = torch.stack([s for _, s in scored])  # (n_windows, n_labels)
+        stack = torch.stack([s for _, s in scored])  # (n_windows, d) zero-shot, else (n_windows, L)
+        if self.zero_shot:
+            if self.aggregate == "max":
+                cos = stack @ self.label_embeddings.T - self.bias  # (n, L)
+                return torch.softmax(SCALE * cos.max(dim=0).values, dim=-1)
+            return zero_shot_probabilities(stack, weights, self.label_embeddings, self.bias, self.vote)
         if self.aggregate == "max":
             agg = stack.max(dim=0).values
         else:
@@ -233,20 +357,21 @@ class Classifier:
         )  # fmt: skip
 
     def _explain(self, text: str, label: int) -> list[Passage]:
-        """The passages that most support ``label``: each passage scored on its own (cosine with the
-        label for zero-shot, the head's probability of the label otherwise)."""
+        """The passages that most support ``label``: each passage scored on its own (its probability of
+        the label: zero-shot among the labels, else the head's)."""
         spans = passage_spans(text)
         if not spans:
             return []
         texts = [text[s:e] for s, e in spans]
         if self.zero_shot:
-            scores = embed_texts(self.tm, texts, self.batch_size) @ self.label_embeddings[label]
+            cos = embed_texts(self.tm, texts, self.batch_size) @ self.label_embeddings.T - self.bias
+            scores = torch.softmax(SCALE * cos, dim=-1)[:, label]
         else:
             tok = self.tm.tokenizer
             windows = [tok.document_windows(tok.encode(t), self.tm.max_length, self.stride)[0] for t in texts]
             scores = torch.zeros(len(texts))
             for i, out in run_windows(self.tm, windows, self.batch_size):
-                scores[i] = self._probabilities(self._window_scores(out))[label]
+                scores[i] = self._probabilities(out)[label]
         top = torch.argsort(scores, descending=True)[: self.explain].tolist()
         return [
             Passage(spans[i][0], spans[i][1], snippet(text, *spans[i]), round(float(scores[i]), 6))
@@ -262,3 +387,21 @@ def covers(spans: list[tuple[int, int]], n: int) -> bool:
             return False
         reach = max(reach, end)
     return reach >= n
+
+
+@dataclass
+class _Run:
+    """One document's pass: token count, unknown-token share, truncation, (tokens, output) per window."""
+
+    n_tokens: int
+    unknown: float
+    truncated: bool
+    outputs: list[tuple[int, torch.Tensor]]
+
+
+def label_embeddings(tm: TaskModel, labels: Sequence[Label], style: str, batch_size: int) -> torch.Tensor:
+    """(L, d) normalised: the mean of each label's prompt embeddings."""
+    prompts = [label.prompts(style) for label in labels]
+    flat = embed_texts(tm, [p for ps in prompts for p in ps], batch_size)
+    sizes = [len(ps) for ps in prompts]
+    return F.normalize(torch.stack([chunk.mean(0) for chunk in flat.split(sizes)]), dim=-1)
