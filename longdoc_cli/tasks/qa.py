@@ -9,11 +9,12 @@ With a plain encoder (the embedded default, no QA head): the answer is the prose
 document that best answers the question (headings, adornment lines and code are never answers,
 tasks.text.span_kind). The model was trained to embed sentences and short passages, so each
 sentence is embedded on its own; its dense score is the weighted mean of its cosine with the
-question and the cosine of the mean embedding of it and its FOLLOWING sentences (its local context);
-the final score mixes that with the share of the question's informative words (idf-weighted, idf
-over the document's sentences) that the sentence holds (lexical + dense fusion). The weights
-(``SentenceScoring``) were chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and
-reported on the other half (benchmarks/eval_qa.py, benchmarks/README.md).
+question and the cosine of the mean embedding of it and its two following sentences (its local
+context), equally weighted. A lexical part (the share of the question's informative words,
+idf-weighted, that the sentence holds) can be mixed in (``SentenceScoring.lexical``) but is off:
+on the dev pages it did not help. The weights were chosen on half of the FAQ pages of
+../shared/data/pyfaq_qa.jsonl and are reported on the other half (benchmarks/eval_qa.py,
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class SentenceScoring:
     alone: float = 1.0
     following: float = 1.0
     following_n: int = 2
-    lexical: float = 0.1
+    lexical: float = 0.0  # off: on the dev pages it did not help (benchmarks/README.md)
     prose_only: bool = True  # headings, adornment lines and code are never answers
 
 
