@@ -1,11 +1,24 @@
-"""Zero-shot extractive QA with the embedded default model vs a BM25 baseline (not a test).
+"""Zero-shot extractive QA with the embedded default model against its baselines (not a test).
 
-On SQuAD-format JSONL (default ../shared/data/pyfaq_qa.jsonl), both methods rank the sentences of
-the context (the same sentence splitter); reported: answer-sentence hit@1 and hit@5 (the top
-sentences include the one holding the gold answer's start), and SQuAD EM/F1 of the top sentence
-against the gold answer (official normalisation), plus time per question.
+Two parts, one run, one loaded model:
 
-    python benchmarks/eval_qa.py [--data FILE] [--limit N] [--quantize int8] [--dtype bf16]
+1. The Python FAQ (default ../shared/data/pyfaq_qa.jsonl). Its pages are split in two by a fixed
+   rule: sorted by their number of questions, every second page (2nd, 4th, ...) is the DEV part, on
+   which the zero-shot scoring (tasks.qa.SentenceScoring) was chosen; the other pages are HELD-OUT.
+   Each method ranks the sentences of the page; hit@k = the sentence holding the gold answer's
+   start is among the top k; EM/F1 (SQuAD normalisation) of the top sentence against the gold answer.
+   Methods: BM25 over sentences; the scoring before issue 12 ("old": every sentence, following
+   weight 0.5, no lexical part); the current default ("new"); and variants of the new one, each
+   changing one thing (scored from the same sentence embeddings; only old/new/BM25 are timed).
+2. A planted fact in long State of the Union addresses (default ../shared/data/sotu.jsonl): a
+   generated sentence about invented names and numbers is inserted at a sentence boundary at a
+   random position in the last half of a long address (seeded), and a question about it is asked;
+   hit@1/hit@5 = the planted sentence is the first / among the top 5 answers. The same question is
+   also asked of another address's planted copy (where its fact is absent): the top scores of
+   these unanswerable questions against the answerable ones say what a --min-score can separate.
+
+    python benchmarks/eval_qa.py [--data FILE] [--sotu FILE] [--planted N] [--limit N]
+                                 [--quantize int8] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -14,18 +27,32 @@ import argparse
 import collections
 import json
 import math
+import random
 import re
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from longdoc_cli.evaluate import exact_match_score, f1_score
 from longdoc_cli.models import resolve_model
-from longdoc_cli.tasks.qa import QuestionAnswerer
-from longdoc_cli.tasks.runner import load_task_model
+from longdoc_cli.tasks.qa import LEGACY_SCORING, QuestionAnswerer, SentenceScoring, score_sentences
+from longdoc_cli.tasks.runner import embed_texts, load_task_model
 from longdoc_cli.tasks.text import sentence_spans
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyfaq_qa.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+NEW = SentenceScoring()
+VARIANTS: dict[str, SentenceScoring] = {
+    "new, candidates of every kind (no prose filter)": replace(NEW, prose_only=False),
+    "new, following weight 0.5 (old weight)": replace(NEW, following=0.5),
+    "new, sentence alone (no following context)": replace(NEW, following=0.0),
+    "new + lexical 0.1 (idf word share)": replace(NEW, lexical=0.1),
+    "new + lexical 0.2": replace(NEW, lexical=0.2),
+}
 
 
 def words(text: str) -> list[str]:
@@ -55,61 +82,229 @@ class BM25:
         return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
-    ap.add_argument("--quantize", default="none")
-    ap.add_argument("--dtype", default="auto", help="auto (fp32 on the CPU), fp32 or bf16")
-    ap.add_argument("--model", default="default")
-    args = ap.parse_args()
+def rrf(*rankings: list[int], k: int = 60) -> list[int]:
+    """Reciprocal-rank fusion of rankings (best first) of the same items."""
+    score: dict[int, float] = collections.defaultdict(float)
+    for ranking in rankings:
+        for r, i in enumerate(ranking):
+            score[i] += 1 / (k + r)
+    return sorted(score, key=lambda i: -score[i])
+
+
+def top(scores: torch.Tensor, k: int) -> list[int]:
+    order = torch.argsort(scores, descending=True)[:k].tolist()
+    return [i for i in order if scores[i] > -math.inf]
+
+
+class Table:
+    """hit@1, hit@5, EM, F1 per method and part."""
+
+    def __init__(self) -> None:
+        self.stats: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+        self.methods: list[str] = []
+
+    def add(self, method: str, parts: tuple[str, ...], ranked: list[int], gold: int | None, top_text: str,
+            gold_texts: list[str]) -> None:  # fmt: skip
+        if method not in self.methods:
+            self.methods.append(method)
+        for part in parts:
+            st = self.stats[method, part]
+            st["n"] += 1
+            st["hit1"] += bool(ranked) and ranked[0] == gold
+            st["hit5"] += gold in ranked[:5]
+            st["em"] += max(exact_match_score(top_text, g) for g in gold_texts)
+            st["f1"] += max(f1_score(top_text, g) for g in gold_texts)
+
+    def print(self, parts: list[str], seconds: dict[str, float]) -> None:
+        print("| method | part | n | hit@1 | hit@5 | EM | F1 | s/question |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for method in self.methods:
+            for part in parts:
+                st = self.stats[method, part]
+                if not st["n"]:
+                    continue
+                n = st["n"]
+                cells = " | ".join(f"{100 * st[k] / n:.1f}" for k in ("hit1", "hit5", "em", "f1"))
+                sec = f"{seconds[method]:.3f}" if method in seconds and part == "all" else ""
+                print(f"| {method} | {part} | {n} | {cells} | {sec} |")
+
+
+def faq(args, tm) -> None:
     with open(args.data, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     if args.limit:
         records = records[: args.limit]
-
-    tm = load_task_model(resolve_model(args.model), task="qa", quantize=args.quantize, dtype=args.dtype)
-    qa = QuestionAnswerer(tm, top_k=5, batch_size=16)
-    stats = {m: collections.Counter() for m in ("longdoc", "bm25")}
-    elapsed = collections.Counter()
     by_context: dict[str, list[dict]] = collections.defaultdict(list)
     for r in records:
         by_context[r["context"]].append(r)
-    for context, group in by_context.items():
+    ranked_pages = sorted(by_context, key=lambda c: (-len(by_context[c]), by_context[c][0]["id"]))
+    dev = {c for i, c in enumerate(ranked_pages) if i % 2 == 1}
+    print(f"## Python FAQ: {args.data} ({len(records)} questions, {len(by_context)} pages); "
+          f"quantize={args.quantize} dtype={args.dtype}")  # fmt: skip
+    print("dev pages:", ", ".join(sorted(by_context[c][0]["title"] for c in dev)))
+    print("held-out pages:", ", ".join(sorted(by_context[c][0]["title"] for c in set(by_context) - dev)))
+    old = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=LEGACY_SCORING)
+    new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
+    table, elapsed = Table(), collections.Counter()
+    right, wrong = [], []  # the new method's top score when its first answer is right / wrong
+    for page, context in enumerate(ranked_pages):
+        group = by_context[context]
         spans = sentence_spans(context)
+        starts = {s: i for i, (s, _) in enumerate(spans)}
         bm25 = BM25([words(context[s:e]) for s, e in spans])
+        parts = ("dev" if context in dev else "held-out", "all")
         for r in group:
-            gold_start = r["answers"]["answer_start"][0]
-            gold_texts = r["answers"]["text"]
+            gold_start, gold_texts = r["answers"]["answer_start"][0], r["answers"]["text"]
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
-            t = time.perf_counter()
-            result = qa.answer(r["id"], context, [r["question"]])[0]
-            elapsed["longdoc"] += time.perf_counter() - t
-            starts = {s: i for i, (s, _) in enumerate(spans)}
-            ranked_longdoc = [starts[a.start] for a in result.answers]
+            ranked: dict[str, list[int]] = {}
+            pair = [("old (before issue 12)", old), ("new (default)", new)]
+            for name, answerer in pair[:: 1 if page % 2 else -1]:  # who embeds the page first alternates
+                t = time.perf_counter()
+                result = answerer.answer(r["id"], context, [r["question"]])[0]
+                elapsed[name] += time.perf_counter() - t
+                ranked[name] = [starts[a.start] for a in result.answers]
+                if name == "new (default)":
+                    best = result.answers[0]
+            (right if ranked["new (default)"][:1] == [gold] else wrong).append(best.score)
             t = time.perf_counter()
             scores = bm25.scores(words(r["question"]))
-            ranked_bm25 = sorted(range(len(spans)), key=lambda i: -scores[i])[:5]
-            elapsed["bm25"] += time.perf_counter() - t
-            for name, ranked in (("longdoc", ranked_longdoc), ("bm25", ranked_bm25)):
-                top = context[spans[ranked[0]][0] : spans[ranked[0]][1]]
-                st = stats[name]
-                st["n"] += 1
-                st["hit1"] += ranked[0] == gold
-                st["hit5"] += gold in ranked[:5]
-                st["em"] += max(exact_match_score(top, g) for g in gold_texts)
-                st["f1"] += max(f1_score(top, g) for g in gold_texts)
-    n_ctx = len(by_context)
-    print(f"data: {args.data} ({len(records)} questions, {n_ctx} contexts); "
-          f"quantize={args.quantize} dtype={args.dtype}")  # fmt: skip
-    print("| method | hit@1 | hit@5 | EM | F1 | s/question |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, st in stats.items():
-        n = st["n"]
-        row = [st["hit1"] / n, st["hit5"] / n, st["em"] / n, st["f1"] / n]
-        label = "longdoc zero-shot (default model)" if name == "longdoc" else "BM25 over sentences"
-        cells = " | ".join(f"{100 * v:.1f}" for v in row)
-        print(f"| {label} | {cells} | {elapsed[name] / n:.3f} |")
+            ranked["BM25 over sentences"] = sorted(range(len(spans)), key=lambda i: -scores[i])[:5]
+            elapsed["BM25 over sentences"] += time.perf_counter() - t
+            index = new._index(context)
+            q = embed_texts(tm, [r["question"]], 1)[0]
+            for name, scoring in VARIANTS.items():
+                ranked[name] = top(score_sentences(index, q, r["question"], scoring), 5)
+            dense = top(score_sentences(index, q, r["question"], NEW), len(spans))
+            bm25_all = [i for i in sorted(range(len(spans)), key=lambda i: -scores[i]) if i in set(dense)]
+            ranked["RRF(new, BM25)"] = rrf(dense, bm25_all)[:5]
+            for name in ("BM25 over sentences", "old (before issue 12)", "new (default)", *VARIANTS,
+                         "RRF(new, BM25)"):  # fmt: skip
+                first = ranked[name][0] if ranked[name] else None
+                text = context[spans[first][0] : spans[first][1]] if first is not None else ""
+                table.add(name, parts, ranked[name], gold, text, gold_texts)
+    n = len(records)
+    table.print(["dev", "held-out", "all"], {k: v / n for k, v in elapsed.items()})
+    ratio = elapsed["new (default)"] / elapsed["old (before issue 12)"]
+    print(f"\nspeed: new / old seconds per question = {ratio:.2f} (same run, CPU)")
+    print_scores("FAQ, new (default): top score when the first answer is", right, wrong, "right", "wrong")
+
+
+def print_scores(title: str, a: list[float], b: list[float], name_a: str, name_b: str) -> None:
+    def q(xs: list[float]) -> str:
+        if not xs:
+            return "none"
+        xs = sorted(xs)
+        at = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+        return (f"n {len(xs)}, min {xs[0]:.2f}, p10 {at(0.1):.2f}, median {statistics.median(xs):.2f}, "
+                f"p90 {at(0.9):.2f}, max {xs[-1]:.2f}")  # fmt: skip
+
+    print(f"{title} {name_a}: {q(a)}")
+    print(f"{title} {name_b}: {q(b)}")
+    for s in (0.3, 0.4, 0.5, 0.6, 0.7):
+        keep_a = sum(x >= s for x in a) / max(1, len(a))
+        keep_b = sum(x >= s for x in b) / max(1, len(b))
+        print(f"  --min-score {s}: answers {100 * keep_a:.0f}% of {name_a}, {100 * keep_b:.0f}% of {name_b}")
+
+
+# -- planted facts --------------------------------------------------------------------------------
+
+_NAMES = ["Orvalle", "Tessamir", "Quenbrook", "Halvorsen", "Idrisova", "Marchetti", "Okonkwo", "Vantresca"]
+_PLACES = ["Lake Ferrin", "Port Ashby", "the Calder Valley", "Mount Ostrava", "Greywater County"]
+_THINGS = ["lithium", "copper", "wheat", "timber", "salmon", "cobalt"]
+_FACTS: list[Callable[[random.Random], tuple[str, str]]] = [
+    lambda r: (lambda name, place, n: (
+        f"Last spring the engineer {name} completed the survey of {place}, which found {n} miles of "
+        "abandoned canals.",
+        f"How many miles of abandoned canals did the survey of {place} find?"))(
+        r.choice(_NAMES), r.choice(_PLACES), r.randint(12, 980)),
+    lambda r: (lambda name, thing, place: (
+        f"The commission chaired by Judge {name} reported that the {thing} reserves near {place} will "
+        "last another forty years.",
+        f"Who chaired the commission that reported on the {thing} reserves near {place}?"))(
+        r.choice(_NAMES), r.choice(_THINGS), r.choice(_PLACES)),
+    lambda r: (lambda place, n, month: (
+        f"A new bridge across {place} will open in {month}, at a cost of {n} million dollars.",
+        f"When will the new bridge across {place} open?"))(
+        r.choice(_PLACES), r.randint(40, 900), r.choice(["March", "June", "September", "November"])),
+    lambda r: (lambda thing, place, n: (
+        f"Farmers in {place} harvested {n} thousand tons of {thing} this year, twice the usual amount.",
+        f"How much {thing} did the farmers of {place} harvest?"))(
+        r.choice(_THINGS), r.choice(_PLACES), r.randint(11, 99)),
+]  # fmt: skip
+
+
+def planted(args, tm) -> None:
+    with open(args.sotu, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    long_ones = [r for r in records if len(r["text"].split()) >= 5000]
+    chosen = long_ones[:: max(1, len(long_ones) // args.planted)][: args.planted]
+    rng = random.Random(12)
+    cases = []
+    for r in chosen:
+        text = r["text"]
+        spans = sentence_spans(text)
+        at = rng.randint(len(spans) // 2, len(spans) - 1)  # a sentence start in the last half
+        fact, question = rng.choice(_FACTS)(rng)
+        cut = spans[at][0]
+        doc = text[:cut] + fact + " " + text[cut:]
+        cases.append((r["id"], doc, (cut, cut + len(fact)), question, len(text.split()), at / len(spans)))
+    depth = statistics.mean(c[5] for c in cases)
+    print(f"\n## Planted facts: {len(cases)} long addresses of {args.sotu} (>= 5000 words, median "
+          f"{statistics.median(c[4] for c in cases):.0f}), one generated fact each at a random sentence "
+          f"boundary in the last half (mean depth {100 * depth:.0f}% of the sentences; seed 12)")  # fmt: skip
+    old = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=LEGACY_SCORING)
+    new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
+    hits = {
+        m: collections.Counter() for m in ("BM25 over sentences", "old (before issue 12)", "new (default)")
+    }
+    elapsed = collections.Counter()
+    answerable, unanswerable = [], []
+    for i, (doc_id, doc, (a, b), question, _, _) in enumerate(cases):
+        other_question = cases[(i + 1) % len(cases)][3]
+        spans = sentence_spans(doc)
+        bm25 = BM25([words(doc[s:e]) for s, e in spans])
+        scores = bm25.scores(words(question))
+        bm = sorted(range(len(spans)), key=lambda j: -scores[j])[:5]
+        found = {"BM25 over sentences": [spans[j] for j in bm]}
+        pair = [("old (before issue 12)", old), ("new (default)", new)]
+        for name, answerer in pair[:: 1 if i % 2 else -1]:
+            t = time.perf_counter()
+            result = answerer.answer(doc_id, doc, [question])[0]
+            elapsed[name] += time.perf_counter() - t
+            found[name] = [(x.start, x.end) for x in result.answers]
+            if name == "new (default)":
+                answerable.append(result.answers[0].score)
+                unanswerable.append(answerer.answer(doc_id, doc, [other_question])[0].answers[0].score)
+        for name, got in found.items():
+            overlaps = [s < b and a < e for s, e in got]
+            hits[name]["hit1"] += overlaps[:1] == [True]
+            hits[name]["hit5"] += any(overlaps[:5])
+    n = len(cases)
+    print("| method | n | hit@1 | hit@5 | s/question (embedding included) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, st in hits.items():
+        sec = f"{elapsed[name] / n:.2f}" if name in elapsed else ""
+        print(f"| {name} | {n} | {100 * st['hit1'] / n:.1f} | {100 * st['hit5'] / n:.1f} | {sec} |")
+    print_scores("planted, new (default): top score of a question", answerable, unanswerable,
+                 "answerable (its fact planted)", "unanswerable (another address's fact)")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DATA / "pyfaq_qa.jsonl"))
+    ap.add_argument("--sotu", default=str(DATA / "sotu.jsonl"))
+    ap.add_argument("--planted", type=int, default=10, help="long addresses with a planted fact (0 = skip)")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N FAQ questions")
+    ap.add_argument("--quantize", default="none")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on the CPU), fp32 or bf16")
+    ap.add_argument("--model", default="default")
+    args = ap.parse_args()
+    tm = load_task_model(resolve_model(args.model), task="qa", quantize=args.quantize, dtype=args.dtype)
+    embed_texts(tm, ["A first forward pass, so that no timed method pays for warming up."], 1)
+    faq(args, tm)
+    sys.stdout.flush()
+    if args.planted:
+        planted(args, tm)
     sys.stdout.flush()
 
 

@@ -1051,6 +1051,9 @@ def qa(
     null_threshold: float | None = typer.Option(
         None, "--null-threshold", help="No answer when the null score beats the best span by this (QA head)."
     ),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="No answer (answer: null) when the best score is below this (README)."
+    ),
     doc_stride: int | None = typer.Option(None, "--doc-stride", help="Tokens shared by consecutive windows."),
     max_question_len: int | None = typer.Option(None, "--max-question-len", help="Question tokens kept."),
     batch_size: int | None = _BATCH_SIZE,
@@ -1096,10 +1099,10 @@ def qa(
             null_threshold=_pick(null_threshold, inf.null_threshold),
             batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
             max_question_length=_pick(max_question_len, tk.max_question_length),
-            strict_stride=doc_stride is not None,
+            strict_stride=doc_stride is not None, min_score=_pick(min_score, inf.min_score),
         )  # fmt: skip
         items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
-        emit = _Emitter(fmt, ["path", "question", "answer", "score", "start", "end"])
+        emit = _Emitter(fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"])
         console = stderr_console(quiet)
         failed = False
         with _progress(console, "answers") as progress:
@@ -1126,9 +1129,15 @@ def qa(
                     record = result.to_record(item.key)
                     if question_id is not None:
                         record["question_id"] = question_id
-                    emit(
-                        {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
-                    )
+                    if fmt in ("table", "tsv"):
+                        for row in _answer_rows(record):
+                            emit(row)
+                    else:
+                        emit(
+                            {"path": record.get("path", record.get("id")), **record}
+                            if fmt == "json"
+                            else record
+                        )
                     if result.truncated and not quiet:
                         cut = answerer.max_question_length
                         typer.echo(
@@ -1141,6 +1150,22 @@ def qa(
         )
         if failed:
             raise typer.Exit(1)
+
+
+def _answer_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A QA record as table/TSV rows: one per answer (rank 1 = best), each with its own context;
+    one row with an empty answer when there is none."""
+    base = {"path": record.get("path", record.get("id")), "question": record["question"]}
+    answers = record.get("answers") or ([record] if record["answer"] is not None else [])
+    if not answers:
+        return [
+            {**base, "rank": None, "answer": None, "score": None, "start": None, "end": None, "context": ""}
+        ]
+    return [
+        {**base, "rank": rank, "answer": a.get("text", a.get("answer")), "score": a["score"],
+         "start": a["start"], "end": a["end"], "context": a["context"]}
+        for rank, a in enumerate(answers, 1)
+    ]  # fmt: skip
 
 
 def read_questions(text: str, source: str) -> list[tuple[str, Any]]:

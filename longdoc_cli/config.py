@@ -98,6 +98,7 @@ class InferenceSection:
     n_best: int = _f(20, "qa: start/end candidates per window")
     max_answer_length: int = _f(30, "qa: longest answer, in tokens")
     null_threshold: float | None = _f(None, "qa: answer nothing when null score - best span > this")
+    min_score: float | None = _f(None, "qa: answer nothing (answer: null) when the best score is below this")
 
 
 @dataclass

@@ -206,7 +206,7 @@ def predict_qa(
     answerer = QuestionAnswerer(
         tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,
         null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tok.stride,
-        max_question_length=tok.max_question_length,
+        max_question_length=tok.max_question_length, min_score=inf.min_score,
     )  # fmt: skip
     model.eval()
     out = []
@@ -319,7 +319,7 @@ def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalRep
     answerer = QuestionAnswerer(
         tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,
         null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=t_cfg.stride,
-        max_question_length=t_cfg.max_question_length,
+        max_question_length=t_cfg.max_question_length, min_score=inf.min_score,
     )  # fmt: skip
     qa = load_qa(data_path, cfg.data)
     by_context: dict[str, list[int]] = {}  # one pass per document: encoded once, all its questions

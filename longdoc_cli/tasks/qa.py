@@ -5,17 +5,23 @@ question tokens; the n-best start/end logits of each window give candidate spans
 at most ``max_answer_length`` tokens, inside the context), merged across the overlapping windows by
 character span; the no-answer score is the first token's start + end logits.
 
-With a plain encoder (the embedded default, no QA head): the answer is the sentence of the document
-that best answers the question. The model was trained to embed sentences, so each sentence is
-embedded on its own, and again with the FOLLOWING sentences (its local context); its score is the
-weighted mean of the two cosine similarities with the question's embedding. Measured on
-../shared/data/pyfaq_qa.jsonl (README): better than either part alone, and much better than pooling
-sentence states out of one question-global pass over the whole document, which also cost ~20x more.
+With a plain encoder (the embedded default, no QA head): the answer is the prose sentence of the
+document that best answers the question (headings, adornment lines and code are never answers,
+tasks.text.span_kind). The model was trained to embed sentences and short passages, so each
+sentence is embedded on its own; its dense score is the weighted mean of its cosine with the
+question and the cosine of the mean embedding of it and its two following sentences (its local
+context), equally weighted. A lexical part (the share of the question's informative words,
+idf-weighted, that the sentence holds) can be mixed in (``SentenceScoring.lexical``) but is off:
+on the dev pages it did not help. The weights were chosen on half of the FAQ pages of
+../shared/data/pyfaq_qa.jsonl and are reported on the other half (benchmarks/eval_qa.py,
+benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -27,11 +33,9 @@ from torch import Tensor
 from ..errors import LongdocError
 from ..tokenize import Encoding, Window
 from .runner import TaskModel, embed_texts, run_windows, window_overlap
-from .text import sentence_spans, snippet
+from .text import context_around, sentence_spans, span_kind
 
 SCHEMA_VERSION = 1
-FOLLOWING = 2  # sentences after a candidate that count as its local context (zero-shot)
-LOCAL_WEIGHT = 0.5  # weight of that local context against the sentence alone
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Answer:
     start: int  # character offsets into the (newline-normalised) document
     end: int
     score: float
+    context: str = ""  # the answer with its surroundings, one line, cut on word boundaries
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class QAResult:
     id: str
     question: str
     answers: list[Answer]  # best first; empty when the document holds no answer
-    context: str  # the best answer's surroundings, one line
+    context: str  # the best answer's surroundings, one line ("" when there is no answer)
     n_tokens: int
     n_windows: int
     truncated: bool  # the question was cut to max_question_length tokens
@@ -90,6 +95,8 @@ class QuestionAnswerer:
         doc_stride: int = 256,
         max_question_length: int = 64,
         strict_stride: bool = False,
+        min_score: float | None = None,
+        scoring: SentenceScoring | None = None,
     ) -> None:
         if top_k < 1 or n_best < 1 or max_answer_length < 1:
             raise LongdocError("--top-k, --n-best and --max-answer-len must be at least 1", exit_code=2)
@@ -101,7 +108,9 @@ class QuestionAnswerer:
         if doc_stride < 0:
             raise LongdocError(f"--doc-stride {doc_stride}: must be at least 0", exit_code=2)
         self.doc_stride, self.strict_stride = doc_stride, strict_stride  # capped per question
-        self._sentences: tuple[str, list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None
+        self.min_score = min_score  # no answer when the best score is below it
+        self.scoring = scoring or SentenceScoring()
+        self._sentences: SentenceIndex | None = None
 
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:
         enc = self.tm.tokenizer.encode(text)
@@ -122,7 +131,10 @@ class QuestionAnswerer:
         else:
             answers = self._sentences_for(text, question)
             method = "sentence"
-        context = _surroundings(text, answers[0]) if answers else ""
+        if answers and self.min_score is not None and answers[0].score < self.min_score:
+            answers = []  # abstain
+        answers = [replace(a, context=context_around(text, a.start, a.end)) for a in answers]
+        context = answers[0].context if answers else ""
         truncated = any(w.question_truncated for w in windows)
         return QAResult(doc_id, question, answers, context, len(enc), len(windows), truncated, method)
 
@@ -139,26 +151,107 @@ class QuestionAnswerer:
     # -- zero-shot ---------------------------------------------------------------------------------
 
     def _sentences_for(self, text: str, question: str) -> list[Answer]:
-        spans, alone, local = self._sentence_embeddings(text)
-        if not spans:
-            return []
+        index = self._index(text)
         q = embed_texts(self.tm, [question], 1)[0]
-        scores = (alone @ q + LOCAL_WEIGHT * (local @ q)) / (1 + LOCAL_WEIGHT)  # a weighted mean cosine
-        top = torch.argsort(scores, descending=True)[: self.top_k].tolist()
-        return [Answer(text[spans[i][0] : spans[i][1]], *spans[i], round(float(scores[i]), 6)) for i in top]
+        scores = score_sentences(index, q, question, self.scoring)
+        top = [
+            i for i in torch.argsort(scores, descending=True)[: self.top_k].tolist() if scores[i] > -math.inf
+        ]
+        spans = [index.spans[i] for i in top]
+        return [
+            Answer(text[a:b], a, b, round(float(scores[i]), 6)) for i, (a, b) in zip(top, spans, strict=True)
+        ]
 
-    def _sentence_embeddings(self, text: str) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-        """Every sentence embedded alone, and with its FOLLOWING sentences (cached per document, so
-        many questions over one document embed it once)."""
-        if self._sentences is not None and self._sentences[0] == text:
-            return self._sentences[1:]
-        spans = sentence_spans(text)
-        if not spans:
-            return [], torch.empty(0), torch.empty(0)
-        alone = embed_texts(self.tm, [text[s:e] for s, e in spans], max(self.batch_size, 16))
-        local = torch.stack([alone[i : i + FOLLOWING + 1].mean(0) for i in range(len(spans))])
-        self._sentences = (text, spans, alone, F.normalize(local, dim=-1))
-        return self._sentences[1:]
+    def _index(self, text: str) -> SentenceIndex:
+        """The document's sentences, embedded once for all the questions about it."""
+        if self._sentences is None or self._sentences.text != text:
+            self._sentences = index_sentences(
+                self.tm, text, max(self.batch_size, 16), self.scoring.following_n
+            )
+        return self._sentences
+
+
+@dataclass(frozen=True)
+class SentenceScoring:
+    """How zero-shot QA scores a sentence: ``(1 - lexical) * dense + lexical * coverage``, where
+    dense is the weighted mean of the sentence's cosine with the question (``alone``) and of the
+    cosine of the mean embedding of it and its ``following_n`` next sentences (``following``), and
+    coverage is the idf-weighted share of the question's words the sentence holds (0..1)."""
+
+    alone: float = 1.0
+    following: float = 1.0
+    following_n: int = 2
+    lexical: float = 0.0  # off: on the dev pages it did not help (benchmarks/README.md)
+    prose_only: bool = True  # headings, adornment lines and code are never answers
+
+
+# Before issue 12: sentences of every kind, following weighted 0.5, no lexical part (for the benchmark).
+LEGACY_SCORING = SentenceScoring(alone=1.0, following=0.5, lexical=0.0, prose_only=False)
+
+
+@dataclass(frozen=True)
+class SentenceIndex:
+    """A document's sentences for zero-shot QA: spans, which are candidates, their embeddings alone
+    and with their local context (L2-normalised), and their words with idf weights."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    prose: Tensor  # (n,) bool: the span is prose (tasks.text.span_kind)
+    alone: Tensor  # (n, d)
+    local: Tensor  # (n, d): mean of the span and its following_n next spans, normalised
+    words: list[frozenset[str]]
+    idf: dict[str, float]
+    unseen_idf: float  # idf of a word that is in no sentence
+
+
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+_WORD = re.compile(r"\w+")
+
+
+def index_sentences(tm: TaskModel, text: str, batch_size: int, following_n: int) -> SentenceIndex:
+    spans = sentence_spans(text)
+    n, d = len(spans), tm.config.hidden_size
+    if not spans:
+        empty = torch.empty(0, d)
+        return SentenceIndex(text, [], torch.zeros(0, dtype=torch.bool), empty, empty, [], {}, 0.0)
+    alone = embed_texts(tm, [text[s:e] for s, e in spans], batch_size)  # (n, d)
+    local = F.normalize(torch.stack([alone[i : i + following_n + 1].mean(0) for i in range(n)]), dim=-1)
+    prose = torch.tensor([span_kind(text, s, e) == "prose" for s, e in spans])
+    words = [frozenset(words_of(text[s:e])) for s, e in spans]
+    df = Counter(w for ws in words for w in ws)
+    idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}  # BM25's idf
+    return SentenceIndex(text, spans, prose, alone, local, words, idf, math.log(1 + (n + 0.5) / 0.5))
+
+
+def lexical_coverage(index: SentenceIndex, question: str) -> Tensor:
+    """Per sentence, the idf-weighted share of the question's distinct words it holds (0..1); a
+    question word found nowhere in the document counts with the highest idf, so it lowers every
+    sentence's share."""
+    asked = set(words_of(question))
+    weights = {w: index.idf.get(w, index.unseen_idf) for w in asked}
+    total = sum(weights.values())
+    if not total:
+        return torch.zeros(len(index.spans))
+    return torch.tensor([sum(weights[w] for w in asked & ws) / total for ws in index.words])
+
+
+def score_sentences(index: SentenceIndex, q: Tensor, question: str, scoring: SentenceScoring) -> Tensor:
+    """(n,) scores of the document's sentences for the question embedding ``q`` (d,), -inf for the
+    sentences that are not candidates."""
+    if not index.spans:
+        return torch.empty(0)
+    dense = (scoring.alone * (index.alone @ q) + scoring.following * (index.local @ q)) / (
+        scoring.alone + scoring.following
+    )
+    scores = dense
+    if scoring.lexical:
+        scores = (1 - scoring.lexical) * dense + scoring.lexical * lexical_coverage(index, question)
+    if scoring.prose_only:
+        scores = scores.masked_fill(~index.prose, -math.inf)
+    return scores
 
 
 def decode_spans(
@@ -201,7 +294,3 @@ def decode_spans(
     if answers and null_threshold is not None and null_logit - best_logit > null_threshold:
         return []
     return answers
-
-
-def _surroundings(text: str, answer: Answer, margin: int = 120) -> str:
-    return snippet(text, max(0, answer.start - margin), min(len(text), answer.end + margin), 2 * margin + 200)

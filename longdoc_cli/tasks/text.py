@@ -89,3 +89,77 @@ def snippet(text: str, start: int, end: int, max_chars: int = 200) -> str:
     """The span as one line, shortened with an ellipsis."""
     s = " ".join(text[start:end].split())
     return s if len(s) <= max_chars else s[: max_chars - 1].rstrip() + "\u2026"
+
+
+# -- which spans are prose -------------------------------------------------------------------------
+# A span is a candidate answer only if it is prose: not a heading (a short line of its own without
+# end punctuation, a question standing as its own line, a line over an adornment), not an adornment
+# ("-----", "=====", reST/Markdown rules) and not code (interpreter prompts, indented blocks, lines
+# dense in symbols, lines without letters such as printed numbers).
+_ADORNMENT = re.compile(r"^[ \t]*([-=~^*#+_:'\"`<>])\1{2,}[ \t]*$")  # not "...": a prompt
+_BULLET = re.compile(r"^[ \t]*(?:[-*+\u2022]|\d+[.)]|[a-z][.)])[ \t]+\S")
+_MARKDOWN_HEADING = re.compile(r"^#{1,6}[ \t]+\S")
+_PROMPT = re.compile(r"^[ \t]*(?:>>>|\.\.\.(?:[ \t]|$)|\$[ \t]|%[ \t]|In \[\d+\]:)")
+_CODE_END = re.compile(r"[;{}]$|^[ \t]*[})\]]")
+_SYMBOLS = set("=(){}[]<>;*/+\\|_#@$%&^~`")
+_SENTENCE_END = ".!:;,\u2026\"'\u201d\u2019)\u3002\uff01\uff61\u0964"
+HEADING_WORDS = 12  # a line of its own without end punctuation and at most this many words: a heading
+
+
+def _is_code_line(line: str) -> bool:
+    stripped = line.strip()
+    if not stripped:
+        return False
+    if _PROMPT.match(line) or _CODE_END.search(stripped) or not any(c.isalpha() for c in stripped):
+        return True
+    if _BULLET.match(line):
+        return False  # a list item
+    if line[:1] in " \t" and len(line) - len(line.lstrip()) >= 4:
+        return True
+    if stripped.endswith((".", "!", "?")):
+        return False  # a sentence, even one that names code such as int('144') or seq[-n]
+    symbols = sum(c in _SYMBOLS for c in stripped)
+    return symbols >= 2 and symbols / len(stripped.replace(" ", "")) >= 0.08
+
+
+def span_kind(text: str, start: int, end: int) -> str:
+    """What a sentence span of ``text`` is: "prose", "heading", "adornment" or "code"."""
+    lines = [line for line in text[start:end].split("\n") if line.strip()]
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    next_line_at = len(text) if line_end < 0 else line_end + 1
+    after = text[next_line_at : text.find("\n", next_line_at) if "\n" in text[next_line_at:] else len(text)]
+    if all(_ADORNMENT.match(line) for line in lines):
+        return "adornment"
+    if any(_ADORNMENT.match(line) for line in lines) or _ADORNMENT.match(after):
+        return "heading"  # a title over or under its adornment
+    own_line = (
+        not text[line_start:start].strip() and not text[end : len(text) if line_end < 0 else line_end].strip()
+    )
+    body = text[start:end].strip()
+    if _MARKDOWN_HEADING.match(body) and own_line:
+        return "heading"
+    if _PROMPT.match(lines[0]) or sum(_is_code_line(line) for line in lines) * 2 > len(lines):
+        return "code"
+    if own_line and len(lines) == 1 and not _BULLET.match(body):
+        if body.endswith(("?", "\uff1f", "\u061f")):
+            return "heading"  # a question on its own line asks; it does not answer
+        if not body.endswith(tuple(_SENTENCE_END)) and len(body.split()) <= HEADING_WORDS:
+            return "heading"
+    return "prose"
+
+
+def context_around(text: str, start: int, end: int, margin: int = 120) -> str:
+    """``text[start:end]`` with about ``margin`` characters of its surroundings on each side, as one
+    line; the surroundings are cut at whitespace (never inside a word), a cut marked with an ellipsis.
+    The span itself is always whole."""
+    left = max(0, start - margin)
+    if left > 0 and not text[left - 1].isspace():
+        space = next((i for i in range(left, start) if text[i].isspace()), start)
+        left = space  # the first whole word after the cut (or the span itself)
+    right = min(len(text), end + margin)
+    if right < len(text) and not text[right].isspace():
+        space = next((i for i in range(right, end, -1) if text[i - 1].isspace()), end)
+        right = space
+    body = " ".join(text[left:right].split())
+    return ("\u2026 " if left > 0 else "") + body + (" \u2026" if right < len(text) else "")
