@@ -216,7 +216,7 @@ def embedding_lr(train_emb, test_emb, train, test, seed: int, first_only: bool) 
 # longdoc train / evaluate through the CLI
 
 
-def run_recipe(name: str, spec: str, corpus_dir: Path, extra_sets: list[str]) -> dict:
+def run_recipe(name: str, spec: str, corpus_dir: Path, extra_sets: list[str], reuse: bool = False) -> dict:
     config, *sets = spec.split(";")
     out = corpus_dir / f"run-{name}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -226,12 +226,17 @@ def run_recipe(name: str, spec: str, corpus_dir: Path, extra_sets: list[str]) ->
     for s in [*sets, *extra_sets]:
         train_cmd += ["--set", s]
     log(f"  {name}: {' '.join(train_cmd[2:])}")
-    t0 = time.perf_counter()
-    with (corpus_dir / f"run-{name}.log").open("w") as f:
-        r = subprocess.run(train_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    train_s = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{name}: longdoc train failed (see {corpus_dir / f'run-{name}.log'})")
+    if reuse and (out / "best").is_dir() and not (out / ".longdoc-train.lock").exists():
+        # A finished run of the same command (an earlier invocation): its own fit time, from its log.
+        train_s = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["elapsed_s"]
+        log(f"  {name}: reusing {out} (fit {train_s:.0f} s)")
+    else:
+        t0 = time.perf_counter()
+        with (corpus_dir / f"run-{name}.log").open("w") as f:
+            r = subprocess.run(train_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        train_s = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"{name}: longdoc train failed (see {corpus_dir / f'run-{name}.log'})")
     eval_cmd = [*cli, "evaluate", str(corpus_dir / "test.jsonl"), "-m", str(out / "best"), "--format", "json"]
     for s in extra_sets:
         if s.startswith(("model.dtype", "model.device", "inference.batch_size")):
@@ -276,8 +281,19 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="--set for every recipe run")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the baseline embeddings")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse a finished OUT/CORPUS/run-NAME (its fit time)"
+    )
     ap.add_argument("--smoke", type=int, default=None, help="keep N train, N/2 test documents per label")
+    ap.add_argument("--table", nargs="+", metavar="RESULTS_JSON", help="only print the table of saved runs")
     args = ap.parse_args()
+    if args.table:
+        rows = []
+        for file in args.table:
+            for corpus, c in json.loads(Path(file).read_text())["corpora"].items():
+                rows += [(corpus, method, m) for method, m in c["methods"].items()]
+        print_table(rows)
+        return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,20 +334,30 @@ def main() -> None:
             if only and only != corpus:
                 continue
             name = short
-            r = run_recipe(name, rest, cdir, args.sets)
+            r = run_recipe(name, rest, cdir, args.sets, args.reuse)
             methods[f"longdoc {name}"] = {**recipe_scores(r, test, y_train), "train_s": r["train_s"],
                                           "eval_s": r["eval_s"], "train_cmd": r["train_cmd"],
                                           "eval_cmd": r["eval_cmd"], "fit": r["fit"]}  # fmt: skip
             log(f"  longdoc {name} {methods[f'longdoc {name}']['macro_f1']:.3f} (train {r['train_s']:.0f} s)")
+            (out / "results.json").write_text(json.dumps(results, indent=2))
         for method, m in methods.items():
             rows.append((corpus, method, m))
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("| corpus | method | macro-F1 | accuracy | min recall | recall 0 (>= 10 train docs) | time (s) |")
-    print("|---|---|---:|---:|---:|---|---:|")
+    print_table(rows)
+
+
+def print_table(rows: list) -> None:
+    print(
+        "| corpus | method | macro-F1 | accuracy | min recall | recall 0 (>= 10 train) | train s | test s |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|")
     for corpus, method, m in rows:
-        secs = m.get("seconds") or (m.get("train_s", 0) + m.get("eval_s", 0))
+        if "train_s" in m:
+            secs = f"{m['train_s']:.0f} | {m['eval_s']:.0f}"
+        else:
+            secs = f"{m['seconds']:.0f} (LR fit) | -"
         print(f"| {corpus} | {method} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | {m['min_recall']:.2f} | "
-              f"{', '.join(m['recall0_classes']) or '-'} | {secs:.0f} |")  # fmt: skip
+              f"{', '.join(m['recall0_classes']) or '-'} | {secs} |")  # fmt: skip
 
 
 if __name__ == "__main__":
