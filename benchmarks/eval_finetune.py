@@ -238,8 +238,8 @@ def run_recipe(name: str, spec: str, corpus_dir: Path, extra_sets: list[str], re
         if r.returncode != 0:
             raise SystemExit(f"{name}: longdoc train failed (see {corpus_dir / f'run-{name}.log'})")
     eval_cmd = [*cli, "evaluate", str(corpus_dir / "test.jsonl"), "-m", str(out / "best"), "--format", "json"]
-    for s in extra_sets:
-        if s.startswith(("model.dtype", "model.device", "inference.batch_size")):
+    for s in [*sets, *extra_sets]:  # what evaluate reads from the model's config, overridden alike
+        if s.startswith(("model.dtype", "model.device", "inference.")):
             eval_cmd += ["--set", s]
     t0 = time.perf_counter()
     r = subprocess.run(eval_cmd, env=env, capture_output=True, text=True, cwd=ROOT)

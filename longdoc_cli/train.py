@@ -423,6 +423,11 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
         raise ConfigError(
             "train.freeze_encoder: the frozen-encoder fit runs in one process; run it without torchrun"
         )
+    if cfg.train.windows == "first" and cfg.inference.aggregate != "first":
+        info["notes"].append(
+            f"train.windows is first but inference.aggregate is {cfg.inference.aggregate}: the head is "
+            "fitted on first windows and will predict from all of them (inference.aggregate=first matches)"
+        )
     docs_windows = [training_windows(d, tokenizer, cfg) for d in train_items]
     n_windows = sum(len(w) for w in docs_windows)
     bs = cfg.inference.batch_size
