@@ -584,6 +584,11 @@ def train_cmd(
         )
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class _TrainDisplay:
     """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY, a line per eval otherwise."""
 
@@ -592,6 +597,9 @@ class _TrainDisplay:
         self.progress = None
         self.task = None
         self.metric = ""
+        self.t0: float | None = None  # first progress event (log lines with an ETA)
+        self.last = 0.0
+        self.first_step = 0
 
     def __enter__(self):
         return self
@@ -608,12 +616,19 @@ class _TrainDisplay:
                 typer.echo(f"longdoc: warning: {note}", err=True)
             if len(notes) > 20:
                 typer.echo(f"longdoc: warning: ... {len(notes) - 20} more (all in the model card)", err=True)
-            self.console.print(
-                f"training on {event['n_train']} examples ({event['n_features']} windows), "
-                f"dev {event['n_dev']}, "
-                f"{event['total_steps']} steps, {event['device']}{' bf16' if event['bf16'] else ''}, "
-                f"{event['world_size']} process(es)"
-            )
+            where = f"{event['device']}{' bf16' if event['bf16'] else ''}"
+            if event.get("frozen"):
+                self.console.print(
+                    f"fitting a head on the frozen encoder: {event['n_train']} documents "
+                    f"({event['n_features']} windows, embedded once in {event['total_steps']} batches), "
+                    f"dev {event['n_dev']}, {where}"
+                )
+            else:
+                self.console.print(
+                    f"training on {event['n_train']} examples ({event['n_features']} windows), "
+                    f"dev {event['n_dev']}, {event['total_steps']} steps, {where}, "
+                    f"{event['world_size']} process(es)"
+                )
             if self.console.is_terminal and not self.console.quiet:
                 from rich.progress import (
                     BarColumn,
@@ -630,9 +645,15 @@ class _TrainDisplay:
                 self.progress.start()
                 self.task = self.progress.add_task("train", total=event["total_steps"], info="")
                 self.progress.update(self.task, completed=event["step"])
-        elif kind == "step" and self.progress is not None:
-            info = f"loss {event['loss']:.4f} lr {event['lr']:.2e} {self.metric}"
+        elif kind in ("step", "embed") and self.progress is not None:
+            info = (
+                "embedding"
+                if kind == "embed"
+                else f"loss {event['loss']:.4f} lr {event['lr']:.2e} {self.metric}"
+            )
             self.progress.update(self.task, completed=event["step"], info=info)
+        elif kind in ("step", "embed"):  # not a terminal (a log file): a line with the ETA every 30 s
+            self._line(event)
         elif kind == "eval":
             value = "n/a" if event["value"] is None else f"{event['value']:.4f}"
             self.metric = f"{event['metric']} {value}"
@@ -641,6 +662,22 @@ class _TrainDisplay:
             )
         elif kind == "early_stop":
             self.console.print(f"early stopping at step {event['step']}")
+
+    def _line(self, event: dict[str, Any]) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0, self.last, self.first_step = now, now, event["step"] - 1
+            return
+        step, total = event["step"], event["total_steps"]
+        if now - self.last < 30 and step < total:
+            return
+        self.last = now
+        rate = (now - self.t0) / max(1, step - self.first_step)
+        what = "embedded batch" if event["event"] == "embed" else "step"
+        loss = f", loss {event['loss']:.4f}" if "loss" in event else ""
+        self.console.print(f"{what} {step}/{total}{loss}, ETA {_duration(rate * (total - step))}")
 
 
 @app.command("evaluate")

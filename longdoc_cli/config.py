@@ -118,6 +118,22 @@ class TrainSection:
     metric: str | None = _f(
         None, "null = macro_f1 for classify, f1 for qa; also accuracy, micro_f1, exact_match"
     )
+    freeze_encoder: Union[bool, Literal["auto"]] = _f(  # noqa: UP007
+        "auto", "classify: fit only the head on window embeddings computed once (auto = true for classify)"
+    )
+    class_weight: Literal["auto", "balanced", "none"] = _f(
+        "auto", "classify: weight the loss by 1/class frequency; auto = balanced when labels are skewed"
+    )
+    windows: Literal["first", "all"] = _f(
+        "all", "classify: train on each document's first window, or on all of them (pooled if frozen)"
+    )
+    max_windows: int | None = _f(None, "classify: windows per training document, evenly spread (null = all)")
+    token_features: bool = _f(
+        True, "frozen encoder: the head also sees each window's TF-IDF over the model's tokens"
+    )
+    head_l2: Union[float, Literal["auto"]] = _f(  # noqa: UP007
+        "auto", "frozen encoder: L2 penalty of the linear head; auto = picked by 5-fold CV on train"
+    )
 
 
 @dataclass
@@ -128,6 +144,12 @@ class LongdocConfig:
     data: DataSection = field(default_factory=DataSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether `train` fits only the head on frozen window embeddings (``train.freeze_encoder``)."""
+        f = self.train.freeze_encoder
+        return self.task == "classify" if f == "auto" else bool(f)
 
     @property
     def metric(self) -> str:
@@ -378,6 +400,13 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
     need(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
     need(0.0 <= tr.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {tr.warmup_ratio}")
     need(tr.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {tr.max_grad_norm}")
+    if tr.max_windows is not None:
+        need(tr.max_windows >= 1, "train.max_windows", f"must be >= 1 or null, got {tr.max_windows}")
+    if tr.head_l2 != "auto":
+        need(tr.head_l2 >= 0, "train.head_l2", f"must be >= 0 or auto, got {tr.head_l2}")
+    if cfg.task == "qa":
+        need(tr.freeze_encoder is not True, "train.freeze_encoder",
+             "a frozen encoder is for classification only (QA trains the whole model)")  # fmt: skip
     if tr.metric is not None and cfg.task in METRICS:
         need(
             tr.metric in METRICS[cfg.task],

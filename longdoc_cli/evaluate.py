@@ -266,7 +266,7 @@ def evaluate_model(
     from .data import iter_rows, load_classification
     from .model import LongformerForSequenceClassification
     from .models import resolve_model
-    from .tasks.runner import pick_device
+    from .tasks.runner import pick_device, pick_dtype
     from .tokenize import DocumentTokenizer
 
     model_dir = resolve_model(model_name, allow_download=cfg.model.allow_download if cfg else False)
@@ -289,7 +289,8 @@ def evaluate_model(
     if model_task(model_dir) != "classify":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
-    model = LongformerForSequenceClassification.from_pretrained(model_dir).to(device)
+    dtype = pick_dtype(cfg.model.dtype, device)  # as `classify` runs it
+    model = LongformerForSequenceClassification.from_pretrained(model_dir).to(device=device, dtype=dtype)
     cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)
     tokenizer = DocumentTokenizer.from_dir(model_dir, max_tokens=cfg.model.max_length)
     data = load_classification(data_path, cfg.data)

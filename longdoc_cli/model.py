@@ -391,7 +391,8 @@ class _PretrainedMixin(nn.Module):
         std = self.config.initializer_range
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
             if m.padding_idx is not None:
@@ -512,18 +513,69 @@ class LongformerEncoder(_PretrainedMixin):
         return self.encoder(x, masks)
 
 
+MEAN_LINEAR = "mean-linear"  # config.json longdoc.classifier of a head fitted on a frozen encoder
+
+
 class LongformerClassificationHead(nn.Module):
-    """HF's head: x[:, 0] -> dropout -> dense -> tanh -> dropout -> out_proj."""
+    """HF's head: x[:, 0] -> dropout -> dense -> tanh -> dropout -> out_proj.
+
+    With ``longdoc.classifier = "mean-linear"`` in config.json (a head fitted on a frozen
+    sentence encoder, see headfit.py) it is linear on the mean of the window's real token states
+    instead: mean -> out_proj (``dense`` is kept, unused, so the weights keep HF's layout; transformers'
+    own class would pool the first token and so predict differently). With ``longdoc.token_features``
+    it adds a linear term on the window's bag of tokens, :func:`token_tfidf` (weights ``token_proj``,
+    idf ``token_idf``): embeddings and word statistics in one linear model."""
 
     def __init__(self, config: LongformerConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.mean_linear = classifier_kind(config) == MEAN_LINEAR
+        self.token_proj: nn.Linear | None = None
+        if self.mean_linear and (config.extra.get("longdoc") or {}).get("token_features"):
+            self.token_proj = nn.Linear(config.vocab_size, config.num_labels, bias=False)
+            self.token_idf = nn.Parameter(torch.zeros(config.vocab_size), requires_grad=False)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(
+        self, hidden: Tensor, attention_mask: Tensor | None = None, input_ids: Tensor | None = None
+    ) -> Tensor:
+        if self.mean_linear:
+            logits = self.out_proj(self.dropout(masked_mean(hidden, attention_mask)))
+            if self.token_proj is not None:
+                if input_ids is None:
+                    raise LongdocError("this classifier's head needs the input ids (token features)")
+                tfidf = token_tfidf(input_ids, attention_mask, self.token_idf)  # (B, V)
+                logits = logits + self.token_proj(tfidf.to(logits.dtype))
+            return logits
         x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
         return self.out_proj(self.dropout(x))
+
+
+def token_tfidf(input_ids: Tensor, attention_mask: Tensor | None, idf: Tensor) -> Tensor:
+    """(B, T) token ids -> (B, V): each row's sublinear TF-IDF, log(1 + count) * idf, L2-normalised
+    (scikit-learn's TfidfVectorizer(sublinear_tf=True) over the model's own tokens). Tokens with idf 0
+    (specials, tokens unseen in training) do not count."""
+    real = (
+        torch.ones_like(input_ids, dtype=torch.float32) if attention_mask is None else attention_mask.float()
+    )
+    counts = torch.zeros(input_ids.shape[0], idf.shape[0], device=input_ids.device)
+    counts.scatter_add_(1, input_ids, real)  # (B, V)
+    x = torch.log1p(counts) * idf.float()
+    return F.normalize(x, dim=-1)
+
+
+def classifier_kind(config: LongformerConfig) -> str:
+    """ "mean-linear" for a head fitted on a frozen encoder, else "cls" (HF's head)."""
+    return (config.extra.get("longdoc") or {}).get("classifier", "cls")
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B, T, d) -> (B, d): the mean over real tokens (specials included), as sentence-transformers pools."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    real = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
 
 
 class LongformerForSequenceClassification(_PretrainedMixin):
@@ -553,7 +605,7 @@ class LongformerForSequenceClassification(_PretrainedMixin):
             global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
             global_attention_mask[:, 0] = True
         hidden = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
-        return self.classifier(hidden)
+        return self.classifier(hidden, attention_mask, input_ids)
 
 
 class LongformerForQuestionAnswering(_PretrainedMixin):

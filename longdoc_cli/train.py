@@ -82,18 +82,32 @@ class Feature:
     target: Any  # classification: label index or multi-hot list; QA: (start, end) token indices
 
 
+def classification_target(doc, label_index: dict[str, int], multi: bool) -> Any:
+    """A label index, or a multi-hot list with ``multi``."""
+    if not multi:
+        return label_index[doc.labels[0]]
+    target = [0.0] * len(label_index)
+    for x in doc.labels:
+        target[label_index[x]] = 1.0
+    return target
+
+
+def training_windows(doc, tokenizer, cfg: LongdocConfig) -> list:
+    """The windows of one document that training uses (``train.windows``, ``train.max_windows``)."""
+    from .headfit import pick_windows
+
+    windows = tokenizer.document_windows(
+        tokenizer.encode(doc.text), cfg.model.max_length, cfg.tokenization.stride
+    )
+    return pick_windows(windows, cfg.train.windows, cfg.train.max_windows)
+
+
 def classification_features(docs, tokenizer, cfg: LongdocConfig, label_index: dict[str, int], multi: bool):
+    """One feature per training window, each with its document's label(s)."""
     feats = []
     for doc in docs:
-        enc = tokenizer.encode(doc.text)
-        first = tokenizer.document_windows(enc, cfg.model.max_length, cfg.tokenization.stride)[0]
-        if multi:
-            target = [0.0] * len(label_index)
-            for x in doc.labels:
-                target[label_index[x]] = 1.0
-        else:
-            target = label_index[doc.labels[0]]
-        feats.append(Feature(first, target))
+        target = classification_target(doc, label_index, multi)
+        feats.extend(Feature(w, target) for w in training_windows(doc, tokenizer, cfg))
     return feats
 
 
@@ -295,9 +309,11 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
     """The task model for the source directory: its encoder (and its head when it is the same task
     with the same labels), a fresh head otherwise; ``cfg.model.attention_window`` applied."""
     from .model import (
+        MEAN_LINEAR,
         LongformerEncoder,
         LongformerForQuestionAnswering,
         LongformerForSequenceClassification,
+        classifier_kind,
     )
     from .model import load_config as load_hf_config
 
@@ -320,6 +336,10 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         hf.id2label, hf.num_labels, hf.problem_type = None, 2, None
         cls = LongformerForQuestionAnswering
     hf.extra.pop("architectures", None)
+    if cfg.task == "classify" and cfg.frozen:  # a linear head on mean-pooled windows (headfit.py)
+        hf.extra["longdoc"] = {**(hf.extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
+                               "token_features": cfg.train.token_features}  # fmt: skip
+        same_head = same_head and classifier_kind(hf) == MEAN_LINEAR
     hf.__post_init__()
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(
@@ -367,19 +387,122 @@ def _use_bf16(cfg: LongdocConfig, device) -> bool:
     return bool(cfg.train.bf16)
 
 
-def _loss(model, batch, targets, task: str, multi: bool):
+def _loss(model, batch, targets, task: str, multi: bool, label_weights=None):
+    """The batch's loss; ``label_weights`` (classification): per-label weights of the cross-entropy
+    (single-label), or of the positive terms (multi-label)."""
     import torch
     import torch.nn.functional as F
 
     if task == "classify":
         logits = model(**batch).float()
+        lw = None if label_weights is None else torch.tensor(label_weights, device=logits.device)
         if multi:
-            return F.binary_cross_entropy_with_logits(logits, torch.tensor(targets, device=logits.device))
-        return F.cross_entropy(logits, torch.tensor(targets, device=logits.device))
+            y = torch.tensor(targets, device=logits.device)
+            return F.binary_cross_entropy_with_logits(logits, y, pos_weight=lw)
+        y = torch.tensor(targets, device=logits.device)
+        if lw is None:
+            return F.cross_entropy(logits, y)
+        # Not renormalised per batch (that would cancel the weights of a one-class batch): the
+        # balanced weights average 1 over the training windows, so the loss keeps its scale.
+        return (F.cross_entropy(logits, y, reduction="none") * lw[y]).mean()
     start, end = model(**batch)
     s = torch.tensor([t[0] for t in targets], device=start.device)
     e = torch.tensor([t[1] for t in targets], device=start.device)
     return (F.cross_entropy(start.float(), s) + F.cross_entropy(end.float(), e)) / 2
+
+
+def _class_balance_notes(cfg: LongdocConfig, doc_targets: list[Any], info: dict[str, Any]) -> None:
+    """The skew warning (train.class_weight), added to the run's notes, which the CLI shows."""
+    from .headfit import label_counts, skew_warning
+
+    counts = label_counts(doc_targets, len(info["labels"]))
+    info["label_counts"] = counts
+    warning = skew_warning(counts, info["labels"], cfg.train.class_weight)
+    if warning:
+        info["notes"].append(warning)
+
+
+def _feature_label_weights(cfg: LongdocConfig, targets: list[Any], n_labels: int, multi: bool):
+    """Per-label loss weights for the whole-model loop (from the training windows' labels), or None."""
+    from .headfit import _label_weights, label_counts, resolve_class_weight
+
+    counts = label_counts(targets, n_labels)
+    balanced = resolve_class_weight(cfg.train.class_weight, counts) == "balanced"
+    return _label_weights(counts, balanced, multi, len(targets))
+
+
+def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items, info, doc_targets,
+                  device, emit) -> TrainResult:  # fmt: skip
+    """``train.freeze_encoder``: the head fitted on window embeddings computed once (headfit.py);
+    best/ and last/ hold the same model (there are no steps to resume)."""
+    import torch
+
+    from .evaluate import classification_metrics, predict_classification
+    from .headfit import fit_head
+
+    if _dist_info()[1] > 1:
+        raise ConfigError(
+            "train.freeze_encoder: the frozen-encoder fit runs in one process; run it without torchrun"
+        )
+    if cfg.train.windows == "first" and cfg.inference.aggregate != "first":
+        info["notes"].append(
+            f"train.windows is first but inference.aggregate is {cfg.inference.aggregate}: the head is "
+            "fitted on first windows and will predict from all of them (inference.aggregate=first matches)"
+        )
+    docs_windows = [training_windows(d, tokenizer, cfg) for d in train_items]
+    n_windows = sum(len(w) for w in docs_windows)
+    bs = cfg.inference.batch_size
+    total = math.ceil(n_windows / bs)
+    emit({"event": "start", "total_steps": total, "step": 0, "n_train": len(train_items),
+          "n_dev": len(dev_items), "n_features": n_windows, "device": str(device),
+          "bf16": _use_bf16(cfg, device), "world_size": 1, "notes": info["notes"],
+          "frozen": True})  # fmt: skip
+    t0 = time.perf_counter()
+
+    def on_batch(done: int, n: int) -> None:
+        emit({"event": "embed", "step": done, "total_steps": n, "elapsed_s": time.perf_counter() - t0})
+
+    fit = fit_head(
+        model.longformer, tokenizer, docs_windows, doc_targets, len(info["labels"]),
+        multi=bool(info.get("multi_label")), class_weight=cfg.train.class_weight, l2=cfg.train.head_l2,
+        threshold=cfg.inference.threshold, batch_size=bs, seed=cfg.train.seed,
+        bf16=_use_bf16(cfg, device), token_features=cfg.train.token_features,
+        specials=[tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id], on_batch=on_batch,
+    )  # fmt: skip
+    head = model.classifier
+    with torch.no_grad():
+        head.out_proj.weight.copy_(fit.head.weight)
+        head.out_proj.bias.copy_(fit.head.bias)
+        if head.token_proj is not None:
+            head.token_proj.weight.copy_(fit.token_proj_weight(model.config.vocab_size))
+            head.token_idf.copy_(fit.idf)
+    model.eval()
+    record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": fit.n_windows,
+              "class_weight": fit.class_weight, "head_l2": fit.l2, "token_scale": fit.token_scale,
+              "cv_macro_f1": {f"l2={k[0]:g},token_scale={k[1]:g}": v for k, v in fit.cv_scores.items()},
+              "embed_s": round(fit.embed_seconds, 3), "fit_s": round(fit.fit_seconds, 3),
+              "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    history: list[dict[str, Any]] = []
+    metrics: dict[str, float] = {}
+    if dev_items:
+        preds, lengths = predict_classification(model, tokenizer, dev_items, cfg)
+        metrics = classification_metrics(
+            [d.labels for d in dev_items], preds, info["labels"], lengths
+        ).summary()
+        history.append({"step": 1, "epoch": 0, **{f"eval_{k}": v for k, v in metrics.items()}})
+    with (out / LOG_FILE).open("a", encoding="utf-8") as log:
+        for rec in (record, *history):
+            log.write(json.dumps(rec) + "\n")
+    value = metrics.get(cfg.metric)
+    if history:
+        emit({"event": "eval", "metric": cfg.metric, "value": value, "best": value, **history[0]})
+    card = {"base": cfg.model.name, "n_train": len(train_items), "n_dev": len(dev_items), "total_steps": 1,
+            "labels": info.get("labels"), "step": 1, "metrics": metrics}  # fmt: skip
+    for name in ("best", "last"):
+        save_checkpoint(model, cfg, source_dir, out / name, {**card, "name": f"{out.name}/{name}"})
+    emit({"event": "end", "step": 1, "best": value, "best_step": 1 if history else None})
+    return TrainResult(out, cfg.task, cfg.metric, value, 1 if history else None, 1, 1, False,
+                       len(train_items), len(dev_items), history, info["notes"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,9 +636,16 @@ def _train(
     tokenizer = DocumentTokenizer.from_dir(source_dir, max_tokens=cfg.model.max_length)
     if cfg.task == "classify":
         label_index = {x: i for i, x in enumerate(info["labels"])}
+        doc_targets = [classification_target(d, label_index, multi) for d in train_items]
+        _class_balance_notes(cfg, doc_targets, info)
+        if cfg.frozen:
+            return _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items, info,
+                                 doc_targets, device, emit)  # fmt: skip
         features = classification_features(train_items, tokenizer, cfg, label_index, multi)
+        label_weights = _feature_label_weights(cfg, [f.target for f in features], len(label_index), multi)
     else:
         features = qa_features(train_items, tokenizer, cfg)
+        label_weights = None
 
     # Steps: every rank sees ceil(n / world) features per epoch (the order wraps to even them out).
     per_rank = math.ceil(len(features) / world)
@@ -642,7 +772,9 @@ def _train(
                 sync = j == len(group) - 1 or not distributed
                 ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = _loss(ddp_model, batch, targets, cfg.task, multi) * (len(idx) / n_windows)
+                    loss = _loss(ddp_model, batch, targets, cfg.task, multi, label_weights) * (
+                        len(idx) / n_windows
+                    )
                     loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = None

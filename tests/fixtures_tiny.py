@@ -158,6 +158,7 @@ def tiny_overrides(model_dir: Path, data: Path, task: str = "classify", **extra)
         "tokenization.max_question_length": 16, "data.train": str(data), "data.dev_fraction": 0.25,
         "train.batch_size": 4, "train.epochs": 1, "train.max_steps": 4, "train.eval_every": 2,
         "train.lr": 1e-3, "train.warmup_ratio": 0.25, "inference.batch_size": 8,
+        "train.freeze_encoder": "false",  # the whole-model loop (the frozen fit: tests/test_headfit.py)
     }  # fmt: skip
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

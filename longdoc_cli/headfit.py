@@ -1,0 +1,425 @@
+"""Fitting a classification head on a frozen encoder (``train.freeze_encoder``): the fast recipe.
+
+Every window of every training document goes through the encoder once (no gradients); a window's
+embedding is the mean of its token states, the pooling the default sentence model was trained with.
+A linear head is then fitted on them: a class-weighted, L2-regularised logistic regression,
+full-batch L-BFGS in float64 on standardised features, its L2 strength picked by stratified k-fold
+cross-validation on the training documents (macro-F1) when ``train.head_l2`` is ``auto``.
+
+Exactness: `classify` scores a document by the token-weighted mean of its windows' logits
+(``inference.aggregate: mean``). For a linear head on mean-pooled windows that equals the head
+applied to the token-weighted mean of the window embeddings, which is the feature fitted here, so
+the saved model (``longdoc.classifier: mean-linear`` in config.json, see model.py) predicts exactly
+what was fitted. The checkpoint is an ordinary `train` output directory: the encoder's weights
+unchanged, the head's in ``classifier.out_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tokenize import Window
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # candidates for head_l2: auto (penalty per unit of mean loss)
+# With token features: (l2, token scale); a scale s penalises the TF-IDF weights s^2 times less.
+# Scale 0 = embeddings alone: cross-validation may drop the token features.
+TOKEN_GRID = ((1e-3, 0.0), (1e-2, 0.0), (1e-1, 0.0), (1e-2, 1.0), (1e-2, 3.0), (1e-1, 3.0), (1e-1, 10.0))
+TOKEN_MIN_DF = 2  # training documents a token must occur in to be a feature (as min_df=2)
+CV_FOLDS = 5
+SKEW_RATIO = 3.0  # largest / smallest class size from which the labels count as skewed
+
+
+# ----------------------------------------------------------------------------------------------
+# Class balance
+
+
+def label_counts(targets: Sequence[Any], n_labels: int) -> list[int]:
+    """Training documents per label (a label index, or a multi-hot list, per document)."""
+    counts = [0] * n_labels
+    for t in targets:
+        if isinstance(t, int):
+            counts[t] += 1
+        else:
+            for i, v in enumerate(t):
+                counts[i] += v > 0
+    return counts
+
+
+def skew_ratio(counts: Sequence[int]) -> float:
+    """Largest over smallest non-empty class (1.0 for balanced data)."""
+    present = [c for c in counts if c > 0]
+    return max(present) / min(present) if present else 1.0
+
+
+def resolve_class_weight(mode: str, counts: Sequence[int]) -> str:
+    """``auto`` -> ``balanced`` when the labels are skewed (:data:`SKEW_RATIO`), else ``none``."""
+    if mode == "auto":
+        return "balanced" if skew_ratio(counts) >= SKEW_RATIO else "none"
+    return mode
+
+
+def class_weights(counts: Sequence[int]) -> list[float]:
+    """scikit-learn's "balanced" weights, n / (n_labels * count): every class weighs the same in
+    total (labels without documents get weight 0)."""
+    n, k = sum(counts), sum(1 for c in counts if c > 0)
+    return [n / (k * c) if c else 0.0 for c in counts]
+
+
+def skew_warning(counts: Sequence[int], labels: Sequence[str], mode: str) -> str | None:
+    """A one-line warning when the training labels are skewed, saying what the loss does about it."""
+    ratio = skew_ratio(counts)
+    if ratio < SKEW_RATIO:
+        return None
+    big = max(range(len(counts)), key=lambda i: counts[i])
+    small = min((i for i in range(len(counts)) if counts[i]), key=lambda i: counts[i])
+    what = (
+        "the loss is class-weighted (train.class_weight)"
+        if resolve_class_weight(mode, counts) == "balanced"
+        else "train.class_weight is none, so the small classes may never be predicted"
+    )
+    return (
+        f"skewed labels: {labels[big]!r} has {counts[big]} training documents, {labels[small]!r} "
+        f"{counts[small]} ({ratio:.0f}x); {what}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows and their embeddings
+
+
+def pick_windows(windows: Sequence[Window], mode: str, max_windows: int | None) -> list[Window]:
+    """The windows of one document to train on: the first, or all (at most ``max_windows``, evenly
+    spread from the first to the last)."""
+    if mode == "first" or len(windows) <= 1:
+        return list(windows[:1])
+    if max_windows is None or len(windows) <= max_windows:
+        return list(windows)
+    if max_windows == 1:
+        return [windows[0]]
+    n = len(windows)
+    idx = sorted({round(i * (n - 1) / (max_windows - 1)) for i in range(max_windows)})
+    return [windows[i] for i in idx]
+
+
+def embed_windows(
+    encoder: torch.nn.Module,
+    tokenizer,
+    windows: Sequence[Window],
+    batch_size: int,
+    *,
+    bf16: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """(len(windows), d) float32: the mean of each window's token states (first token global, as the
+    classification model runs it), in length-sorted batches."""
+    from .model import masked_mean
+
+    device = next(encoder.parameters()).device
+    out = torch.zeros(len(windows), encoder.config.hidden_size)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    n_batches = math.ceil(len(order) / batch_size)
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        chunk = order[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in tokenizer.collate([windows[i] for i in chunk]).items()}
+        types = batch["token_type_ids"] if encoder.config.type_vocab_size > 1 else None
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = encoder(
+                batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"], types
+            )
+            pooled = masked_mean(hidden.float(), batch["attention_mask"])  # (B, d)
+        out[chunk] = pooled.float().cpu()
+        if on_batch is not None:
+            on_batch(b + 1, n_batches)
+    return out
+
+
+def document_features(feats: Tensor, owner: Sequence[int], lengths: Sequence[int], n_docs: int) -> Tensor:
+    """(n_docs, d): the token-weighted mean of each document's window embeddings (what a linear head
+    under ``aggregate: mean`` sees)."""
+    w = torch.tensor(lengths, dtype=torch.float64)[:, None]
+    idx = torch.tensor(owner, dtype=torch.long)
+    sums = torch.zeros(n_docs, feats.shape[1], dtype=torch.float64).index_add_(0, idx, feats.double() * w)
+    total = torch.zeros(n_docs, 1, dtype=torch.float64).index_add_(0, idx, w)
+    return (sums / total.clamp(min=1)).float()
+
+
+def token_idf(docs_windows: Sequence[Sequence[Window]], vocab_size: int, specials: Sequence[int]) -> Tensor:
+    """(vocab_size,) smoothed idf, ln((1 + n) / (1 + df)) + 1, of the tokens in at least
+    :data:`TOKEN_MIN_DF` training documents; 0 for the others and for the special tokens."""
+    df = torch.zeros(vocab_size, dtype=torch.long)
+    for ws in docs_windows:
+        ids = torch.tensor(sorted({t for w in ws for t in w.input_ids}), dtype=torch.long)
+        df[ids] += 1
+    n = len(docs_windows)
+    idf = torch.log(torch.tensor(1.0 + n) / (1.0 + df.double())) + 1.0
+    idf[df < TOKEN_MIN_DF] = 0.0
+    idf[torch.tensor(list(specials), dtype=torch.long)] = 0.0
+    return idf.float()
+
+
+def document_token_features(docs_windows: Sequence[Sequence[Window]], idf: Tensor, columns: Tensor) -> Tensor:
+    """(n_docs, len(columns)): the token-weighted mean of each document's window TF-IDF rows
+    (model.token_tfidf, the head's token features), restricted to ``columns``."""
+    from .model import token_tfidf
+
+    out = torch.zeros(len(docs_windows), len(columns))
+    for d, ws in enumerate(docs_windows):
+        total = 0
+        for w in ws:
+            row = token_tfidf(torch.tensor([w.input_ids]), None, idf)[0]  # (V,)
+            out[d] += row[columns] * len(w)
+            total += len(w)
+        out[d] /= max(1, total)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The logistic regression
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    weight: Tensor  # (n_labels, d), on the raw (unstandardised) features
+    bias: Tensor  # (n_labels,)
+    token_weight: Tensor | None = None  # (n_labels, n_token_columns), on the TF-IDF columns fitted
+
+    def logits(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        out = x.to(self.weight.dtype) @ self.weight.T + self.bias
+        if self.token_weight is not None and tokens is not None:
+            out = out + tokens.to(self.weight.dtype) @ self.token_weight.T
+        return out
+
+
+def fit_logistic(
+    x: Tensor,
+    y: Tensor,
+    n_labels: int,
+    *,
+    l2: float,
+    label_weights: Sequence[float] | None = None,
+    multi: bool = False,
+    tokens: Tensor | None = None,
+    token_scale: float = 1.0,
+    max_iter: int = 100,
+) -> LinearHead:
+    """Multinomial (or, ``multi``, one-vs-rest sigmoid) logistic regression minimising
+    weighted-mean loss + ``l2`` * ||W||^2 on standardised features (and ``tokens`` TF-IDF columns
+    times ``token_scale``, which sets how much less their weights are penalised); returned folded back
+    onto the raw features. ``y``: label indices (n,), or multi-hot (n, n_labels) with ``multi``.
+    Single-label: ``label_weights`` weight each document by its label; multi-label: they scale the
+    positive terms."""
+    x = x.double()
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    z = (x - mu) / sd
+    if tokens is not None:
+        z = torch.cat([z, tokens.double() * token_scale], dim=1)
+    d = z.shape[1]
+    w = torch.zeros(n_labels, d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
+    lw = torch.tensor(label_weights if label_weights is not None else [1.0] * n_labels, dtype=torch.float64)
+    if multi:
+        yf = y.double()
+        sample = None
+    else:
+        sample = lw[y]
+        sample = sample / sample.sum()
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        logits = z @ w.T + b
+        if multi:
+            loss = F.binary_cross_entropy_with_logits(logits, yf, pos_weight=lw, reduction="mean")
+        else:
+            loss = (F.cross_entropy(logits, y, reduction="none") * sample).sum()
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    n_emb = x.shape[1]
+    we = w.detach()[:, :n_emb] / sd
+    token_weight = None if tokens is None else (w.detach()[:, n_emb:] * token_scale).float()
+    return LinearHead(we.float(), (b.detach() - we @ mu).float(), token_weight)
+
+
+def predict(
+    head: LinearHead, x: Tensor, multi: bool, threshold: float, tokens: Tensor | None = None
+) -> list[tuple[int, ...]]:
+    logits = head.logits(x.float(), tokens)
+    if multi:
+        probs = torch.sigmoid(logits)
+        return [tuple(i for i in range(len(p)) if p[i] >= threshold) or (int(p.argmax()),) for p in probs]
+    return [(int(i),) for i in logits.argmax(-1)]
+
+
+def folds(y: Sequence[Any], k: int, seed: int) -> list[list[int]]:
+    """Stratified folds (by the first label): each label's documents dealt round-robin after a seeded
+    shuffle, so every fold gets its share of the small classes."""
+    by_label: dict[Any, list[int]] = {}
+    for i, t in enumerate(y):
+        key = t if isinstance(t, int) else (tuple(j for j, v in enumerate(t) if v > 0)[:1] or (-1,))[0]
+        by_label.setdefault(key, []).append(i)
+    rng = random.Random(seed)
+    out: list[list[int]] = [[] for _ in range(k)]
+    pos = 0
+    for key in sorted(by_label, key=str):
+        members = by_label[key]
+        rng.shuffle(members)
+        for i in members:
+            out[pos % k].append(i)
+            pos += 1
+    return [sorted(f) for f in out if f]
+
+
+def macro_f1(gold: Sequence[tuple[int, ...]], pred: Sequence[tuple[int, ...]], n_labels: int) -> float:
+    from .evaluate import classification_metrics
+
+    names = [str(i) for i in range(n_labels)]
+    g = [tuple(str(i) for i in t) for t in gold]
+    p = [tuple(str(i) for i in t) for t in pred]
+    return classification_metrics(g, p, names).macro_f1
+
+
+def choose_l2(
+    x: Tensor,
+    targets: Sequence[Any],
+    n_labels: int,
+    *,
+    balanced: bool,
+    multi: bool,
+    threshold: float,
+    seed: int,
+    grid: Sequence[tuple[float, float]] | None = None,
+    tokens: Tensor | None = None,
+) -> tuple[tuple[float, float], dict[tuple[float, float], float]]:
+    """The (L2 strength, token scale) with the best k-fold cross-validated macro-F1 on the training
+    documents (ties: the stronger penalty), and every candidate's score."""
+    grid = list(grid or (TOKEN_GRID if tokens is not None else [(l2, 1.0) for l2 in L2_GRID]))
+    parts = folds(targets, min(CV_FOLDS, len(targets)), seed)
+    if len(parts) < 2:
+        return grid[len(grid) // 2], {}
+    y = _as_tensor(targets, multi)
+    gold = [_gold(t) for t in targets]
+    scores: dict[tuple[float, float], float] = {}
+    for l2, scale in grid:
+        pred: list[tuple[int, ...]] = [()] * len(targets)
+        for part in parts:
+            held = set(part)
+            tr = [i for i in range(len(targets)) if i not in held]
+            counts = label_counts([targets[i] for i in tr], n_labels)
+            lw = _label_weights(counts, balanced, multi, len(tr))
+            tok_tr = None if tokens is None else tokens[tr]
+            head = fit_logistic(x[tr], y[tr], n_labels, l2=l2, label_weights=lw, multi=multi, tokens=tok_tr,
+                                token_scale=scale)  # fmt: skip
+            tok_part = None if tokens is None else tokens[part]
+            for i, p in zip(part, predict(head, x[part], multi, threshold, tok_part), strict=True):
+                pred[i] = p
+        scores[(l2, scale)] = macro_f1(gold, pred, n_labels)
+    best = max(scores.values())
+    return max((k for k, s in scores.items() if s >= best - 1e-12), key=lambda k: (k[0], -k[1])), scores
+
+
+def _gold(t: Any) -> tuple[int, ...]:
+    return (t,) if isinstance(t, int) else tuple(i for i, v in enumerate(t) if v > 0)
+
+
+def _as_tensor(targets: Sequence[Any], multi: bool) -> Tensor:
+    return torch.tensor(targets, dtype=torch.float64 if multi else torch.long)
+
+
+def _label_weights(counts: Sequence[int], balanced: bool, multi: bool, n_docs: int) -> list[float] | None:
+    """Single-label: :func:`class_weights`. Multi-label: each label's positives weighted by
+    negatives / positives (at least 1), so a rare label is not learnt as "never"."""
+    if not balanced:
+        return None
+    if multi:
+        return [max(1.0, (n_docs - c) / c) if c else 1.0 for c in counts]
+    return class_weights(counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole fit
+
+
+@dataclass
+class HeadFitResult:
+    head: LinearHead
+    l2: float
+    token_scale: float | None  # None without token features
+    cv_scores: dict[tuple[float, float], float]
+    class_weight: str  # "balanced" or "none", after auto
+    n_windows: int
+    embed_seconds: float
+    fit_seconds: float
+    idf: Tensor | None = None  # (vocab_size,) with token features
+    columns: Tensor | None = None  # the vocabulary ids head.token_weight's columns stand for
+
+    def token_proj_weight(self, vocab_size: int) -> Tensor | None:
+        """``head.token_weight`` spread over the whole vocabulary (zeros elsewhere)."""
+        if self.head.token_weight is None or self.columns is None:
+            return None
+        full = torch.zeros(self.head.token_weight.shape[0], vocab_size)
+        full[:, self.columns] = self.head.token_weight
+        return full
+
+
+def fit_head(
+    encoder: torch.nn.Module,
+    tokenizer,
+    docs_windows: Sequence[Sequence[Window]],
+    targets: Sequence[Any],
+    n_labels: int,
+    *,
+    multi: bool,
+    class_weight: str,
+    l2: float | str,
+    threshold: float,
+    batch_size: int,
+    seed: int,
+    bf16: bool = False,
+    token_features: bool = False,
+    specials: Sequence[int] = (),
+    on_batch: Callable[[int, int], None] | None = None,
+) -> HeadFitResult:
+    """Embed the given windows of every training document once, then fit the head on the
+    token-weighted mean of each document's window embeddings (and, with ``token_features``, of its
+    windows' TF-IDF rows)."""
+    flat: list[Window] = []
+    owner: list[int] = []
+    for d, ws in enumerate(docs_windows):
+        flat.extend(ws)
+        owner.extend([d] * len(ws))
+    t0 = time.perf_counter()
+    feats = embed_windows(encoder, tokenizer, flat, batch_size, bf16=bf16, on_batch=on_batch)
+    x = document_features(feats, owner, [len(w) for w in flat], len(docs_windows))
+    t1 = time.perf_counter()
+    idf = columns = tokens = None
+    if token_features:
+        idf = token_idf(docs_windows, encoder.config.vocab_size, specials)
+        columns = torch.nonzero(idf > 0).flatten()
+        tokens = document_token_features(docs_windows, idf, columns)
+    counts = label_counts(targets, n_labels)
+    mode = resolve_class_weight(class_weight, counts)
+    balanced = mode == "balanced"
+    scores: dict[tuple[float, float], float] = {}
+    if l2 == "auto":
+        (l2, scale), scores = choose_l2(x, targets, n_labels, balanced=balanced, multi=multi,
+                                        threshold=threshold, seed=seed, tokens=tokens)  # fmt: skip
+    else:
+        scale = 10.0
+    head = fit_logistic(x, _as_tensor(targets, multi), n_labels, l2=float(l2),
+                        label_weights=_label_weights(counts, balanced, multi, len(targets)), multi=multi,
+                        tokens=tokens, token_scale=scale)  # fmt: skip
+    return HeadFitResult(head, float(l2), scale if token_features else None, scores, mode, len(flat),
+                         t1 - t0, time.perf_counter() - t1, idf, columns)  # fmt: skip
