@@ -1,10 +1,12 @@
 """Zero-shot QA (a plain encoder, no QA head): prose candidates only, a context on word boundaries
-for every answer, abstaining with --min-score / inference.min_score, and the lexical + dense fusion."""
+for every answer, abstaining with --min-score / inference.min_score, the lexical + dense fusion,
+and the one-step pseudo-relevance feedback."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from longdoc_cli.cli import app
+from longdoc_cli.errors import LongdocError
 from longdoc_cli.tasks.qa import (
     SentenceIndex,
     SentenceScoring,
+    feedback_query,
     lexical_coverage,
     score_sentences,
     words_of,
@@ -211,3 +215,37 @@ def test_fusion_mixes_dense_and_lexical_and_masks_non_prose():
     assert int(torch.argmax(fused)) == 0  # the lexical match wins once the words count
     weighted = score_sentences(index, q, "x", SentenceScoring(alone=1.0, following=0.0, lexical=0.0))
     assert weighted[:3].tolist() == pytest.approx([0.6, 1.0, 0.0])
+
+
+def test_feedback_query_moves_towards_the_best_candidates():
+    q = torch.tensor([1.0, 0.0])
+    rows = torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0], [-1.0, 0.0]])
+    scores = torch.tensor([0.2, 0.9, -math.inf, 0.5])  # row 2 is no candidate
+    # k = 2: rows 1 and 3; mean (-0.2, 0.4); q + 0.5 * mean = (0.9, 0.2), normalised
+    moved = feedback_query(q, rows, scores, 2, 0.5)
+    assert moved.tolist() == pytest.approx([0.9 / math.hypot(0.9, 0.2), 0.2 / math.hypot(0.9, 0.2)])
+    assert float(moved.norm()) == pytest.approx(1.0)
+    # k beyond the candidates takes them all (never the -inf row): mean (-0.4 / 3, 1.8 / 3)
+    everything = feedback_query(q, rows, scores, 10, 1.0)
+    expected = torch.tensor([1.0 - 0.4 / 3, 1.8 / 3])
+    assert everything.tolist() == pytest.approx((expected / expected.norm()).tolist())
+    assert torch.equal(feedback_query(q, rows, torch.full((4,), -math.inf), 3, 0.6), q)  # no candidate
+
+
+def test_feedback_rescores_every_sentence_with_the_moved_question():
+    q = torch.tensor([1.0, 0.0, 0.0])
+    rows = [[0.6, 0.8, 0.0], [0.7, 0.0, 0.714], [0.5, 0.866, 0.0], [0.9, 0.0, 0.436]]
+    index = _index(["a", "b", "c", "code"], alone=rows, local=rows, prose=[True, True, True, False])
+    plain = score_sentences(index, q, "a", SentenceScoring())
+    assert int(torch.argmax(plain)) == 1 and plain[3] == -math.inf
+    scoring = SentenceScoring(feedback_k=3, feedback_weight=1.0)
+    fed = score_sentences(index, q, "a", scoring)
+    moved = torch.nn.functional.normalize(q + torch.tensor(rows[:3]).mean(0), dim=-1)
+    assert fed[:3].tolist() == pytest.approx((torch.tensor(rows[:3]) @ moved).tolist())
+    assert fed[3] == -math.inf  # the non-prose row neither counts in the feedback nor becomes a candidate
+    assert int(torch.argmax(fed)) == 0  # the two sentences about the second topic pull the question over
+    assert score_sentences(index, q, "a", replace(scoring, feedback_k=5)).tolist() == fed.tolist()
+    for off in (SentenceScoring(feedback_k=3), SentenceScoring(feedback_weight=0.6)):
+        assert score_sentences(index, q, "a", off).tolist() == plain.tolist()
+    with pytest.raises(LongdocError):
+        SentenceScoring(feedback_k=-1)

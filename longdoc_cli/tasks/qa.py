@@ -12,9 +12,11 @@ sentence is embedded on its own; its dense score is the weighted mean of its cos
 question and the cosine of the mean embedding of it and its two following sentences (its local
 context), equally weighted. A lexical part (the share of the question's informative words,
 idf-weighted, that the sentence holds) can be mixed in (``SentenceScoring.lexical``) but is off:
-on the dev pages it did not help. The weights were chosen on half of the FAQ pages of
-../shared/data/pyfaq_qa.jsonl and are reported on the other half (benchmarks/eval_qa.py,
-benchmarks/README.md).
+on the dev pages it did not help. So is one pseudo-relevance-feedback step
+(``SentenceScoring.feedback_k``, ``feedback_weight``: the question moved towards its best
+candidates, every sentence scored again): it lost hit@1 on the dev pages. The weights were
+chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and are reported on the other
+half (benchmarks/eval_qa.py, benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -183,6 +185,16 @@ class SentenceScoring:
     following_n: int = 2
     lexical: float = 0.0  # off: on the dev pages it did not help (benchmarks/README.md)
     prose_only: bool = True  # headings, adornment lines and code are never answers
+    # One pseudo-relevance-feedback (Rocchio) step, off (0) by default: the question embedding
+    # becomes normalise(q + feedback_weight * mean of the alone embeddings of the feedback_k best
+    # candidates), and every sentence is scored again with it. Off: every k in {3, 5} and weight
+    # in {0.3, 0.6} lost 3.4 hit@1 on the dev pages (benchmarks/README.md).
+    feedback_k: int = 0
+    feedback_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.feedback_k < 0 or self.feedback_weight < 0:
+            raise LongdocError("feedback_k and feedback_weight must be at least 0", exit_code=2)
 
 
 # Before issue 12: sentences of every kind, following weighted 0.5, no lexical part (for the benchmark).
@@ -240,18 +252,39 @@ def lexical_coverage(index: SentenceIndex, question: str) -> Tensor:
 
 def score_sentences(index: SentenceIndex, q: Tensor, question: str, scoring: SentenceScoring) -> Tensor:
     """(n,) scores of the document's sentences for the question embedding ``q`` (d,), -inf for the
-    sentences that are not candidates."""
+    sentences that are not candidates; with ``scoring.feedback_k`` and ``feedback_weight``, scored a
+    second time with the question moved towards its best candidates (``feedback_query``)."""
     if not index.spans:
         return torch.empty(0)
+    coverage = lexical_coverage(index, question) if scoring.lexical else None
+    scores = _scores(index, q, coverage, scoring)
+    if scoring.feedback_k and scoring.feedback_weight:
+        q = feedback_query(q, index.alone, scores, scoring.feedback_k, scoring.feedback_weight)
+        scores = _scores(index, q, coverage, scoring)
+    return scores
+
+
+def _scores(index: SentenceIndex, q: Tensor, coverage: Tensor | None, scoring: SentenceScoring) -> Tensor:
     dense = (scoring.alone * (index.alone @ q) + scoring.following * (index.local @ q)) / (
         scoring.alone + scoring.following
     )
     scores = dense
-    if scoring.lexical:
-        scores = (1 - scoring.lexical) * dense + scoring.lexical * lexical_coverage(index, question)
+    if coverage is not None:
+        scores = (1 - scoring.lexical) * dense + scoring.lexical * coverage
     if scoring.prose_only:
         scores = scores.masked_fill(~index.prose, -math.inf)
     return scores
+
+
+def feedback_query(q: Tensor, embeddings: Tensor, scores: Tensor, k: int, weight: float) -> Tensor:
+    """One Rocchio step: ``normalise(q + weight * mean(embeddings of the k best-scored rows))``,
+    among the rows whose score is finite (the candidates); ``q`` itself when there is none.
+    q (d,), embeddings (n, d), scores (n,)."""
+    k = min(k, int(torch.isfinite(scores).sum()))
+    if k < 1:
+        return q
+    best = torch.topk(scores, k).indices  # (k,)
+    return F.normalize(q + weight * embeddings[best].mean(0), dim=-1)
 
 
 def decode_spans(
