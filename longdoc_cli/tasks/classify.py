@@ -3,8 +3,9 @@
 Zero-shot (a checkpoint without a classification head, such as the embedded default): the document
 is read as consecutive passages of PASSAGE_TOKENS tokens (the length a sentence encoder was trained
 on), each embedded with the model's pooling. A label with a description is embedded as
-``name: description``; a bare name as the mean of the name and "This text is about NAME.", and
-calibrated (Zhao et al. 2021): its cosine minus its mean cosine with content-free texts, so that a
+``name: description``; a bare name as the mean of the name (twice: with no description,
+``name: description`` is the name) and "This text is about NAME.", and calibrated (Zhao et al.
+2021): its cosine minus its mean cosine with content-free texts, so that a
 short name that is close to any text gains nothing from it. A passage's scores are
 ``softmax(SCALE * cosine)`` over the labels; the document's scores are the token-weighted mean of its
 passages' scores (a soft vote), so they are probabilities that sum to 1. SCALE = 20 is the
