@@ -128,7 +128,8 @@ def span_kind(text: str, start: int, end: int) -> str:
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", end)
     next_line_at = len(text) if line_end < 0 else line_end + 1
-    after = text[next_line_at : text.find("\n", next_line_at) if "\n" in text[next_line_at:] else len(text)]
+    after_end = text.find("\n", next_line_at)
+    after = text[next_line_at : len(text) if after_end < 0 else after_end]  # the next line
     if all(_ADORNMENT.match(line) for line in lines):
         return "adornment"
     if any(_ADORNMENT.match(line) for line in lines) or _ADORNMENT.match(after):
