@@ -108,6 +108,11 @@ class LongformerConfig:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
 
+    def with_attention_window(self, window: int | None) -> LongformerConfig:
+        """This config with one two-sided ``window`` for every layer (``model.attention_window``),
+        validated; itself when ``window`` is None (the checkpoint's windows)."""
+        return self if window is None else dataclasses.replace(self, attention_window=int(window))
+
     @property
     def windows(self) -> list[int]:
         """Two-sided window per layer."""

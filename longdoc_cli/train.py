@@ -24,6 +24,7 @@ rank 0 evaluates, logs and saves. The library never prints: progress goes to ``o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -318,29 +319,24 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
     from .model import load_config as load_hf_config
 
     hf = load_hf_config(source_dir)
-    if cfg.model.attention_window is not None:
-        hf.attention_window = cfg.model.attention_window
     source_arch = (hf.extra.get("architectures") or [""])[0]
+    extra = {k: v for k, v in hf.extra.items() if k != "architectures"}
     if cfg.task == "classify":
-        same_head = source_arch == "LongformerForSequenceClassification" and hf.id2label == dict(
-            enumerate(info["labels"])
-        )
-        hf.id2label = dict(enumerate(info["labels"]))
-        hf.num_labels = len(info["labels"])
-        hf.problem_type = (
-            "multi_label_classification" if info["multi_label"] else "single_label_classification"
-        )
+        labels = dict(enumerate(info["labels"]))
+        same_head = source_arch == "LongformerForSequenceClassification" and hf.id2label == labels
+        problem = "multi_label_classification" if info["multi_label"] else "single_label_classification"
+        head = {"id2label": labels, "num_labels": len(labels), "problem_type": problem}
         cls = LongformerForSequenceClassification
     else:
         same_head = source_arch == "LongformerForQuestionAnswering"
-        hf.id2label, hf.num_labels, hf.problem_type = None, 2, None
+        head = {"id2label": None, "num_labels": 2, "problem_type": None}
         cls = LongformerForQuestionAnswering
-    hf.extra.pop("architectures", None)
     if cfg.task == "classify" and cfg.frozen:  # a linear head on mean-pooled windows (headfit.py)
-        hf.extra["longdoc"] = {**(hf.extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
-                               "token_features": cfg.train.token_features}  # fmt: skip
+        extra["longdoc"] = {**(extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
+                            "token_features": cfg.train.token_features}  # fmt: skip
+    hf = dataclasses.replace(hf, **head, extra=extra).with_attention_window(cfg.model.attention_window)
+    if cfg.task == "classify" and cfg.frozen:
         same_head = same_head and classifier_kind(hf) == MEAN_LINEAR
-    hf.__post_init__()
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(
             f"model.max_length: {cfg.model.max_length} exceeds the {hf.max_tokens} tokens the model's "

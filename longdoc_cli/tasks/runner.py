@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import queue
 import threading
@@ -97,9 +96,7 @@ def load_task_model(
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     if task not in ("classify", "qa"):
         raise LongdocError(f"task must be 'classify' or 'qa', not {task!r}", exit_code=2)
-    config = load_config(model_dir)
-    if attention_window is not None:
-        config = dataclasses.replace(config, attention_window=int(attention_window))
+    config = load_config(model_dir).with_attention_window(attention_window)
     head = head_of(model_dir)
     wanted = {"classify": "classification", "qa": "qa"}[task]
     if head not in ("encoder", wanted):
