@@ -13,7 +13,7 @@ _EXPORTS = {
     "LongformerForQuestionAnswering": "model",
     "LongformerForSequenceClassification": "model",
     "LongdocError": "errors",
-    "resolve_model": "models",
+    "resolve_model": "hub",
     "load_task_model": "tasks.runner",
     "Classifier": "tasks.classify",
     "load_labels": "tasks.classify",
@@ -35,13 +35,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .errors import LongdocError
+    from .hub import resolve_model
     from .model import (
         LongformerConfig,
         LongformerEncoder,
         LongformerForQuestionAnswering,
         LongformerForSequenceClassification,
     )
-    from .models import resolve_model
     from .tasks.classify import Classifier, load_labels
     from .tasks.qa import QuestionAnswerer
     from .tasks.runner import load_task_model

@@ -395,20 +395,20 @@ def prepare_checkpoint(model: str, max_len: int, layers: int | None, tmp: Path, 
     """A Hugging Face-format LongformerModel directory for ``model`` (writes into ``tmp`` if needed)."""
     import torch
 
-    from .model import LongformerConfig, LongformerEncoder, load_config
+    from .model import LongformerConfig, LongformerEncoder, load_hf_config
 
     if model in PRESETS:
         torch.manual_seed(0)
         LongformerEncoder(preset_config(model, max_len, layers)).save_pretrained(tmp)
         return tmp
     try:
-        from .models import resolve_model
+        from .hub import resolve_model
     except ImportError as e:
-        raise LongdocError(f"--model {model}: model paths need longdoc_cli.models ({e})") from e
+        raise LongdocError(f"--model {model}: model paths need longdoc_cli.hub ({e})") from e
     path = Path(resolve_model(model, allow_download=allow_download))
     if layers is None:
         return path
-    cfg = load_config(path)
+    cfg = load_hf_config(path)
     if layers > cfg.num_hidden_layers:
         raise LongdocError(f"--layers {layers}: {model} has only {cfg.num_hidden_layers} layers", exit_code=2)
     data = cfg.to_dict()
@@ -594,9 +594,9 @@ def measure(job: Job, model=None) -> dict[str, Any]:
     {status, note, times, peak_mem_mib, iters}."""
     import torch
 
-    from .model import load_config
+    from .model import load_hf_config
 
-    cfg = load_config(Path(job.checkpoint))
+    cfg = load_hf_config(Path(job.checkpoint))
     device, n, B = job.device, job.seq_len, job.batch_size
     train = job.mode == "train"
     if job.impl == "longdoc-attn":
@@ -814,9 +814,9 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             checkpoint = prepare_checkpoint(
                 model_name, max(max_len, 2), spec.layers, Path(tmp), spec.allow_download
             )
-            from .model import load_config
+            from .model import load_hf_config
 
-            cfg = load_config(checkpoint)
+            cfg = load_hf_config(checkpoint)
             why_not_hf = hf_incompatible(cfg)
             if spec.check:
                 say(f"{model_name}: correctness checks")

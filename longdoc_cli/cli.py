@@ -249,7 +249,7 @@ def _environment() -> dict[str, Any]:
     import transformers
 
     from .envvars import env
-    from .models import cache_entries, default_model_status, longdoc_home
+    from .hub import cache_entries, default_model_status, longdoc_home
     from .runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
@@ -288,7 +288,7 @@ def models_cmd(
         kind = output_format(fmt, REPORT_FORMATS)
         env = _environment()
         if model is not None:
-            from .models import model_info, resolve_model
+            from .hub import model_info, resolve_model
 
             env["model"] = model_info(resolve_model(model, allow_download=allow_download))
         from .tasks.classify import DEFAULT_PRESET, preset_names

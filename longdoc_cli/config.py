@@ -697,7 +697,7 @@ def resolve_run(
 
 def _find_model(model: str | None, cfg: LongdocConfig | None, allow_download: bool) -> Path:
     from .envvars import env
-    from .models import resolve_model
+    from .hub import resolve_model
 
     from_env = model is None and env("LONGDOC_MODEL") is not None
     named = cfg.model.name if cfg is not None and cfg.model.name != "default" else None
@@ -713,9 +713,9 @@ def _find_model(model: str | None, cfg: LongdocConfig | None, allow_download: bo
 
 def _head_task(model_dir: Path) -> str | None:
     """ "classify" or "qa" from the checkpoint's task head; None for a plain encoder."""
-    from .tasks.runner import head_of
+    from .model import load_hf_config
 
-    return {"classification": "classify", "qa": "qa"}.get(head_of(model_dir))
+    return {"classification": "classify", "qa": "qa"}.get(load_hf_config(model_dir).head)
 
 
 # ----------------------------------------------------------------------------------------------

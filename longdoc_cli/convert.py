@@ -26,7 +26,6 @@ from typing import Any
 
 from .errors import LongdocError
 from .runtime import clean_stale, temp_dir
-from .textio import preview, read_text_file
 
 SUPPORTED = ("bert", "roberta")
 TOKENIZER_FILES = (
@@ -102,17 +101,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def read_source_config(src: Path) -> dict[str, Any]:
-    if not src.is_dir():
-        raise LongdocError(f"{src}: not a directory (expected a Hugging Face model directory)")
-    file = src / "config.json"
-    if not file.is_file():
-        raise LongdocError(f"{src}: no config.json, so this is not a Hugging Face-format model directory")
-    try:
-        data = json.loads(read_text_file(str(file), "config.json"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise LongdocError(f"{file}: cannot read it as JSON ({preview(str(e), 100)})") from e
-    if not isinstance(data, dict):
-        raise LongdocError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    from .model import read_config_json
+
+    data = read_config_json(src)
     model_type = data.get("model_type")
     if model_type == "longformer":
         raise LongdocError(f"{src}: is already a Longformer; use it as it is")

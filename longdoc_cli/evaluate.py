@@ -261,8 +261,8 @@ def evaluate_model(
     `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as the default model is
     scored zero-shot; classification needs a classification head."""
     from .data import iter_rows, load_classification
-    from .model import LongformerForSequenceClassification, load_config
-    from .tasks.runner import head_of, pick_device, pick_dtype
+    from .model import LongformerForSequenceClassification, load_hf_config
+    from .tasks.runner import pick_device, pick_dtype
     from .tokenize import DocumentTokenizer
 
     def guess_task() -> str:  # a plain encoder without a config: the data says which task
@@ -276,11 +276,11 @@ def evaluate_model(
     task = cfg.task
     if task == "qa":
         return _evaluate_qa(model_dir, data_path, cfg)
-    if head_of(model_dir) != "classification":
+    config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
+    if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)  # as `classify` runs it
-    config = load_config(model_dir).with_attention_window(cfg.model.attention_window)
     model = LongformerForSequenceClassification.from_pretrained(model_dir, config=config)
     model = model.to(device=device, dtype=dtype)
     cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)

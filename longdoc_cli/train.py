@@ -314,9 +314,8 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         LongformerEncoder,
         LongformerForQuestionAnswering,
         LongformerForSequenceClassification,
-        classifier_kind,
+        load_hf_config,
     )
-    from .model import load_config as load_hf_config
 
     hf = load_hf_config(source_dir)
     source_arch = (hf.extra.get("architectures") or [""])[0]
@@ -336,7 +335,7 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
                             "token_features": cfg.train.token_features}  # fmt: skip
     hf = dataclasses.replace(hf, **head, extra=extra).with_attention_window(cfg.model.attention_window)
     if cfg.task == "classify" and cfg.frozen:
-        same_head = same_head and classifier_kind(hf) == MEAN_LINEAR
+        same_head = same_head and hf.classifier == MEAN_LINEAR
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(
             f"model.max_length: {cfg.model.max_length} exceeds the {hf.max_tokens} tokens the model's "
@@ -604,7 +603,7 @@ def _train(
     import torch.distributed as dist
 
     from .evaluate import classification_metrics, predict_classification, predict_qa, qa_metrics
-    from .models import resolve_model
+    from .hub import resolve_model
     from .tasks.runner import pick_device
     from .tokenize import DocumentTokenizer
 

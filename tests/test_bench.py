@@ -149,7 +149,7 @@ def test_too_slow_baseline_is_skipped_by_estimate():
 
 
 def test_path_model(tmp_path):
-    pytest.importorskip("longdoc_cli.models")
+    pytest.importorskip("longdoc_cli.hub")
     tiny_encoder().save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "vocab.txt").write_text(
         "[PAD]\n[UNK]\n"

@@ -11,7 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from longdoc_cli.cli import app
-from longdoc_cli.model import LongformerForQuestionAnswering, LongformerForSequenceClassification, load_config
+from longdoc_cli.model import (
+    LongformerForQuestionAnswering,
+    LongformerForSequenceClassification,
+    load_hf_config,
+)
 from tests.fixtures_tiny import build_tiny_model
 
 SPORT_DOC = "The team scored a goal in the football match. The player was the best of the match.\n"
@@ -38,7 +42,7 @@ def _with_head(encoder_dir: Path, out: Path, cls, **config_changes) -> Path:
     import torch
 
     torch.manual_seed(1)
-    config = dataclasses.replace(load_config(encoder_dir), **config_changes)
+    config = dataclasses.replace(load_hf_config(encoder_dir), **config_changes)
     model = cls(config)
     model.save_pretrained(out)
     shutil.copy(encoder_dir / "tokenizer.json", out / "tokenizer.json")
@@ -483,7 +487,7 @@ def test_evaluate_classification_honours_attention_window(classifier_dir, tmp_pa
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "predict_classification", spy)
-    default = load_config(classifier_dir).windows
+    default = load_hf_config(classifier_dir).windows
     assert default != [8] * len(default)
     report = evaluate.evaluate_model(str(classifier_dir), str(data), overrides=["model.attention_window=8"])
     assert report.n == 2 and seen == [[8] * len(default)]

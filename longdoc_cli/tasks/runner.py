@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,15 +19,9 @@ from ..model import (
     LongformerEncoder,
     LongformerForQuestionAnswering,
     LongformerForSequenceClassification,
-    load_config,
+    load_hf_config,
 )
-from ..models import pooling_of
 from ..tokenize import DocumentTokenizer, Window
-
-HEADS = {
-    "LongformerForSequenceClassification": "classification",
-    "LongformerForQuestionAnswering": "qa",
-}
 
 
 @dataclass
@@ -69,15 +62,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def head_of(model_dir: Path) -> str:
-    """Which task head a checkpoint has, from config.json's ``architectures``."""
-    data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    for arch in data.get("architectures") or []:
-        if arch in HEADS:
-            return HEADS[arch]
-    return "encoder"
-
-
 def load_task_model(
     model_dir: Path,
     *,
@@ -96,8 +80,8 @@ def load_task_model(
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     if task not in ("classify", "qa"):
         raise LongdocError(f"task must be 'classify' or 'qa', not {task!r}", exit_code=2)
-    config = load_config(model_dir).with_attention_window(attention_window)
-    head = head_of(model_dir)
+    config = load_hf_config(model_dir).with_attention_window(attention_window)
+    head = config.head
     wanted = {"classify": "classification", "qa": "qa"}[task]
     if head not in ("encoder", wanted):
         other = "question-answering" if head == "qa" else "sequence-classification"
@@ -125,7 +109,7 @@ def load_task_model(
         raise LongdocError(
             f"--max-length {length}: must be between 8 and the model's limit of {limit} tokens", exit_code=2
         )
-    return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
+    return TaskModel(model, head, tokenizer, config, dev, dt, config.pooling, model_dir, length)
 
 
 def in_memory_task_model(
@@ -135,7 +119,7 @@ def in_memory_task_model(
     p, config = next(model.parameters()), model.config
     length = min(max_length, config.max_tokens, tokenizer.max_tokens)
     return TaskModel(
-        model, head, tokenizer, config, p.device, p.dtype, pooling_of(config), Path("<memory>"), length
+        model, head, tokenizer, config, p.device, p.dtype, config.pooling, Path("<memory>"), length
     )
 
 
