@@ -13,6 +13,7 @@ _EXPORTS = {
     "LongformerForQuestionAnswering": "model",
     "LongformerForSequenceClassification": "model",
     "LongdocError": "errors",
+    "UsageError": "errors",
     "resolve_model": "hub",
     "load_task_model": "tasks.runner",
     "Classifier": "tasks.classify",
@@ -27,6 +28,7 @@ __all__ = [
     "LongformerForQuestionAnswering",
     "LongformerForSequenceClassification",
     "QuestionAnswerer",
+    "UsageError",
     "__version__",
     "load_labels",
     "load_task_model",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .errors import LongdocError
+    from .errors import LongdocError, UsageError
     from .hub import resolve_model
     from .model import (
         LongformerConfig,

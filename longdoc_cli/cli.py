@@ -19,7 +19,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .errors import LongdocError, is_out_of_memory
+from .errors import LongdocError, UsageError, is_out_of_memory
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -126,6 +126,11 @@ def bounded(message: str) -> str:
     return "\n".join(cut)
 
 
+def exit_code(error: LongdocError) -> int:
+    """2 for a usage error (a bad option, argument, config or environment variable), else 1."""
+    return 2 if isinstance(error, UsageError) else 1
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line on stderr (bounded) and return the Exit to raise."""
     typer.echo(f"longdoc: error: {bounded(message)}", err=True)
@@ -142,7 +147,7 @@ def errors() -> Iterator[None]:
     except LongdocError as e:
         if debug_enabled():
             raise
-        raise fail(str(e), e.exit_code) from None
+        raise fail(str(e), exit_code(e)) from None
     except KeyboardInterrupt:
         if debug_enabled():
             raise
@@ -200,7 +205,7 @@ def output_format(fmt: str | None, allowed: tuple[str, ...] = ("table", "jsonl",
     if fmt:
         if fmt not in allowed:
             choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
-            raise LongdocError(f"--format must be {choices}, not {fmt!r}", exit_code=2)
+            raise UsageError(f"--format must be {choices}, not {fmt!r}")
         return fmt
     return "table" if sys.stdout.isatty() else "jsonl"
 
@@ -393,10 +398,10 @@ def bench(
 
         data = dataclasses.asdict(load_spec(config)) if config else {}
         if seq_len is not None and seq_lens is not None:
-            raise LongdocError("give --seq-len or --seq-lens, not both", exit_code=2)
+            raise UsageError("give --seq-len or --seq-lens, not both")
         if seq_len is not None:
             if seq_len <= 0:
-                raise LongdocError(f"--seq-len: {seq_len} is not a positive length", exit_code=2)
+                raise UsageError(f"--seq-len: {seq_len} is not a positive length")
             data["seq_lens"] = [seq_len]
         if seq_lens is not None:
             data["seq_lens"] = list(parse_lengths(seq_lens))
@@ -409,7 +414,7 @@ def bench(
                    "time_budget": time_budget}  # fmt: skip
         data.update({k: v for k, v in scalars.items() if v is not None})
         if quantize not in (None, "none", "int8"):
-            raise LongdocError(f"--quantize must be int8 or none, not {quantize!r}", exit_code=2)
+            raise UsageError(f"--quantize must be int8 or none, not {quantize!r}")
         if quantize == "int8":
             names = list(data.get("impls") or ("longdoc", "hf", "full"))
             if "longdoc-int8" not in names:
@@ -511,13 +516,11 @@ def config_init(
             return
         target = Path(path)
         if target.is_dir():
-            raise LongdocError(
-                f"{path}: is a directory; give a file name such as {path}/longdoc.yaml", exit_code=2
-            )
+            raise UsageError(f"{path}: is a directory; give a file name such as {path}/longdoc.yaml")
         if target.exists() and not force:
-            raise LongdocError(f"{path}: exists; pass --force to overwrite it", exit_code=2)
+            raise UsageError(f"{path}: exists; pass --force to overwrite it")
         if not target.parent.is_dir():
-            raise LongdocError(f"{path}: the directory {target.parent} does not exist", exit_code=2)
+            raise UsageError(f"{path}: the directory {target.parent} does not exist")
         try:
             from .runtime import clean_stale
 
@@ -832,7 +835,7 @@ def _paths_or_stdin(paths: list[str] | None) -> list[str]:
         return paths
     if not sys.stdin.isatty():
         return ["-"]
-    raise LongdocError("give at least one PATH (or - for stdin)", exit_code=2)
+    raise UsageError("give at least one PATH (or - for stdin)")
 
 
 class _Emitter:
@@ -1010,7 +1013,7 @@ def classify(
         cfg, model_dir = _task_setup("classify", config, model, allow_download, flags)
         inf, tk = cfg.inference, cfg.tokenization
         if labels is not None and not labels.strip(" ,"):
-            raise LongdocError("--labels: no labels given (a comma-separated list)", exit_code=2)
+            raise UsageError("--labels: no labels given (a comma-separated list)")
         label_list = labels.split(",") if labels else list(inf.labels) or None
         chosen = (
             load_labels(label_list, labels_file or inf.labels_file)
@@ -1102,15 +1105,13 @@ def qa(
             text = read_text_file(questions_file, "questions file")
             from_file = read_questions(text, questions_file)
             if not from_file:
-                raise LongdocError(f"{questions_file}: holds no questions", exit_code=2)
+                raise UsageError(f"{questions_file}: holds no questions")
             asked += [q for q, _ in from_file]
             question_ids += [i for _, i in from_file]
         if not asked:
-            raise LongdocError(
-                "give a question with --question (or a file of them with --questions)", exit_code=2
-            )
+            raise UsageError("give a question with --question (or a file of them with --questions)")
         if questions_file == "-" and (not paths or "-" in paths):
-            raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
+            raise UsageError("stdin cannot hold both the questions and a document")
         flags = {
             "inference.n_best": ("--n-best", n_best),
             "inference.max_answer_length": ("--max-answer-len", max_answer_len),
@@ -1122,6 +1123,8 @@ def qa(
             "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
             "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
         }  # fmt: skip
+        if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
+            raise UsageError(f"--top-k {top_k}: must be at least 1")
         cfg, model_dir = _task_setup("qa", config, model, allow_download, flags)
         inf, tk = cfg.inference, cfg.tokenization
         tm = _load(cfg, model_dir, "qa", device, max_length, quiet)
@@ -1211,14 +1214,14 @@ def read_questions(text: str, source: str) -> list[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise LongdocError(f"{source}:{number}: not valid JSON ({e.msg})", exit_code=2) from None
+            raise UsageError(f"{source}:{number}: not valid JSON ({e.msg})") from None
         except (ValueError, RecursionError):  # a number over 4300 digits, nesting too deep
-            raise LongdocError(
-                f"{source}:{number}: not readable JSON (a huge number or deep nesting)", 2
+            raise UsageError(
+                f"{source}:{number}: not readable JSON (a huge number or deep nesting)"
             ) from None
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
-            raise LongdocError(f'{source}:{number}: needs a non-empty string "question"', exit_code=2)
+            raise UsageError(f'{source}:{number}: needs a non-empty string "question"')
         questions.append((question.strip(), record.get("id")))
     return questions
 

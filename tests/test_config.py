@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from longdoc_cli.cli import app
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.config import (
     MODEL_CONFIG_NAME,
     ConfigError,
@@ -55,7 +55,7 @@ def test_unknown_keys_types_and_enums_reported_all_at_once():
     with pytest.raises(ConfigError) as e:
         config_from_dict(data, source="x.yaml")
     lines = str(e.value).splitlines()
-    assert e.value.exit_code == 2
+    assert exit_code(e.value) == 2
     assert "x.yaml: modle: unknown key; did you mean model?" in lines
     assert "x.yaml: model.max_lenght: unknown key; did you mean model.max_length?" in lines
     assert "x.yaml: model.windw: unknown key; did you mean model.attention_window?" in lines
@@ -198,4 +198,4 @@ def test_command_line_options_are_validated_by_their_own_names(flags, message):
 
     with pytest.raises(ConfigError) as e:
         apply_flags(LongdocConfig(), flags)
-    assert str(e.value) == message and e.value.exit_code == 2
+    assert str(e.value) == message and exit_code(e.value) == 2

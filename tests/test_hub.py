@@ -15,7 +15,7 @@ from hf_checkpoints import make_tiny_bert
 from typer.testing import CliRunner
 
 from longdoc_cli import hub
-from longdoc_cli.cli import app
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.hub import MANIFEST, cached, model_info, resolve_model
 from longdoc_cli.model import LongformerConfig, LongformerEncoder, load_hf_config
@@ -71,7 +71,7 @@ def test_env_variable_names_the_model(bert_dir, monkeypatch):
 def test_bad_names(name, message, code):
     with pytest.raises(LongdocError, match=message) as e:
         resolve_model(name)
-    assert e.value.exit_code == code and "\n" not in str(e.value)
+    assert exit_code(e.value) == code and "\n" not in str(e.value)
 
 
 def test_other_architecture(tmp_path):
