@@ -51,8 +51,8 @@ def log(msg: str) -> None:
 def first_windows(docs: list[dict], length: int, bf16: bool, cache: Path):
     """(embeddings (n, d), first windows): the first ``length``-token window of every document, as
     `longdoc train` with ``train.windows: first`` sees it, embedded by the default model."""
+    from longdoc_cli.hub import resolve_model
     from longdoc_cli.model import LongformerEncoder
-    from longdoc_cli.models import resolve_model
     from longdoc_cli.tokenize import DocumentTokenizer
 
     source = resolve_model("default")

@@ -163,8 +163,8 @@ def chunk_embeddings(docs: list[dict], chunk: int, bf16: bool, cache: Path) -> l
     import torch
 
     from longdoc_cli.headfit import embed_windows
+    from longdoc_cli.hub import resolve_model
     from longdoc_cli.model import LongformerEncoder
-    from longdoc_cli.models import resolve_model
     from longdoc_cli.tokenize import DocumentTokenizer
 
     if cache.is_file():

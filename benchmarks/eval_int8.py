@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from longdoc_cli.models import resolve_model
+from longdoc_cli.hub import resolve_model
 from longdoc_cli.tasks.classify import Classifier
 from longdoc_cli.tasks.runner import load_task_model
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from longdoc_cli.evaluate import exact_match_score, f1_score
-from longdoc_cli.models import resolve_model
+from longdoc_cli.hub import resolve_model
 from longdoc_cli.tasks.qa import LEGACY_SCORING, QuestionAnswerer, SentenceScoring, score_sentences
 from longdoc_cli.tasks.runner import embed_texts, load_task_model
 from longdoc_cli.tasks.text import sentence_spans

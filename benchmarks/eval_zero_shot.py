@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from longdoc_cli.models import resolve_model
+from longdoc_cli.hub import resolve_model
 from longdoc_cli.tasks.classify import (
     PASSAGE_TOKENS,
     PROMPT_STYLES,

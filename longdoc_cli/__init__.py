@@ -13,7 +13,8 @@ _EXPORTS = {
     "LongformerForQuestionAnswering": "model",
     "LongformerForSequenceClassification": "model",
     "LongdocError": "errors",
-    "resolve_model": "models",
+    "UsageError": "errors",
+    "resolve_model": "hub",
     "load_task_model": "tasks.runner",
     "Classifier": "tasks.classify",
     "load_labels": "tasks.classify",
@@ -27,6 +28,7 @@ __all__ = [
     "LongformerForQuestionAnswering",
     "LongformerForSequenceClassification",
     "QuestionAnswerer",
+    "UsageError",
     "__version__",
     "load_labels",
     "load_task_model",
@@ -34,14 +36,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .errors import LongdocError
+    from .errors import LongdocError, UsageError
+    from .hub import resolve_model
     from .model import (
         LongformerConfig,
         LongformerEncoder,
         LongformerForQuestionAnswering,
         LongformerForSequenceClassification,
     )
-    from .models import resolve_model
     from .tasks.classify import Classifier, load_labels
     from .tasks.qa import QuestionAnswerer
     from .tasks.runner import load_task_model

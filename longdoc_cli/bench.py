@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from .envvars import env
-from .errors import LongdocError, is_out_of_memory
+from .errors import LongdocError, UsageError, is_out_of_memory
 
 IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -131,7 +131,7 @@ class BenchSpec:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         if problems:
-            raise LongdocError("; ".join(problems), exit_code=2)
+            raise UsageError("; ".join(problems))
         return self
 
 
@@ -147,9 +147,7 @@ _KIND = {int: "a whole number", str: "a string", float: "a number", bool: "true 
 def spec_from_dict(data: dict[str, Any], source: str = "config") -> BenchSpec:
     """A validated spec from plain data; every problem is reported at once, naming its key."""
     if not isinstance(data, dict):
-        raise LongdocError(
-            f"{source}: expected a mapping of bench options, got {type(data).__name__}", exit_code=2
-        )
+        raise UsageError(f"{source}: expected a mapping of bench options, got {type(data).__name__}")
     names = list(_LIST_FIELDS) + list(_SCALAR_FIELDS)
     values: dict[str, Any] = {}
     problems = []
@@ -181,7 +179,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "config") -> BenchSpec:
     except LongdocError as e:
         problems += [f"{source}: {p}" for p in str(e).split("; ")]
     if problems:
-        raise LongdocError("; ".join(problems), exit_code=2)
+        raise UsageError("; ".join(problems))
     return spec
 
 
@@ -216,12 +214,12 @@ def parse_lengths(text: str) -> tuple[int, ...]:
         try:  # '4k' = 4096
             n = int(part[:-1]) * 1024 if part[-1] in "kK" else int(part)
         except ValueError:
-            raise LongdocError(f"--seq-lens: {part!r} is not a whole number of tokens", exit_code=2) from None
+            raise UsageError(f"--seq-lens: {part!r} is not a whole number of tokens") from None
         if n <= 0:
-            raise LongdocError(f"--seq-lens: {n} is not a positive length", exit_code=2)
+            raise UsageError(f"--seq-lens: {n} is not a positive length")
         out.append(n)
     if not out:
-        raise LongdocError("--seq-lens: give at least one length", exit_code=2)
+        raise UsageError("--seq-lens: give at least one length")
     return tuple(out)
 
 
@@ -331,7 +329,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LongdocError(f"--device {device}: no CUDA device is available to this torch", exit_code=2)
+        raise UsageError(f"--device {device}: no CUDA device is available to this torch")
     return device
 
 
@@ -395,22 +393,22 @@ def prepare_checkpoint(model: str, max_len: int, layers: int | None, tmp: Path, 
     """A Hugging Face-format LongformerModel directory for ``model`` (writes into ``tmp`` if needed)."""
     import torch
 
-    from .model import LongformerConfig, LongformerEncoder, load_config
+    from .model import LongformerConfig, LongformerEncoder, load_hf_config
 
     if model in PRESETS:
         torch.manual_seed(0)
         LongformerEncoder(preset_config(model, max_len, layers)).save_pretrained(tmp)
         return tmp
     try:
-        from .models import resolve_model
+        from .hub import resolve_model
     except ImportError as e:
-        raise LongdocError(f"--model {model}: model paths need longdoc_cli.models ({e})") from e
+        raise LongdocError(f"--model {model}: model paths need longdoc_cli.hub ({e})") from e
     path = Path(resolve_model(model, allow_download=allow_download))
     if layers is None:
         return path
-    cfg = load_config(path)
+    cfg = load_hf_config(path)
     if layers > cfg.num_hidden_layers:
-        raise LongdocError(f"--layers {layers}: {model} has only {cfg.num_hidden_layers} layers", exit_code=2)
+        raise UsageError(f"--layers {layers}: {model} has only {cfg.num_hidden_layers} layers")
     data = cfg.to_dict()
     data["num_hidden_layers"] = layers
     for key in ("attention_window", "attention_dilation"):
@@ -594,9 +592,9 @@ def measure(job: Job, model=None) -> dict[str, Any]:
     {status, note, times, peak_mem_mib, iters}."""
     import torch
 
-    from .model import load_config
+    from .model import load_hf_config
 
-    cfg = load_config(Path(job.checkpoint))
+    cfg = load_hf_config(Path(job.checkpoint))
     device, n, B = job.device, job.seq_len, job.batch_size
     train = job.mode == "train"
     if job.impl == "longdoc-attn":
@@ -814,9 +812,9 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             checkpoint = prepare_checkpoint(
                 model_name, max(max_len, 2), spec.layers, Path(tmp), spec.allow_download
             )
-            from .model import load_config
+            from .model import load_hf_config
 
-            cfg = load_config(checkpoint)
+            cfg = load_hf_config(checkpoint)
             why_not_hf = hf_incompatible(cfg)
             if spec.check:
                 say(f"{model_name}: correctness checks")

@@ -19,7 +19,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .errors import LongdocError, is_out_of_memory
+from .errors import LongdocError, UsageError, is_out_of_memory
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -126,6 +126,11 @@ def bounded(message: str) -> str:
     return "\n".join(cut)
 
 
+def exit_code(error: LongdocError) -> int:
+    """2 for a usage error (a bad option, argument, config or environment variable), else 1."""
+    return 2 if isinstance(error, UsageError) else 1
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line on stderr (bounded) and return the Exit to raise."""
     typer.echo(f"longdoc: error: {bounded(message)}", err=True)
@@ -142,7 +147,7 @@ def errors() -> Iterator[None]:
     except LongdocError as e:
         if debug_enabled():
             raise
-        raise fail(str(e), e.exit_code) from None
+        raise fail(str(e), exit_code(e)) from None
     except KeyboardInterrupt:
         if debug_enabled():
             raise
@@ -200,7 +205,7 @@ def output_format(fmt: str | None, allowed: tuple[str, ...] = ("table", "jsonl",
     if fmt:
         if fmt not in allowed:
             choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
-            raise LongdocError(f"--format must be {choices}, not {fmt!r}", exit_code=2)
+            raise UsageError(f"--format must be {choices}, not {fmt!r}")
         return fmt
     return "table" if sys.stdout.isatty() else "jsonl"
 
@@ -249,7 +254,7 @@ def _environment() -> dict[str, Any]:
     import transformers
 
     from .envvars import env
-    from .models import cache_entries, default_model_status, longdoc_home
+    from .hub import cache_entries, default_model_status, longdoc_home
     from .runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
@@ -288,7 +293,7 @@ def models_cmd(
         kind = output_format(fmt, REPORT_FORMATS)
         env = _environment()
         if model is not None:
-            from .models import model_info, resolve_model
+            from .hub import model_info, resolve_model
 
             env["model"] = model_info(resolve_model(model, allow_download=allow_download))
         from .tasks.classify import DEFAULT_PRESET, preset_names
@@ -393,10 +398,10 @@ def bench(
 
         data = dataclasses.asdict(load_spec(config)) if config else {}
         if seq_len is not None and seq_lens is not None:
-            raise LongdocError("give --seq-len or --seq-lens, not both", exit_code=2)
+            raise UsageError("give --seq-len or --seq-lens, not both")
         if seq_len is not None:
             if seq_len <= 0:
-                raise LongdocError(f"--seq-len: {seq_len} is not a positive length", exit_code=2)
+                raise UsageError(f"--seq-len: {seq_len} is not a positive length")
             data["seq_lens"] = [seq_len]
         if seq_lens is not None:
             data["seq_lens"] = list(parse_lengths(seq_lens))
@@ -409,7 +414,7 @@ def bench(
                    "time_budget": time_budget}  # fmt: skip
         data.update({k: v for k, v in scalars.items() if v is not None})
         if quantize not in (None, "none", "int8"):
-            raise LongdocError(f"--quantize must be int8 or none, not {quantize!r}", exit_code=2)
+            raise UsageError(f"--quantize must be int8 or none, not {quantize!r}")
         if quantize == "int8":
             names = list(data.get("impls") or ("longdoc", "hf", "full"))
             if "longdoc-int8" not in names:
@@ -511,13 +516,11 @@ def config_init(
             return
         target = Path(path)
         if target.is_dir():
-            raise LongdocError(
-                f"{path}: is a directory; give a file name such as {path}/longdoc.yaml", exit_code=2
-            )
+            raise UsageError(f"{path}: is a directory; give a file name such as {path}/longdoc.yaml")
         if target.exists() and not force:
-            raise LongdocError(f"{path}: exists; pass --force to overwrite it", exit_code=2)
+            raise UsageError(f"{path}: exists; pass --force to overwrite it")
         if not target.parent.is_dir():
-            raise LongdocError(f"{path}: the directory {target.parent} does not exist", exit_code=2)
+            raise UsageError(f"{path}: the directory {target.parent} does not exist")
         try:
             from .runtime import clean_stale
 
@@ -537,10 +540,10 @@ def config_validate(
     show: bool = typer.Option(False, "--show", help="Print the resolved config."),
 ) -> None:
     """Check a config strictly: every unknown key, wrong type or bad value, one line each."""
-    from .config import config_to_yaml, load_config
+    from .config import config_to_yaml, resolve_run
 
     with errors():
-        cfg = load_config(path, overrides)
+        cfg = resolve_run(config=path, overrides=overrides, find_model=False).config
         if show:
             sys.stdout.write(config_to_yaml(cfg))
         typer.echo(f"{path}: ok ({cfg.task})", err=True)
@@ -563,12 +566,14 @@ def train_cmd(
 ) -> None:
     """Fine-tune a classification or QA head (and the encoder) on your data; writes OUTPUT/best and
     OUTPUT/last as Hugging Face-format model directories that `classify`/`qa` load with -m."""
-    from .config import load_config
+    from .config import resolve_run
 
     with errors():
-        extra = [f"model.name={model}"] if model else []
-        extra += ["data.skip_bad_lines=true"] if skip_bad_lines else []
-        cfg = load_config(config, [*overrides, *extra])
+        flags = {
+            "model.name": ("--model", model),
+            "data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None),
+        }
+        cfg = resolve_run(config=config, overrides=overrides, flags=flags, find_model=False).config
         from .train import _dist_info, train
 
         console = stderr_console(quiet=quiet or _dist_info()[0] != 0)
@@ -695,16 +700,14 @@ def evaluate_cmd(
 ) -> None:
     """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
     buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
-    from .config import load_config
     from .evaluate import evaluate_model
     from .runtime import return_freed_memory
 
     return_freed_memory()  # inference only
     with errors():
         out_fmt = output_format(fmt, REPORT_FORMATS)
-        cfg = load_config(config) if config else None
-        extra = ["data.skip_bad_lines=true"] if skip_bad_lines else []
-        report = evaluate_model(model, data, cfg, [*overrides, *extra])
+        flags = {"data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None)}
+        report = evaluate_model(model, data, config, overrides, flags)
         for line in report.skipped + report.not_in_context:
             typer.echo(f"longdoc: warning: {line}", err=True)
         if out_fmt != "table":
@@ -746,40 +749,19 @@ def _render_eval(report: Any) -> None:
 _MODEL_HELP = "default, a model directory (Longformer, or BERT/RoBERTa converted on the fly) or a hub id."
 
 
-def _task_setup(task: str, config_path: str | None, model: str | None, allow_download: bool):
-    """The effective config and model directory: --config, else the model directory's own config,
-    else the defaults; command-line options override either afterwards."""
-    from .config import check_task, default_config, load_config, load_model_dir_config
-    from .models import resolve_model
+def _task_setup(task: str, config_path: str | None, model: str | None, allow_download: bool, flags: dict):
+    """The effective config and model directory (config.resolve_run): --config, else the model
+    directory's own config, else the defaults; the command-line options given override either."""
+    from .config import resolve_run
     from .runtime import return_freed_memory
 
     return_freed_memory()  # classify / qa: inference only
-
-    cfg = load_config(config_path) if config_path else None
-    if cfg is not None:
-        check_task(cfg, task, config_path)
-    from .envvars import env
-
-    from_env = model is None and env("LONGDOC_MODEL") is not None
-    name = (
-        model
-        or env("LONGDOC_MODEL")
-        or (cfg.model.name if cfg is not None and cfg.model.name != "default" else None)
-    )
-    allow = allow_download or (cfg is not None and cfg.model.allow_download)
-    try:
-        model_dir = resolve_model(name, allow_download=allow)
-    except LongdocError as e:
-        if not from_env:
-            raise
-        raise LongdocError(f"LONGDOC_MODEL={name!r}: {e}", exit_code=2) from None
-    if cfg is None:
-        cfg = load_model_dir_config(model_dir) or default_config(task)
-    return cfg, model_dir
+    run = resolve_run(task, config=config_path, model=model, flags=flags, allow_download=allow_download)
+    return run.config, run.model_dir
 
 
-def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet: bool = False):
-    """The task model, command-line options first, then the config's model section."""
+def _load(cfg, model_dir, task: str, device, max_length, quiet: bool = False):
+    """The task model as the config's model section says (--device and --max-length first)."""
     import torch
 
     from .runtime import cpu_has_native_bf16
@@ -787,9 +769,8 @@ def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet:
 
     mc = cfg.model
     tm = load_task_model(
-        model_dir, task=task, device=_pick(device, mc.device), dtype=_pick(dtype, mc.dtype),
-        quantize=_pick(quantize, mc.quantize), max_length=max_length, max_length_cap=mc.max_length,
-        attention_window=mc.attention_window,
+        model_dir, task=task, device=_pick(device, mc.device), dtype=mc.dtype, quantize=mc.quantize,
+        max_length=max_length, max_length_cap=mc.max_length, attention_window=mc.attention_window,
     )  # fmt: skip
     if tm.device.type == "cpu" and tm.dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
         typer.echo(
@@ -800,13 +781,13 @@ def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet:
     return tm
 
 
-def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard, max_bytes: str | None):
+def _inputs(cfg, paths, recursive: bool, shard, max_bytes: str | None):
     from .tasks.inputs import iter_inputs, parse_shard
     from .textio import MAX_DOCUMENT_BYTES, parse_size
 
     return iter_inputs(
-        _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
-        id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+        _paths_or_stdin(paths), recursive=recursive, text_key=cfg.data.text_key,
+        id_key=cfg.data.id_key, shard=parse_shard(shard),
         max_bytes=MAX_DOCUMENT_BYTES if max_bytes is None else parse_size(max_bytes),
     )  # fmt: skip
 
@@ -854,7 +835,7 @@ def _paths_or_stdin(paths: list[str] | None) -> list[str]:
         return paths
     if not sys.stdin.isatty():
         return ["-"]
-    raise LongdocError("give at least one PATH (or - for stdin)", exit_code=2)
+    raise UsageError("give at least one PATH (or - for stdin)")
 
 
 class _Emitter:
@@ -1022,24 +1003,30 @@ def classify(
         from .tasks.runner import batched
 
         fmt = output_format(fmt)
-        cfg, model_dir = _task_setup("classify", config, model, allow_download)
+        flags = {
+            "inference.aggregate": ("--aggregate", aggregate), "inference.top_k": ("--top-k", top_k),
+            "inference.threshold": ("--threshold", threshold), "inference.explain": ("--explain", explain),
+            "inference.batch_size": ("--batch-size", batch_size), "tokenization.stride": ("--stride", stride),
+            "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
+            "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
+        }  # fmt: skip
+        cfg, model_dir = _task_setup("classify", config, model, allow_download, flags)
         inf, tk = cfg.inference, cfg.tokenization
         if labels is not None and not labels.strip(" ,"):
-            raise LongdocError("--labels: no labels given (a comma-separated list)", exit_code=2)
+            raise UsageError("--labels: no labels given (a comma-separated list)")
         label_list = labels.split(",") if labels else list(inf.labels) or None
         chosen = (
             load_labels(label_list, labels_file or inf.labels_file)
             if label_list or labels_file or inf.labels_file
             else None
         )
-        tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length, quiet)
-        bs = _pick(batch_size, inf.batch_size)
+        tm = _load(cfg, model_dir, "classify", device, max_length, quiet)
+        bs = inf.batch_size
         clf = Classifier(
-            tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
-            threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
-            stride=_pick(stride, tk.stride), strict_stride=stride is not None,
+            tm, chosen, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
+            explain=inf.explain, batch_size=bs, stride=tk.stride, strict_stride=stride is not None,
         )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
+        items = _inputs(cfg, paths, recursive, shard, max_bytes)
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
         emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
         console = stderr_console(quiet)
@@ -1118,27 +1105,36 @@ def qa(
             text = read_text_file(questions_file, "questions file")
             from_file = read_questions(text, questions_file)
             if not from_file:
-                raise LongdocError(f"{questions_file}: holds no questions", exit_code=2)
+                raise UsageError(f"{questions_file}: holds no questions")
             asked += [q for q, _ in from_file]
             question_ids += [i for _, i in from_file]
         if not asked:
-            raise LongdocError(
-                "give a question with --question (or a file of them with --questions)", exit_code=2
-            )
+            raise UsageError("give a question with --question (or a file of them with --questions)")
         if questions_file == "-" and (not paths or "-" in paths):
-            raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
-        cfg, model_dir = _task_setup("qa", config, model, allow_download)
+            raise UsageError("stdin cannot hold both the questions and a document")
+        flags = {
+            "inference.n_best": ("--n-best", n_best),
+            "inference.max_answer_length": ("--max-answer-len", max_answer_len),
+            "inference.null_threshold": ("--null-threshold", null_threshold),
+            "inference.min_score": ("--min-score", min_score),
+            "inference.batch_size": ("--batch-size", batch_size),
+            "tokenization.stride": ("--doc-stride", doc_stride),
+            "tokenization.max_question_length": ("--max-question-len", max_question_len),
+            "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
+            "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
+        }  # fmt: skip
+        if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
+            raise UsageError(f"--top-k {top_k}: must be at least 1")
+        cfg, model_dir = _task_setup("qa", config, model, allow_download, flags)
         inf, tk = cfg.inference, cfg.tokenization
-        tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length, quiet)
+        tm = _load(cfg, model_dir, "qa", device, max_length, quiet)
         answerer = QuestionAnswerer(
-            tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
-            max_answer_length=_pick(max_answer_len, inf.max_answer_length),
-            null_threshold=_pick(null_threshold, inf.null_threshold),
-            batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
-            max_question_length=_pick(max_question_len, tk.max_question_length),
-            strict_stride=doc_stride is not None, min_score=_pick(min_score, inf.min_score),
+            tm, top_k=_pick(top_k, 1), n_best=inf.n_best, max_answer_length=inf.max_answer_length,
+            null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tk.stride,
+            max_question_length=tk.max_question_length, strict_stride=doc_stride is not None,
+            min_score=inf.min_score,
         )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
+        items = _inputs(cfg, paths, recursive, shard, max_bytes)
         emit = _Emitter(fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"])
         console = stderr_console(quiet)
         failed = False
@@ -1218,14 +1214,14 @@ def read_questions(text: str, source: str) -> list[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise LongdocError(f"{source}:{number}: not valid JSON ({e.msg})", exit_code=2) from None
+            raise UsageError(f"{source}:{number}: not valid JSON ({e.msg})") from None
         except (ValueError, RecursionError):  # a number over 4300 digits, nesting too deep
-            raise LongdocError(
-                f"{source}:{number}: not readable JSON (a huge number or deep nesting)", 2
+            raise UsageError(
+                f"{source}:{number}: not readable JSON (a huge number or deep nesting)"
             ) from None
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
-            raise LongdocError(f'{source}:{number}: needs a non-empty string "question"', exit_code=2)
+            raise UsageError(f'{source}:{number}: needs a non-empty string "question"')
         questions.append((question.strip(), record.get("id")))
     return questions
 

@@ -12,16 +12,17 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .textio import MAX_SIDE_FILE_BYTES, preview, read_text_file
 
 MODEL_CONFIG_NAME = "longdoc.yaml"
@@ -29,13 +30,13 @@ TASKS = ("classify", "qa")
 METRICS = {"classify": ("macro_f1", "accuracy", "micro_f1"), "qa": ("f1", "exact_match")}
 
 
-class ConfigError(LongdocError):
+class ConfigError(UsageError):
     """One or more problems in a config; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: Sequence[str] | str, source: str = "") -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         prefix = f"{source}: " if source else ""
-        super().__init__("\n".join(prefix + p for p in self.problems), exit_code=2)
+        super().__init__("\n".join(prefix + p for p in self.problems))
 
 
 def _f(default: Any, help: str) -> Any:
@@ -611,6 +612,113 @@ def check_task(cfg: LongdocConfig, expected: str, source: str = "config") -> Non
 
 
 # ----------------------------------------------------------------------------------------------
+# Which setting wins: decided here, once, for every command and the library
+
+
+# A command-line option given as an override: dotted path -> (option name, value); None = not given.
+Flags = Mapping[str, tuple[str, Any]]
+
+
+def apply_flags(cfg: LongdocConfig, flags: Flags) -> LongdocConfig:
+    """A new config with the command-line options that were given applied (already typed by the
+    CLI, converted and validated like any key). A problem with one names the option, not the key:
+    ``--top-k 0: must be at least 1``."""
+    given = {path: (flag, value) for path, (flag, value) in flags.items() if value is not None}
+    if not given:
+        return cfg
+    data = config_to_dict(cfg)
+    for path, (_, value) in given.items():
+        section, key = path.split(".")
+        data[section][key] = value
+    try:
+        return config_from_dict(data, source="")
+    except ConfigError as e:
+        raise ConfigError([_flag_problem(p, given) for p in e.problems]) from None
+
+
+def _flag_problem(problem: str, given: Mapping[str, tuple[str, Any]]) -> str:
+    path, _, reason = problem.partition(": ")
+    if path not in given:
+        return problem
+    flag, value = given[path]
+    section, key = path.split(".")
+    tp = _hints(SECTIONS[section])[key]
+    if reason.startswith("expected ") and typing.get_origin(tp) is Literal:
+        *first, last = (str(_yaml_scalar(a)) for a in typing.get_args(tp))
+        return f"{flag} must be {', '.join(first)} or {last}, not {value!r}"
+    reason = re.sub(r", got .*$", "", reason)
+    reason = re.sub(r"must be >= ", "must be at least ", reason)
+    reason = reason.replace("must be in (0, 1)", "must be between 0 and 1")
+    return f"{flag} {value}: {reason}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a command runs with: the merged config and the model directory (None: not looked up)."""
+
+    config: LongdocConfig
+    model_dir: Path | None
+
+
+def resolve_run(
+    task: str | None = None,
+    *,
+    config: str | Path | LongdocConfig | None = None,
+    model: str | None = None,
+    overrides: Sequence[str] = (),
+    flags: Flags | None = None,
+    allow_download: bool = False,
+    find_model: bool = True,
+    guess_task: Callable[[], str] | None = None,
+) -> Run:
+    """The config and model a command runs with. Later wins: the defaults < the model directory's
+    ``longdoc.yaml`` (read only when no ``config`` is given) < ``config`` (a YAML file or a config)
+    < ``overrides`` (``--set a.b=value``) < ``flags`` (command-line options, see :func:`apply_flags`).
+
+    The model is ``model`` (``-m``), else ``$LONGDOC_MODEL``, else ``config``'s ``model.name``;
+    it is resolved to a directory unless ``find_model`` is false. ``task`` is the command's task
+    (a ``config`` for the other one is refused); None (`evaluate`): the checkpoint's head decides,
+    else the config, else ``guess_task()`` (what the data looks like), else classify."""
+    source = str(config) if isinstance(config, (str, Path)) else "config"
+    given = load_config(config) if isinstance(config, (str, Path)) else config
+    if given is not None and task is not None:
+        check_task(given, task, source)
+    model_dir = _find_model(model, given, allow_download) if find_model else None
+    head_task = _head_task(model_dir) if model_dir is not None and task is None else None
+    cfg = given or (load_model_dir_config(model_dir) if model_dir is not None else None)
+    if cfg is None:
+        guessed = head_task or task or (guess_task() if guess_task else "classify")
+        cfg = default_config(guessed)
+    cfg = apply_flags(apply_overrides(cfg, overrides), flags or {})
+    if head_task is not None and cfg.task != head_task:
+        raise ConfigError(f"{model_dir}: is a {head_task} model but the config's task is {cfg.task!r}")
+    return Run(cfg, model_dir)
+
+
+def _find_model(model: str | None, cfg: LongdocConfig | None, allow_download: bool) -> Path:
+    from .envvars import env
+    from .hub import resolve_model
+
+    from_env = model is None and env("LONGDOC_MODEL") is not None
+    named = cfg.model.name if cfg is not None and cfg.model.name != "default" else None
+    name = model or env("LONGDOC_MODEL") or named
+    allow = allow_download or (cfg is not None and cfg.model.allow_download)
+    try:
+        return resolve_model(name, allow_download=allow)
+    except LongdocError as e:
+        if not from_env:
+            raise
+        raise UsageError(f"LONGDOC_MODEL={name!r}: {e}") from None
+
+
+def _head_task(model_dir: Path) -> str | None:
+    """ "classify" or "qa" from the checkpoint's task head; None for a plain encoder."""
+    from .model import load_hf_config
+
+    return {"classification": "classify", "qa": "qa"}.get(load_hf_config(model_dir).head)
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing YAML
 
 
@@ -666,12 +774,14 @@ def default_config(task: str = "classify") -> LongdocConfig:
 __all__ = [
     "MODEL_CONFIG_NAME",
     "ConfigError",
+    "Run",
     "DataSection",
     "InferenceSection",
     "LongdocConfig",
     "ModelSection",
     "TokenizationSection",
     "TrainSection",
+    "apply_flags",
     "apply_overrides",
     "check_task",
     "config_from_dict",
@@ -680,5 +790,6 @@ __all__ = [
     "default_config",
     "load_config",
     "load_model_dir_config",
+    "resolve_run",
     "save_config",
 ]

@@ -24,9 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .runtime import clean_stale, temp_dir
-from .textio import preview, read_text_file
 
 SUPPORTED = ("bert", "roberta")
 TOKENIZER_FILES = (
@@ -57,14 +56,13 @@ def convert_checkpoint(
     conversion leaves no half-written model.
     """
     if not str(out).strip() or not str(src).strip():  # Path("") is the current directory
-        raise LongdocError("convert: SRC and OUT must be non-empty paths", exit_code=2)
+        raise UsageError("convert: SRC and OUT must be non-empty paths")
     src, out = Path(src), Path(out)
     if max_positions < 1:
-        raise LongdocError(f"--max-positions must be positive, got {max_positions}", exit_code=2)
+        raise UsageError(f"--max-positions must be positive, got {max_positions}")
     if attention_window <= 0 or attention_window % 2:
-        raise LongdocError(
+        raise UsageError(
             f"--attention-window (two-sided width) must be a positive even number, got {attention_window}",
-            exit_code=2,
         )
     _check_out(src, out, force)
     source_config = read_source_config(src)
@@ -80,11 +78,11 @@ def convert_checkpoint(
 
 def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise LongdocError(f"{out}: exists and is not a directory", exit_code=2)
+        raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and src.is_dir() and out.resolve() == src.resolve():
-        raise LongdocError(f"{out}: is the source directory; choose another output directory", exit_code=2)
+        raise UsageError(f"{out}: is the source directory; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise LongdocError(f"{out}: is not empty; choose a new directory or pass --force", exit_code=2)
+        raise UsageError(f"{out}: is not empty; choose a new directory or pass --force")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -102,17 +100,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def read_source_config(src: Path) -> dict[str, Any]:
-    if not src.is_dir():
-        raise LongdocError(f"{src}: not a directory (expected a Hugging Face model directory)")
-    file = src / "config.json"
-    if not file.is_file():
-        raise LongdocError(f"{src}: no config.json, so this is not a Hugging Face-format model directory")
-    try:
-        data = json.loads(read_text_file(str(file), "config.json"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise LongdocError(f"{file}: cannot read it as JSON ({preview(str(e), 100)})") from e
-    if not isinstance(data, dict):
-        raise LongdocError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    from .model import read_config_json
+
+    data = read_config_json(src)
     model_type = data.get("model_type")
     if model_type == "longformer":
         raise LongdocError(f"{src}: is already a Longformer; use it as it is")

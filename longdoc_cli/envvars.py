@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 ATTENTION_CHOICES = ("auto", "band", "flex")
@@ -22,7 +22,7 @@ def _preview(value: str, limit: int = 60) -> str:
 
 
 def _bad(name: str, value: str, expected: str) -> LongdocError:
-    return LongdocError(f"{name}={_preview(value)}: expected {expected}; fix or unset it", exit_code=2)
+    return UsageError(f"{name}={_preview(value)}: expected {expected}; fix or unset it")
 
 
 def _flag(name: str, value: str) -> bool:
@@ -113,4 +113,4 @@ def check_environment(torchrun: bool = False) -> None:
     if torchrun:
         rank, world = env("RANK", 0), env("WORLD_SIZE", 1)
         if rank >= world:
-            raise LongdocError(f"RANK={rank} must be less than WORLD_SIZE={world}", exit_code=2)
+            raise UsageError(f"RANK={rank} must be less than WORLD_SIZE={world}")

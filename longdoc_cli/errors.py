@@ -1,12 +1,15 @@
-"""The one exception type the CLI turns into a one-line message on stderr."""
+"""The errors the library raises for problems a user can fix; the CLI turns each into one line on
+stderr and picks the exit code from its type (cli.exit_code: 2 for a UsageError, else 1)."""
 
 
 class LongdocError(Exception):
-    """A problem the user can fix (bad input, bad config, missing model); ``exit_code`` 1 or 2."""
+    """A problem the user can fix in what was given to work on: a bad document, data file or model
+    directory, a missing model, an output that cannot be written."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+
+class UsageError(LongdocError):
+    """A problem in how longdoc was asked: a bad option, argument, config value or environment
+    variable."""
 
 
 # How a failed allocation reads: CUDA's "out of memory" and the CPU allocator's wording.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import LongdocConfig, load_model_dir_config
+from .config import Flags, LongdocConfig, resolve_run
 from .errors import LongdocError
 
 if TYPE_CHECKING:
@@ -248,49 +248,41 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def model_task(model_dir: Path) -> str | None:
-    """ "classify" or "qa" from the checkpoint's head; None for a plain encoder."""
-    from .tasks.runner import head_of
-
-    return {"classification": "classify", "qa": "qa"}.get(head_of(model_dir))
-
-
 def evaluate_model(
-    model_name: str, data_path: str, cfg: LongdocConfig | None = None, overrides: Sequence[str] = ()
+    model_name: str,
+    data_path: str,
+    cfg: LongdocConfig | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    flags: Flags | None = None,
 ) -> EvalReport:
     """Score ``model_name`` (a directory saved by `train`, or any -m model) on ``data_path``. The
-    config is ``cfg``, else the model's ``longdoc.yaml``, else the defaults, plus ``overrides``.
-    QA runs exactly as `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as
-    the default model is scored zero-shot; classification needs a classification head."""
-    from .config import apply_overrides
+    config is ``cfg`` (a config or a YAML file), else the model's ``longdoc.yaml``, else the
+    defaults, plus ``overrides`` and ``flags`` (:func:`config.resolve_run`). QA runs exactly as
+    `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as the default model is
+    scored zero-shot; classification needs a classification head."""
     from .data import iter_rows, load_classification
-    from .model import LongformerForSequenceClassification
-    from .models import resolve_model
+    from .model import LongformerForSequenceClassification, load_hf_config
     from .tasks.runner import pick_device, pick_dtype
     from .tokenize import DocumentTokenizer
 
-    model_dir = resolve_model(model_name, allow_download=cfg.model.allow_download if cfg else False)
-    task = model_task(model_dir)
-    if cfg is None:
-        cfg = load_model_dir_config(model_dir)
-    if cfg is None:
-        if task is None:  # a plain encoder: the data says which task
-            _, row = next(iter(iter_rows(data_path, "auto", skipped=[])), (None, {}))
-            task = "qa" if "question" in row and "context" in row else "classify"
-        cfg = LongdocConfig(task=task)  # type: ignore[arg-type]
-    cfg = apply_overrides(cfg, overrides)
-    task = task or cfg.task
-    if cfg.task != task:
-        raise LongdocError(
-            f"{model_dir}: is a {task} model but the config's task is {cfg.task!r}", exit_code=2
-        )
+    def guess_task() -> str:  # a plain encoder without a config: the data says which task
+        _, row = next(iter(iter_rows(data_path, "auto", skipped=[])), (None, {}))
+        return "qa" if "question" in row and "context" in row else "classify"
+
+    run = resolve_run(None, config=cfg, model=model_name, overrides=overrides, flags=flags,
+                      guess_task=guess_task)  # fmt: skip
+    cfg, model_dir = run.config, run.model_dir
+    assert model_dir is not None
+    task = cfg.task
     if task == "qa":
         return _evaluate_qa(model_dir, data_path, cfg)
-    if model_task(model_dir) != "classify":
+    config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
+    if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)  # as `classify` runs it
-    model = LongformerForSequenceClassification.from_pretrained(model_dir).to(device=device, dtype=dtype)
+    model = LongformerForSequenceClassification.from_pretrained(model_dir, config=config)
+    model = model.to(device=device, dtype=dtype)
     cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)
     tokenizer = DocumentTokenizer.from_dir(model_dir, max_tokens=cfg.model.max_length)
     data = load_classification(data_path, cfg.data)

@@ -28,12 +28,16 @@ from .attention import (
 )
 from .errors import LongdocError
 from .runtime import umask_mode
+from .textio import preview, read_text_file
 
 # ----------------------------------------------------------------------------------------------
 # Config
 
 
 _M = TypeVar("_M", bound="_PretrainedMixin")  # from_pretrained returns the class it is called on
+
+# The task head of a checkpoint, from config.json's ``architectures``.
+HEADS = {"LongformerForSequenceClassification": "classification", "LongformerForQuestionAnswering": "qa"}
 
 # Config fields that must be positive integers.
 _POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -108,6 +112,11 @@ class LongformerConfig:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
 
+    def with_attention_window(self, window: int | None) -> LongformerConfig:
+        """This config with one two-sided ``window`` for every layer (``model.attention_window``),
+        validated; itself when ``window`` is None (the checkpoint's windows)."""
+        return self if window is None else dataclasses.replace(self, attention_window=int(window))
+
     @property
     def windows(self) -> list[int]:
         """Two-sided window per layer."""
@@ -136,6 +145,27 @@ class LongformerConfig:
                 raise LongdocError(f"config: attention_dilation[{i}] = {heads}: every dilation must be >= 1")
             out.append(heads)
         return out
+
+    @property
+    def head(self) -> str:
+        """The task head ``architectures`` names: "classification", "qa", or "encoder" (none)."""
+        for arch in self.extra.get("architectures") or []:
+            if arch in HEADS:
+                return HEADS[arch]
+        return "encoder"
+
+    @property
+    def pooling(self) -> str:
+        """How the encoder was trained to pool token states: "mean" (sentence-transformers, as the
+        default model) or "cls"."""
+        pooling = (self.extra.get("longdoc") or {}).get("pooling", "cls")
+        return pooling if pooling in ("mean", "cls") else "cls"
+
+    @property
+    def classifier(self) -> str:
+        """The classification head's kind: "mean-linear" for a head fitted on a frozen encoder
+        (headfit.py), else "cls" (HF's head)."""
+        return (self.extra.get("longdoc") or {}).get("classifier", "cls")
 
     @property
     def max_tokens(self) -> int:
@@ -419,7 +449,7 @@ class _PretrainedMixin(nn.Module):
         if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
             raise LongdocError(f"from_pretrained: expected a model directory path, got {path!r}")
         path = Path(path)
-        config = config or load_config(path)
+        config = config or load_hf_config(path)
         state = load_state_dict(path)
         with torch.device("meta"):  # no random init of weights about to be overwritten
             model = cls(config)
@@ -531,7 +561,7 @@ class LongformerClassificationHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-        self.mean_linear = classifier_kind(config) == MEAN_LINEAR
+        self.mean_linear = config.classifier == MEAN_LINEAR
         self.token_proj: nn.Linear | None = None
         if self.mean_linear and (config.extra.get("longdoc") or {}).get("token_features"):
             self.token_proj = nn.Linear(config.vocab_size, config.num_labels, bias=False)
@@ -563,11 +593,6 @@ def token_tfidf(input_ids: Tensor, attention_mask: Tensor | None, idf: Tensor) -
     counts.scatter_add_(1, input_ids, real)  # (B, V)
     x = torch.log1p(counts) * idf.float()
     return F.normalize(x, dim=-1)
-
-
-def classifier_kind(config: LongformerConfig) -> str:
-    """ "mean-linear" for a head fitted on a frozen encoder, else "cls" (HF's head)."""
-    return (config.extra.get("longdoc") or {}).get("classifier", "cls")
 
 
 def masked_mean(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -653,16 +678,29 @@ def question_global_mask(input_ids: Tensor, sep_token_id: int | None) -> Tensor:
 # Reading checkpoints
 
 
-def load_config(path: Path) -> LongformerConfig:
+def read_config_json(path: Path, *, required: bool = True) -> dict[str, Any]:
+    """The ``config.json`` of the model directory ``path`` as a dict (any model type), read
+    bounded; the one place it is parsed. Not there: an error, or ``{}`` unless ``required``."""
     file = path / "config.json"
-    if not path.is_dir():
-        raise LongdocError(f"{path}: not a directory (expected a model directory with config.json)")
     if not file.is_file():
+        if not required:
+            return {}
+        if not path.is_dir():
+            raise LongdocError(f"{path}: not a directory (expected a model directory with config.json)")
         raise LongdocError(f"{path}: no config.json, so this is not a Hugging Face-format model directory")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LongdocError(f"{file}: cannot read it as JSON ({e})") from e
+        data = json.loads(read_text_file(str(file), "config.json"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LongdocError(f"{file}: cannot read it as JSON ({preview(str(e), 100)})") from e
+    if not isinstance(data, dict):
+        raise LongdocError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_hf_config(path: Path) -> LongformerConfig:
+    """The :class:`LongformerConfig` of a Longformer directory (its ``config.json``)."""
+    data = read_config_json(path)
+    file = path / "config.json"
     model_type = data.get("model_type")
     if model_type != "longformer":
         hint = " (run `longdoc convert` first)" if model_type in ("bert", "roberta") else ""

@@ -24,7 +24,7 @@ import warnings
 
 from torch import nn
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 
 # Linear layers whose ``.weight`` the model reads as a tensor: they must stay nn.Linear.
 KEEP_FP32 = ("key_global", "value_global")
@@ -49,11 +49,9 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     except StopIteration:
         raise LongdocError("--quantize int8: the model has no parameters") from None
     if param.device.type != "cpu":
-        raise LongdocError(
-            f"--quantize int8 runs on the CPU only, the model is on {param.device}", exit_code=2
-        )
+        raise UsageError(f"--quantize int8 runs on the CPU only, the model is on {param.device}")
     if param.dtype.is_floating_point and param.dtype.itemsize != 4:
-        raise LongdocError(f"--quantize int8 needs an fp32 model, not {param.dtype}", exit_code=2)
+        raise UsageError(f"--quantize int8 needs an fp32 model, not {param.dtype}")
     try:
         import torch
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 
 _REPLACEMENT_UTF8 = "\ufffd".encode()
 MAX_DOCUMENT_BYTES = 64 << 20  # one document or JSON-lines record; --max-bytes raises it
@@ -37,7 +37,7 @@ def parse_size(text: str, option: str = "--max-bytes") -> int:
     unit = m and _UNITS.get(m[2].lower())
     if not m or unit is None or float(m[1]) * unit < 1:
         shown = text if len(text or "") <= 40 else text[:40] + "..."
-        raise LongdocError(f"{option} must be a size such as 64M, 1G or 500000, not {shown!r}", exit_code=2)
+        raise UsageError(f"{option} must be a size such as 64M, 1G or 500000, not {shown!r}")
     return int(float(m[1]) * unit)
 
 

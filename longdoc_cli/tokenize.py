@@ -276,14 +276,6 @@ def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _model_config(model_dir: Path) -> dict[str, Any]:
-    file = model_dir / "config.json"
-    try:
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise LongdocError(f"{file}: cannot read it as JSON ({e})") from e
-
-
 def _family_of(tokenizer: Tokenizer, model_dir: Path) -> str:
     vocab_has = tokenizer.token_to_id
     bert = vocab_has("[CLS]") is not None and vocab_has("[SEP]") is not None
@@ -300,11 +292,11 @@ def _family_of(tokenizer: Tokenizer, model_dir: Path) -> str:
 
 def _max_tokens_of(model_dir: Path) -> int:
     """The longest input (specials included) the model's position table allows."""
-    data = _model_config(model_dir)
+    from .model import LongformerConfig, read_config_json
+
+    data = read_config_json(model_dir, required=False)
     model_type = data.get("model_type")
     if model_type == "longformer":
-        from .model import LongformerConfig
-
         return LongformerConfig.from_dict(data).max_tokens
     n = data.get("max_position_embeddings")
     if isinstance(n, int):

@@ -24,6 +24,7 @@ rank 0 evaluates, logs and saves. The library never prints: progress goes to ``o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 from .config import MODEL_CONFIG_NAME, ConfigError, LongdocConfig, config_to_yaml, save_config
 from .envvars import check_environment, env
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
 
 TOKENIZER_FILES = (
@@ -151,16 +152,15 @@ def prepare_output_dir(out: Path, resume: bool, force: bool) -> None:
     only longdoc's own outputs: best/, last/, train_log.jsonl). ``out`` is a directory already
     unless resuming (:func:`claimed_output_dir` made it)."""
     if resume and force:
-        raise LongdocError("--resume and --force exclude each other", exit_code=2)
+        raise UsageError("--resume and --force exclude each other")
     if resume:
         if not (out / "last" / STATE_FILE).is_file():
             raise LongdocError(f"{out}: nothing to resume (no last/{STATE_FILE})")
         return
     if any(p.name != LOCK_FILE for p in out.iterdir()):
         if not force:
-            raise LongdocError(
+            raise UsageError(
                 f"{out}: output directory is not empty; pass --resume to continue or --force to overwrite",
-                exit_code=2,
             )
         for name in OUR_OUTPUTS:
             p = out / name
@@ -177,7 +177,7 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
     runs mixing their checkpoints and logs. A run that fails before writing anything removes the
     directory it created, and the parents it created."""
     if out.exists() and not out.is_dir():
-        raise LongdocError(f"{out}: exists and is not a directory", exit_code=2)
+        raise UsageError(f"{out}: exists and is not a directory")
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the run fails early
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,10 +187,9 @@ def claimed_output_dir(out: Path, resume: bool, force: bool) -> Iterator[None]:
             try:
                 stack.enter_context(exclusive_lock(lock_file, wait=False))
             except BlockingIOError:
-                raise LongdocError(
+                raise UsageError(
                     f"{out}: another `longdoc train` is writing there; wait for it to finish or choose "
                     "another output directory",
-                    exit_code=2,
                 ) from None
             # Removed while still held (callbacks run last in, first out): the directory ends as
             # the run left it.
@@ -223,10 +222,9 @@ def _refuse_inputs_in_outputs(cfg: LongdocConfig, out: Path) -> None:
         path = Path(value).expanduser().resolve()
         hit = next((d for d in doomed if path == d or path.is_relative_to(d)), None)
         if hit is not None:
-            raise LongdocError(
+            raise UsageError(
                 f"{value}: {what} is inside {out / hit.name}, which --force would replace; copy it "
                 "elsewhere first or choose another --output",
-                exit_code=2,
             )
 
 
@@ -313,34 +311,28 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         LongformerEncoder,
         LongformerForQuestionAnswering,
         LongformerForSequenceClassification,
-        classifier_kind,
+        load_hf_config,
     )
-    from .model import load_config as load_hf_config
 
     hf = load_hf_config(source_dir)
-    if cfg.model.attention_window is not None:
-        hf.attention_window = cfg.model.attention_window
     source_arch = (hf.extra.get("architectures") or [""])[0]
+    extra = {k: v for k, v in hf.extra.items() if k != "architectures"}
     if cfg.task == "classify":
-        same_head = source_arch == "LongformerForSequenceClassification" and hf.id2label == dict(
-            enumerate(info["labels"])
-        )
-        hf.id2label = dict(enumerate(info["labels"]))
-        hf.num_labels = len(info["labels"])
-        hf.problem_type = (
-            "multi_label_classification" if info["multi_label"] else "single_label_classification"
-        )
+        labels = dict(enumerate(info["labels"]))
+        same_head = source_arch == "LongformerForSequenceClassification" and hf.id2label == labels
+        problem = "multi_label_classification" if info["multi_label"] else "single_label_classification"
+        head = {"id2label": labels, "num_labels": len(labels), "problem_type": problem}
         cls = LongformerForSequenceClassification
     else:
         same_head = source_arch == "LongformerForQuestionAnswering"
-        hf.id2label, hf.num_labels, hf.problem_type = None, 2, None
+        head = {"id2label": None, "num_labels": 2, "problem_type": None}
         cls = LongformerForQuestionAnswering
-    hf.extra.pop("architectures", None)
     if cfg.task == "classify" and cfg.frozen:  # a linear head on mean-pooled windows (headfit.py)
-        hf.extra["longdoc"] = {**(hf.extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
-                               "token_features": cfg.train.token_features}  # fmt: skip
-        same_head = same_head and classifier_kind(hf) == MEAN_LINEAR
-    hf.__post_init__()
+        extra["longdoc"] = {**(extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
+                            "token_features": cfg.train.token_features}  # fmt: skip
+    hf = dataclasses.replace(hf, **head, extra=extra).with_attention_window(cfg.model.attention_window)
+    if cfg.task == "classify" and cfg.frozen:
+        same_head = same_head and hf.classifier == MEAN_LINEAR
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(
             f"model.max_length: {cfg.model.max_length} exceeds the {hf.max_tokens} tokens the model's "
@@ -587,7 +579,7 @@ def train(
     """Fine-tune per ``cfg`` into ``output_dir``. ``stop_after_steps`` ends the run after that many
     optimizer steps, as an interruption would (last/ is saved), for tests of ``resume``."""
     if not str(output_dir).strip():  # Path("") is the current directory
-        raise LongdocError("the output directory is an empty path; give a directory", exit_code=2)
+        raise UsageError("the output directory is an empty path; give a directory")
     out = Path(output_dir)
     if force:
         _refuse_inputs_in_outputs(cfg, out)
@@ -608,7 +600,7 @@ def _train(
     import torch.distributed as dist
 
     from .evaluate import classification_metrics, predict_classification, predict_qa, qa_metrics
-    from .models import resolve_model
+    from .hub import resolve_model
     from .tasks.runner import pick_device
     from .tokenize import DocumentTokenizer
 

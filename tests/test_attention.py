@@ -16,6 +16,7 @@ from longdoc_cli.attention import (
     local_attention,
     reference_attention,
 )
+from longdoc_cli.cli import exit_code
 
 F64 = torch.float64
 
@@ -507,7 +508,7 @@ def test_bad_flex_options_are_a_usage_error(text, monkeypatch):
     try:
         with pytest.raises(LongdocError, match="LONGDOC_FLEX_OPTIONS") as e:
             attention._flex_options()
-        assert e.value.exit_code == 2
+        assert exit_code(e.value) == 2
     finally:
         monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
         attention._flex_options.cache_clear()

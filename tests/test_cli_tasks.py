@@ -11,7 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from longdoc_cli.cli import app
-from longdoc_cli.model import LongformerForQuestionAnswering, LongformerForSequenceClassification, load_config
+from longdoc_cli.model import (
+    LongformerForQuestionAnswering,
+    LongformerForSequenceClassification,
+    load_hf_config,
+)
 from tests.fixtures_tiny import build_tiny_model
 
 SPORT_DOC = "The team scored a goal in the football match. The player was the best of the match.\n"
@@ -38,7 +42,7 @@ def _with_head(encoder_dir: Path, out: Path, cls, **config_changes) -> Path:
     import torch
 
     torch.manual_seed(1)
-    config = dataclasses.replace(load_config(encoder_dir), **config_changes)
+    config = dataclasses.replace(load_hf_config(encoder_dir), **config_changes)
     model = cls(config)
     model.save_pretrained(out)
     shutil.copy(encoder_dir / "tokenizer.json", out / "tokenizer.json")
@@ -463,3 +467,27 @@ def test_library_api_runs_the_tasks_silently(encoder_dir, docs, capsys):
         load_task_model(encoder_dir, task="summarise")
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_evaluate_classification_honours_attention_window(classifier_dir, tmp_path, monkeypatch):
+    """`evaluate --set model.attention_window=W` runs the classifier with W, as its QA path and
+    `classify` do (issue 14: the classification path dropped it)."""
+    from longdoc_cli import evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"text": SPORT_DOC * 5, "label": "sport"}) + "\n"
+        + json.dumps({"text": MUSIC_DOC, "label": "music"}) + "\n"
+    )  # fmt: skip
+    seen = []
+    real = evaluate.predict_classification
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.config.windows)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_classification", spy)
+    default = load_hf_config(classifier_dir).windows
+    assert default != [8] * len(default)
+    report = evaluate.evaluate_model(str(classifier_dir), str(data), overrides=["model.attention_window=8"])
+    assert report.n == 2 and seen == [[8] * len(default)]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from longdoc_cli.cli import app
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.config import (
     MODEL_CONFIG_NAME,
     ConfigError,
@@ -55,7 +55,7 @@ def test_unknown_keys_types_and_enums_reported_all_at_once():
     with pytest.raises(ConfigError) as e:
         config_from_dict(data, source="x.yaml")
     lines = str(e.value).splitlines()
-    assert e.value.exit_code == 2
+    assert exit_code(e.value) == 2
     assert "x.yaml: modle: unknown key; did you mean model?" in lines
     assert "x.yaml: model.max_lenght: unknown key; did you mean model.max_length?" in lines
     assert "x.yaml: model.windw: unknown key; did you mean model.attention_window?" in lines
@@ -143,3 +143,59 @@ def test_every_problem_at_once_duplicates_and_infinities(tmp_path):
     path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.5\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:4: .*the key 'lr' is given twice"):
         load_config(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# resolve_run: which setting wins
+
+
+def test_resolve_run_precedence(tmp_path):
+    from longdoc_cli.config import resolve_run
+    from tests.fixtures_tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "m")
+    # no config: the defaults, then the model directory's longdoc.yaml replaces them
+    assert resolve_run("qa", model=str(model_dir)).config == LongdocConfig(task="qa")
+    save_config(apply_overrides(LongdocConfig(), ["inference.top_k=5", "inference.batch_size=3"]),
+                model_dir / MODEL_CONFIG_NAME)  # fmt: skip
+    run = resolve_run("classify", model=str(model_dir))
+    assert run.model_dir == model_dir and (run.config.inference.top_k, run.config.inference.batch_size) == (
+        5,
+        3,
+    )
+    # --config replaces the model's own; --set overrides it; a command-line option overrides --set
+    file = tmp_path / "c.yaml"
+    file.write_text("inference:\n  top_k: 7\n  explain: 1\n")
+    run = resolve_run(
+        "classify", config=file, model=str(model_dir), overrides=["inference.explain=2", "inference.top_k=8"],
+        flags={"inference.top_k": ("--top-k", 9), "inference.threshold": ("--threshold", None)},
+    )  # fmt: skip
+    i = run.config.inference
+    assert (i.top_k, i.explain, i.batch_size, i.threshold) == (
+        9,
+        2,
+        LongdocConfig().inference.batch_size,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match="task is 'classify' but this command needs a 'qa' config"):
+        resolve_run("qa", config=file, model=str(model_dir))
+    # find_model=False: the config alone (train, config validate)
+    assert resolve_run(config=file, find_model=False).model_dir is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"inference.top_k": ("--top-k", 0)}, "--top-k 0: must be at least 1"),
+        ({"inference.threshold": ("--threshold", 2.0)}, "--threshold 2.0: must be between 0 and 1"),
+        ({"inference.aggregate": ("--aggregate", "x")}, "--aggregate must be mean, max or first, not 'x'"),
+        ({"model.dtype": ("--dtype", "fp8")}, "--dtype must be auto, fp32, bf16 or fp16, not 'fp8'"),
+        ({"tokenization.stride": ("--doc-stride", -3)}, "--doc-stride -3: must be at least 0"),
+    ],
+)  # fmt: skip
+def test_command_line_options_are_validated_by_their_own_names(flags, message):
+    from longdoc_cli.config import apply_flags
+
+    with pytest.raises(ConfigError) as e:
+        apply_flags(LongdocConfig(), flags)
+    assert str(e.value) == message and exit_code(e.value) == 2

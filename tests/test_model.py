@@ -18,7 +18,7 @@ from longdoc_cli.model import (
     LongformerEncoder,
     LongformerForQuestionAnswering,
     LongformerForSequenceClassification,
-    load_config,
+    load_hf_config,
     question_global_mask,
 )
 
@@ -252,7 +252,7 @@ def test_wrong_model_type_suggests_convert(saved, model_type):
 def test_corrupt_config_json(saved):
     (saved / "config.json").write_text("{not json")
     with pytest.raises(LongdocError, match=r"config\.json"):
-        load_config(saved)
+        load_hf_config(saved)
 
 
 def test_missing_weights(saved):
@@ -312,7 +312,7 @@ def test_bad_config_fields(overrides, message, saved):
     data = json.loads((saved / "config.json").read_text())  # the same through config.json
     (saved / "config.json").write_text(json.dumps({**data, **overrides}))
     with pytest.raises(LongdocError, match=message):
-        load_config(saved)
+        load_hf_config(saved)
 
 
 def test_input_longer_than_positions_and_qa_without_separator():

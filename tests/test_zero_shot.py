@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from longdoc_cli.cli import app
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.tasks.classify import (
     DEFAULT_PRESET,
@@ -87,7 +87,7 @@ def test_preset_from_a_file(tmp_path):
 def test_bad_presets(labels, message):
     with pytest.raises(LongdocError, match=message.replace("(", r"\(")) as e:
         load_labels(labels, None)
-    assert e.value.exit_code == 2
+    assert exit_code(e.value) == 2
 
 
 def test_cli_presets(encoder_dir, tmp_path):

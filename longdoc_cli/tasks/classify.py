@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import LongdocError
+from ..errors import UsageError
 from ..textio import read_text_file
 from ..tokenize import Window
 from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
@@ -107,9 +107,8 @@ def preset_labels(name: str) -> list[Label]:
         text = resources.files("longdoc_cli").joinpath(f"{_PRESETS}/{name}.tsv").read_text(encoding="utf-8")
         return parse_labels(text, f"@{name}")
     if not name or not Path(name).is_file():
-        raise LongdocError(
+        raise UsageError(
             f"--labels @{name}: no such label preset or file (presets: {', '.join(preset_names())})",
-            exit_code=2,
         )
     return read_labels_file(name)
 
@@ -138,13 +137,13 @@ def load_labels(labels: Sequence[str] | None, labels_file: str | None) -> list[L
     """Labels from ``--labels`` (names, or one ``@PRESET`` / ``@FILE``), ``--labels-file`` or, with
     neither, the default topics."""
     if labels and labels_file:
-        raise LongdocError("give either --labels or --labels-file, not both", exit_code=2)
+        raise UsageError("give either --labels or --labels-file, not both")
     if labels_file:
         return read_labels_file(labels_file)
     names = [x.strip() for x in labels or [] if x.strip()]
     if any(x.startswith("@") for x in names):
         if len(names) > 1:
-            raise LongdocError("--labels: a @preset stands alone, not in a list of labels", exit_code=2)
+            raise UsageError("--labels: a @preset stands alone, not in a list of labels")
         return preset_labels(names[0][1:])
     if names:
         return _checked([Label(x) for x in names], "--labels")
@@ -155,9 +154,9 @@ def _checked(labels: list[Label], source: str) -> list[Label]:
     names = [label.name for label in labels]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise LongdocError(f"{source}: label {dup!r} is given twice", exit_code=2)
+        raise UsageError(f"{source}: label {dup!r} is given twice")
     if len(labels) < 2:
-        raise LongdocError(f"{source}: zero-shot classification needs at least two labels", exit_code=2)
+        raise UsageError(f"{source}: zero-shot classification needs at least two labels")
     return labels
 
 
@@ -192,7 +191,7 @@ def zero_shot_probabilities(
         return torch.softmax(SCALE * (w @ cos), dim=-1)
     if vote == "soft":
         return w @ torch.softmax(SCALE * cos, dim=-1)
-    raise LongdocError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}", exit_code=2)
+    raise UsageError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}")
 
 
 class Classifier:
@@ -220,25 +219,22 @@ class Classifier:
         calibrate: bool | None = None,
         vote: str = "soft",
     ) -> None:
-        if aggregate not in ("mean", "max", "first"):
-            raise LongdocError(f"--aggregate must be mean, max or first, not {aggregate!r}", exit_code=2)
-        if top_k < 1:
-            raise LongdocError(f"--top-k {top_k}: must be at least 1", exit_code=2)
-        if explain < 0:
-            raise LongdocError(f"--explain {explain}: must be at least 0", exit_code=2)
-        if not 0.0 < threshold < 1.0:  # also NaN
-            raise LongdocError(f"--threshold {threshold}: must be between 0 and 1", exit_code=2)
+        # The command's values were checked with the config (inference.*); this guards library calls.
+        if aggregate not in ("mean", "max", "first") or top_k < 1 or explain < 0 or not 0 < threshold < 1:
+            raise ValueError(
+                "aggregate must be mean, max or first, top_k >= 1, explain >= 0 and 0 < threshold < 1; "
+                f"got {aggregate!r}, {top_k}, {explain}, {threshold}"
+            )
         if prompts not in PROMPT_STYLES or vote not in VOTES:
-            raise LongdocError(f"prompts {prompts!r} / vote {vote!r}: unknown", exit_code=2)
+            raise UsageError(f"prompts {prompts!r} / vote {vote!r}: unknown")
         self.tm, self.aggregate, self.top_k, self.threshold = tm, aggregate, top_k, threshold
         self.explain, self.batch_size, self.vote = explain, batch_size, vote
         self.multi_label = False
         if tm.head == "classification":
             if labels is not None:
-                raise LongdocError(
+                raise UsageError(
                     f"{tm.path} is a fine-tuned classifier with its own labels; --labels/--labels-file "
                     "apply only to zero-shot models",
-                    exit_code=2,
                 )
             id2label = tm.config.id2label or {i: f"LABEL_{i}" for i in range(tm.config.num_labels)}
             self.names = [id2label[i] for i in range(len(id2label))]
@@ -277,7 +273,7 @@ class Classifier:
         """Zero-shot: per text, its passages' normalised embeddings (n, d) and token counts (n,),
         what :meth:`scores_from_passages` scores (benchmarks cache them)."""
         if not self.zero_shot:
-            raise LongdocError("passage embeddings are for zero-shot models only", exit_code=2)
+            raise UsageError("passage embeddings are for zero-shot models only")
         out = []
         for run in self._run([("", t) for t in texts]):
             out.append((torch.stack([e for _, e in run.outputs]), torch.tensor([n for n, _ in run.outputs])))

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LongdocError
+from ..errors import LongdocError, UsageError
 from ..textio import MAX_DOCUMENT_BYTES, RecordError, iter_jsonl_documents, read_document
 
 
@@ -44,9 +44,9 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     try:
         k, n = (int(x) for x in value.split("/"))
     except ValueError:
-        raise LongdocError(f"--shard must look like K/N (e.g. 0/4), not {value!r}", exit_code=2) from None
+        raise UsageError(f"--shard must look like K/N (e.g. 0/4), not {value!r}") from None
     if not (n >= 1 and 0 <= k < n):
-        raise LongdocError(f"--shard {value}: need 0 <= K < N", exit_code=2)
+        raise UsageError(f"--shard {value}: need 0 <= K < N")
     return k, n
 
 
@@ -61,7 +61,7 @@ def iter_inputs(
 ) -> Iterator[InputDoc | InputError]:
     """Every document of ``paths`` in order; with ``shard`` (K, N) only items K, K+N, K+2N, ..."""
     if sum(p == "-" for p in paths) > 1:
-        raise LongdocError("stdin ('-') can be given only once", exit_code=2)
+        raise UsageError("stdin ('-') can be given only once")
     counter = 0
 
     def mine() -> bool:

