@@ -800,15 +800,36 @@ def _load(cfg, model_dir, task: str, device, dtype, quantize, max_length, quiet:
     return tm
 
 
-def _inputs(cfg, paths, recursive: bool, text_key, id_key, shard, max_bytes: str | None):
-    from .tasks.inputs import iter_inputs, parse_shard
+def _checked_sources(paths: list[str] | None, input_format: str) -> list[str]:
+    """The paths to read (stdin when none is given and it is not a terminal), each checked to exist
+    before a model loads."""
+    from .tasks.inputs import INPUT_FORMATS, check_paths
+
+    if input_format not in INPUT_FORMATS:
+        choices = ", ".join(INPUT_FORMATS[:-1]) + f" or {INPUT_FORMATS[-1]}"
+        raise LongdocError(f"--input-format must be {choices}, not {input_format!r}", exit_code=2)
+    sources = _paths_or_stdin(paths)
+    check_paths(sources)
+    return sources
+
+
+def _inputs(cfg, sources, recursive: bool, text_key, id_key, shard, max_bytes: str | None, input_format: str):
+    """The documents (an iterator) and how many there are (None when unknown: stdin, huge files)."""
+    from .tasks.inputs import count_documents, iter_inputs, parse_shard
     from .textio import MAX_DOCUMENT_BYTES, parse_size
 
-    return iter_inputs(
-        _paths_or_stdin(paths), recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
-        id_key=_pick(id_key, cfg.data.id_key), shard=parse_shard(shard),
+    shard_kn = parse_shard(shard)
+    stdin_jsonl = text_key is not None  # `--text-key` says stdin holds JSON lines
+    items = iter_inputs(
+        sources, recursive=recursive, text_key=_pick(text_key, cfg.data.text_key),
+        id_key=_pick(id_key, cfg.data.id_key), shard=shard_kn,
         max_bytes=MAX_DOCUMENT_BYTES if max_bytes is None else parse_size(max_bytes),
+        input_format=input_format, stdin_jsonl=stdin_jsonl,
     )  # fmt: skip
+    n_docs = count_documents(
+        sources, recursive=recursive, shard=shard_kn, input_format=input_format, stdin_jsonl=stdin_jsonl
+    )
+    return items, n_docs
 
 
 # Seconds without a new input after which the documents read so far are classified and printed:
@@ -827,22 +848,25 @@ def _short(error: BaseException) -> str:
 
 
 def _each_or_alone(run, docs: list) -> Iterator[tuple[Any, Any]]:
-    """(doc, result) for ``docs`` run together; when the batch fails, each document alone, so one
-    document's failure is its own error (the result is then the error's text) and not the batch's."""
+    """(doc, result) for ``docs`` run together, as ``run`` yields them; when the run fails, each
+    document it had not finished alone, so one document's failure is its own error (the result is
+    then the error's text) and not the batch's."""
     if not docs:
         return
+    done = 0
     try:
-        results = run([(d.id, d.text) for d in docs])
+        for result in run([(d.id, d.text) for d in docs]):
+            yield docs[done], result
+            done += 1
     except (RuntimeError, ValueError, MemoryError) as e:
         if debug_enabled():
             raise
-        if len(docs) == 1:
-            yield docs[0], _short(e)
+        rest = docs[done:]
+        if len(rest) == 1:
+            yield rest[0], _short(e)
             return
-        for doc in docs:
+        for doc in rest:
             yield from _each_or_alone(run, [doc])
-        return
-    yield from zip(docs, results, strict=True)
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -858,12 +882,15 @@ def _paths_or_stdin(paths: list[str] | None) -> list[str]:
 
 
 class _Emitter:
-    """Writes records as they come: JSON lines / TSV streamed, a table or a JSON array at the end."""
+    """Writes records as they come: JSON lines / TSV streamed, a table or a JSON array at the end.
+    With ``timings`` the run's summary ends the output where the format allows it: the last JSON
+    lines record, the last element of the JSON array (``{"schema_version": ..., "summary": {...}}``)."""
 
-    def __init__(self, fmt: str, columns: list[str]) -> None:
-        self.fmt, self.columns, self.rows = fmt, columns, []
+    def __init__(self, fmt: str, columns: list[str], timings: bool = False) -> None:
+        self.fmt, self.rows, self.timings = fmt, [], timings
+        self.columns = columns + (["seconds"] if timings and fmt in ("table", "tsv") else [])
         if fmt == "tsv":
-            sys.stdout.write("\t".join(columns) + "\n")
+            sys.stdout.write("\t".join(self.columns) + "\n")
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
@@ -875,18 +902,26 @@ class _Emitter:
         else:
             self.rows.append(record)
 
-    def close(self, title: str) -> None:
-        if self.fmt == "json":
-            sys.stdout.write(json.dumps(self.rows, ensure_ascii=False, indent=2) + "\n")
+    def close(self, title: str, summary: dict[str, Any] | None = None, schema_version: int = 0) -> None:
+        last = {"schema_version": schema_version, "summary": summary} if self.timings and summary else None
+        if self.fmt == "jsonl" and last is not None:
+            write_jsonl(last)
+        elif self.fmt == "json":
+            rows = self.rows + ([last] if last is not None else [])
+            sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
         elif self.fmt == "table" and self.rows:
             from rich.table import Table
 
-            table = Table(title=title, show_lines=False)
+            table = Table(title=title, show_lines=any(isinstance(r.get("scores"), dict) for r in self.rows))
             for c in self.columns:
-                table.add_column(c, overflow="fold", justify="right" if c in ("score", "tokens") else "left")
+                table.add_column(c, overflow="fold", justify="right" if c in NUMERIC_COLUMNS else "left")
             for r in self.rows:
                 table.add_row(*[_cell(r, c) for c in self.columns])
             stdout_console().print(table)
+
+
+# Table columns holding numbers (right-aligned).
+NUMERIC_COLUMNS = ("score", "n_tokens", "n_windows", "rank", "start", "end", "seconds")
 
 
 def _tsv_cell(value: Any) -> str:
@@ -900,8 +935,8 @@ def _tsv_cell(value: Any) -> str:
 
 def _cell(record: dict[str, Any], column: str) -> str:
     value = record.get(column)
-    if column == "scores" and isinstance(value, dict):
-        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+    if column == "scores" and isinstance(value, dict):  # one per line: labels may hold commas
+        return "\n".join(f"{k} {v:.3f}" for k, v in value.items())
     if column == "evidence":
         return "\n".join(f"[{p['start']}:{p['end']}] {p['text']}" for p in record.get("passages", []))
     if isinstance(value, float):
@@ -909,14 +944,65 @@ def _cell(record: dict[str, Any], column: str) -> str:
     return "" if value is None else str(value)
 
 
-def _progress(console, label: str):
-    """A transient counter on stderr (only on a TTY)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def _progress(console, label: str, total: int | None = None):
+    """A transient per-document progress bar on stderr (only on a TTY): done / total and the ETA
+    when the total is known, else a counter."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(
-        SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal or console.quiet,
+    columns = (
+        [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+         TimeRemainingColumn()]
+        if total is not None
+        else [SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn()]
     )  # fmt: skip
+    return Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal or console.quiet
+    )
+
+
+class _InputReport:
+    """Reports input problems as they come, counting what ``--skip-bad-lines`` skips."""
+
+    def __init__(self, console, skip_bad_lines: bool) -> None:
+        self.console, self.skip = console, skip_bad_lines
+        self.failed = False
+        self.skipped = 0
+        self.first_skipped: str | None = None
+
+    def __call__(self, item) -> bool:
+        """Whether ``item`` is an input error (reported here), not a document to process."""
+        from .tasks.inputs import InputError
+
+        if isinstance(item, InputError) and item.record and self.skip:
+            self.skipped += item.count
+            self.first_skipped = self.first_skipped or item.message
+            return True
+        if _report_input(self.console, item):
+            self.failed = True
+        return isinstance(item, InputError)
+
+    def close(self) -> None:
+        if self.skipped and not self.console.quiet:
+            first = bounded(self.first_skipped or "")
+            typer.echo(
+                f"longdoc: warning: skipped {self.skipped} bad record(s) (--skip-bad-lines); "
+                f"the first: {first}",
+                err=True,
+            )
+
+
+def _summary(console, stats) -> None:
+    """The run's one summary line on stderr (not with --quiet)."""
+    if not console.quiet:
+        typer.echo(f"longdoc: {stats.line()}", err=True)
 
 
 def _report_input(console, item) -> bool:
@@ -973,6 +1059,18 @@ _QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on s
 _MAX_BYTES = typer.Option(
     None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G (default 64M)."
 )
+_INPUT_FORMAT = typer.Option(
+    "auto",
+    "--input-format",
+    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
+    "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
+)
+_SKIP_BAD = typer.Option(
+    False, "--skip-bad-lines", help="Skip bad JSON-lines/lines records (counted, exit 0) instead of failing."
+)
+_TIMINGS = typer.Option(
+    False, "--timings", help="Add each record's seconds, and a final summary record (jsonl, json)."
+)
 
 
 @app.command()
@@ -1013,57 +1111,77 @@ def classify(
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
+    input_format: str = _INPUT_FORMAT,
+    skip_bad_lines: bool = _SKIP_BAD,
+    timings: bool = _TIMINGS,
 ) -> None:
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the default topics, @topics). One result per document."""
     with errors():
-        from .tasks.classify import Classifier, load_labels
-        from .tasks.inputs import InputError
+        from .models import display_name
+        from .tasks.classify import SCHEMA_VERSION, Classifier, load_labels
         from .tasks.runner import batched
+        from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
-        cfg, model_dir = _task_setup("classify", config, model, allow_download)
-        inf, tk = cfg.inference, cfg.tokenization
-        if labels is not None and not labels.strip(" ,"):
-            raise LongdocError("--labels: no labels given (a comma-separated list)", exit_code=2)
-        label_list = labels.split(",") if labels else list(inf.labels) or None
-        chosen = (
-            load_labels(label_list, labels_file or inf.labels_file)
-            if label_list or labels_file or inf.labels_file
-            else None
-        )
-        tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length, quiet)
-        bs = _pick(batch_size, inf.batch_size)
-        clf = Classifier(
-            tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
-            threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
-            stride=_pick(stride, tk.stride), strict_stride=stride is not None,
-        )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
+        total = Stopwatch()
+        stats = RunStats("classify")
+        sources = _checked_sources(paths, input_format)
+        with timed(stats, "load_s"):
+            cfg, model_dir = _task_setup("classify", config, model, allow_download)
+            inf, tk = cfg.inference, cfg.tokenization
+            if labels is not None and not labels.strip(" ,"):
+                raise LongdocError("--labels: no labels given (a comma-separated list)", exit_code=2)
+            label_list = labels.split(",") if labels else list(inf.labels) or None
+            chosen = (
+                load_labels(label_list, labels_file or inf.labels_file)
+                if label_list or labels_file or inf.labels_file
+                else None
+            )
+            tm = _load(cfg, model_dir, "classify", device, dtype, quantize, max_length, quiet)
+            bs = _pick(batch_size, inf.batch_size)
+            clf = Classifier(
+                tm, chosen, aggregate=_pick(aggregate, inf.aggregate), top_k=_pick(top_k, inf.top_k),
+                threshold=_pick(threshold, inf.threshold), explain=_pick(explain, inf.explain), batch_size=bs,
+                stride=_pick(stride, tk.stride), strict_stride=stride is not None,
+            )  # fmt: skip
+        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
+        items, n_docs = _inputs(cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format)
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
-        emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
+        emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []), timings)
         console = stderr_console(quiet)
+        bad_input = _InputReport(console, skip_bad_lines)
         failed = False
-        with _progress(console, "documents") as progress:
-            task = progress.add_task("classify", total=None)
+        with _progress(console, "classify", n_docs) as progress:
+            task = progress.add_task("classify", total=n_docs)
             for chunk in batched(items, max(4 * bs, 8), idle_s=FLUSH_IDLE_S):
-                docs = [x for x in chunk if not _report_input(console, x) and not isinstance(x, InputError)]
-                failed |= any(isinstance(x, InputError) and not x.warning for x in chunk)
-                for doc, result in _each_or_alone(clf.classify, docs):
+                docs = [x for x in chunk if not bad_input(x)]
+                for doc, result in _each_or_alone(clf.classify_iter, docs):
+                    progress.advance(task)
                     if isinstance(result, str):
                         typer.echo(
                             f"longdoc: error: {bounded(f'{doc.id}: cannot classify it ({result})')}", err=True
                         )
                         failed = True
+                        stats.failed += 1
                         continue
                     _warn_unknown(quiet, doc.id, result.unknown_share)
+                    stats.documents += 1
+                    stats.windows += result.n_windows
+                    stats.tokens += result.n_tokens
+                    stats.compute_s += result.seconds
                     record = result.to_record(doc.key)
+                    if timings:
+                        record["seconds"] = round(result.seconds, 4)
                     emit(
                         {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
                     )
-                    progress.advance(task)
-        emit.close(f"longdoc classify ({'zero-shot' if clf.zero_shot else 'fine-tuned'}: {tm.path.name})")
-        if failed:
+        bad_input.close()
+        stats.skipped, stats.total_s = bad_input.skipped, total.seconds
+        kind = "zero-shot" if clf.zero_shot else "fine-tuned"
+        emit.close(f"longdoc classify · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
+        _summary(console, stats)
+        if failed or bad_input.failed:
             raise typer.Exit(1)
 
 
@@ -1102,14 +1220,20 @@ def qa(
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
+    input_format: str = _INPUT_FORMAT,
+    skip_bad_lines: bool = _SKIP_BAD,
+    timings: bool = _TIMINGS,
 ) -> None:
     """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
     the sentence that best answers it. One result per question and document."""
     with errors():
-        from .tasks.inputs import InputError
-        from .tasks.qa import QuestionAnswerer
+        from .models import display_name
+        from .tasks.qa import SCHEMA_VERSION, QuestionAnswerer
+        from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
+        total = Stopwatch()
+        stats = RunStats("qa")
         asked = [q.strip() for q in question if q.strip()]
         question_ids: list[Any] = [None] * len(asked)
         if questions_file:
@@ -1127,28 +1251,31 @@ def qa(
             )
         if questions_file == "-" and (not paths or "-" in paths):
             raise LongdocError("stdin cannot hold both the questions and a document", exit_code=2)
-        cfg, model_dir = _task_setup("qa", config, model, allow_download)
-        inf, tk = cfg.inference, cfg.tokenization
-        tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length, quiet)
-        answerer = QuestionAnswerer(
-            tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
-            max_answer_length=_pick(max_answer_len, inf.max_answer_length),
-            null_threshold=_pick(null_threshold, inf.null_threshold),
-            batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
-            max_question_length=_pick(max_question_len, tk.max_question_length),
-            strict_stride=doc_stride is not None, min_score=_pick(min_score, inf.min_score),
-        )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, text_key, id_key, shard, max_bytes)
-        emit = _Emitter(fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"])
+        sources = _checked_sources(paths, input_format)
+        with timed(stats, "load_s"):
+            cfg, model_dir = _task_setup("qa", config, model, allow_download)
+            inf, tk = cfg.inference, cfg.tokenization
+            tm = _load(cfg, model_dir, "qa", device, dtype, quantize, max_length, quiet)
+            answerer = QuestionAnswerer(
+                tm, top_k=_pick(top_k, 1), n_best=_pick(n_best, inf.n_best),
+                max_answer_length=_pick(max_answer_len, inf.max_answer_length),
+                null_threshold=_pick(null_threshold, inf.null_threshold),
+                batch_size=_pick(batch_size, inf.batch_size), doc_stride=_pick(doc_stride, tk.stride),
+                max_question_length=_pick(max_question_len, tk.max_question_length),
+                strict_stride=doc_stride is not None, min_score=_pick(min_score, inf.min_score),
+            )  # fmt: skip
+        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
+        items, n_docs = _inputs(cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format)
+        emit = _Emitter(
+            fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"], timings
+        )
         console = stderr_console(quiet)
+        bad_input = _InputReport(console, skip_bad_lines)
         failed = False
-        with _progress(console, "answers") as progress:
-            task = progress.add_task("qa", total=None)
+        with _progress(console, "qa", n_docs) as progress:
+            task = progress.add_task("qa", total=n_docs)
             for item in items:
-                if _report_input(console, item):
-                    failed = True
-                    continue
-                if isinstance(item, InputError):  # a warning: skipped
+                if bad_input(item):
                     continue
                 try:
                     results = answerer.answer(item.id, item.text, asked)
@@ -1160,12 +1287,21 @@ def qa(
                         err=True,
                     )
                     failed = True
+                    stats.failed += 1
+                    progress.advance(task)
                     continue
                 _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)
+                stats.documents += 1
+                stats.tokens += results[0].n_tokens if results else 0
                 for result, question_id in zip(results, question_ids, strict=True):
+                    stats.questions += 1
+                    stats.windows += result.n_windows
+                    stats.compute_s += result.seconds
                     record = result.to_record(item.key)
                     if question_id is not None:
                         record["question_id"] = question_id
+                    if timings:
+                        record["seconds"] = round(result.seconds, 4)
                     if fmt in ("table", "tsv"):
                         for row in _answer_rows(record):
                             emit(row)
@@ -1181,11 +1317,13 @@ def qa(
                             f"longdoc: warning: question cut to {cut} tokens: {result.question[:60]}",
                             err=True,
                         )
-                    progress.advance(task)
-        emit.close(
-            f"longdoc qa ({'extractive span' if tm.head == 'qa' else 'zero-shot sentence'}: {tm.path.name})"
-        )
-        if failed:
+                progress.advance(task)
+        bad_input.close()
+        stats.skipped, stats.total_s = bad_input.skipped, total.seconds
+        kind = "extractive span" if tm.head == "qa" else "zero-shot sentence"
+        emit.close(f"longdoc qa · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
+        _summary(console, stats)
+        if failed or bad_input.failed:
             raise typer.Exit(1)
 
 
@@ -1193,6 +1331,8 @@ def _answer_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """A QA record as table/TSV rows: one per answer (rank 1 = best), each with its own context;
     one row with an empty answer when there is none."""
     base = {"path": record.get("path", record.get("id")), "question": record["question"]}
+    if "seconds" in record:
+        base["seconds"] = record["seconds"]
     answers = record.get("answers") or ([record] if record["answer"] is not None else [])
     if not answers:
         return [
