@@ -238,9 +238,28 @@ def convert(
 
     with errors():
         from .convert import convert_checkpoint
+        from .timing import Stopwatch
 
+        watch = Stopwatch()
         path = convert_checkpoint(src, out, max_positions, attention_window, force=force)
         typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
+        _summary(stderr_console(), _convert_stats(path, watch.seconds))
+
+
+def _convert_stats(path, seconds: float):
+    """convert's summary: the model written (layers, parameters, bytes) and the time it took."""
+    from .models import model_info
+    from .timing import RunStats
+
+    info = model_info(path)
+    stats = RunStats("convert", device="cpu", dtype="fp32", compute_s=seconds, total_s=seconds)
+    size = info.get("weights_bytes") or 0
+    stats.extra = {"layers": info["layers"], "max_tokens": info["max_tokens"],
+                   "attention_window": info["attention_window"],
+                   "weights_MiB": round(size / (1 << 20), 1)}  # fmt: skip
+    if seconds > 0 and size:
+        stats.extra["MiB_per_s"] = round(size / (1 << 20) / seconds, 1)
+    return stats
 
 
 def _environment() -> dict[str, Any]:
@@ -572,7 +591,7 @@ def train_cmd(
         from .train import _dist_info, train
 
         console = stderr_console(quiet=quiet or _dist_info()[0] != 0)
-        with _TrainDisplay(console) as display:
+        with _TrainDisplay(console, cfg.train.log_every) as display:
             result = train(cfg, output, resume=resume, force=force, on_event=display)
         if result.best_metric is None:  # no dev set, or no evaluation yet: best/ is the last model
             best = "no dev evaluation, best/ holds the last step's model"
@@ -582,6 +601,7 @@ def train_cmd(
             f"done: {result.steps}/{result.total_steps} steps"
             f"{' (stopped early)' if result.stopped_early else ''}; {best}; model in {result.output_dir}/best"
         )
+        _summary(console, display.stats(result))
 
 
 def _duration(seconds: float) -> str:
@@ -590,16 +610,43 @@ def _duration(seconds: float) -> str:
 
 
 class _TrainDisplay:
-    """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY, a line per eval otherwise."""
+    """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY; otherwise (piped,
+    nohup) a line every ``log_every`` steps and one per evaluation. Keeps the times of the run's
+    phases for the summary line."""
 
-    def __init__(self, console) -> None:
-        self.console = console
+    def __init__(self, console, log_every: int = 10) -> None:
+        import time
+
+        self.console, self.log_every = console, max(1, log_every)
         self.progress = None
         self.task = None
         self.metric = ""
-        self.t0: float | None = None  # first progress event (log lines with an ETA)
-        self.last = 0.0
+        self.t_begin = time.perf_counter()  # the command's start: loading until the start event
+        self.t_start: float | None = None  # the start event: training from here
+        self.t_end: float | None = None
+        self.start_event: dict[str, Any] = {}
+        self.t_prev: float | None = None  # the previous step event (the step time)
         self.first_step = 0
+
+    def stats(self, result):
+        """The run's :class:`timing.RunStats`: examples, windows, steps; load (model and data)
+        and training time."""
+        import time
+
+        from .timing import RunStats
+
+        now = time.perf_counter()
+        start = self.t_start if self.t_start is not None else now
+        end = self.t_end if self.t_end is not None else now
+        ev = self.start_event
+        stats = RunStats(
+            "train", device=str(ev.get("device", "")), dtype="bf16" if ev.get("bf16") else "fp32",
+            documents=result.n_train, windows=int(ev.get("n_features") or 0), load_s=start - self.t_begin,
+            compute_s=end - start, total_s=now - self.t_begin, steps=result.steps - self.first_step,
+        )  # fmt: skip
+        if result.best_metric is not None:
+            stats.extra[f"best_{result.metric}"] = round(result.best_metric, 4)
+        return stats
 
     def __enter__(self):
         return self
@@ -609,8 +656,12 @@ class _TrainDisplay:
             self.progress.stop()
 
     def __call__(self, event: dict[str, Any]) -> None:
+        import time
+
         kind = event["event"]
         if kind == "start":
+            self.t_start = self.t_prev = time.perf_counter()
+            self.start_event, self.first_step = event, event["step"]
             notes = event["notes"]
             for note in notes[:20]:  # warnings: shown even with --quiet
                 typer.echo(f"longdoc: warning: {note}", err=True)
@@ -662,22 +713,26 @@ class _TrainDisplay:
             )
         elif kind == "early_stop":
             self.console.print(f"early stopping at step {event['step']}")
+        elif kind == "end":
+            self.t_end = time.perf_counter()
 
     def _line(self, event: dict[str, Any]) -> None:
+        """Every ``log_every`` steps (and the last): loss, lr, this step's time, the ETA."""
         import time
 
-        now = time.monotonic()
-        if self.t0 is None:
-            self.t0, self.last, self.first_step = now, now, event["step"] - 1
-            return
+        now = time.perf_counter()
+        step_s = now - (self.t_prev if self.t_prev is not None else now)
+        self.t_prev = now
         step, total = event["step"], event["total_steps"]
-        if now - self.last < 30 and step < total:
+        if step % self.log_every and step < total:
             return
-        self.last = now
-        rate = (now - self.t0) / max(1, step - self.first_step)
+        done = max(1, step - self.first_step)
+        rate = (now - (self.t_start if self.t_start is not None else now)) / done
         what = "embedded batch" if event["event"] == "embed" else "step"
-        loss = f", loss {event['loss']:.4f}" if "loss" in event else ""
-        self.console.print(f"{what} {step}/{total}{loss}, ETA {_duration(rate * (total - step))}")
+        details = f", loss {event['loss']:.4f}, lr {event['lr']:.2e}" if "loss" in event else ""
+        self.console.print(
+            f"{what} {step}/{total}{details}, {step_s:.2f} s/step, ETA {_duration(rate * (total - step))}"
+        )
 
 
 @app.command("evaluate")
@@ -704,9 +759,18 @@ def evaluate_cmd(
         out_fmt = output_format(fmt, REPORT_FORMATS)
         cfg = load_config(config) if config else None
         extra = ["data.skip_bad_lines=true"] if skip_bad_lines else []
-        report = evaluate_model(model, data, cfg, [*overrides, *extra])
+        console = stderr_console()
+        with _progress(console, "evaluate", 0) as progress:
+            task = progress.add_task("evaluate", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = evaluate_model(model, data, cfg, [*overrides, *extra], on_progress=advance)
         for line in report.skipped + report.not_in_context:
             typer.echo(f"longdoc: warning: {line}", err=True)
+        if report.run is not None:
+            _summary(console, report.run)
         if out_fmt != "table":
             write_jsonl(report.to_dict())
             return
