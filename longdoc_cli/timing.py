@@ -116,8 +116,9 @@ class RunStats:
             counts.append(f"{self.failed:,} failed")
         if self.skipped:
             counts.append(f"{self.skipped:,} bad records skipped")
-        parts = [", ".join(counts) or "nothing processed"]
-        times = [f"load {seconds(self.load_s)}", f"compute {seconds(self.compute_s)}"]
+        parts = [", ".join(counts) or ("" if self.extra else "nothing processed")]
+        times = [f"load {seconds(self.load_s)}"] if self.load_s > 0 else []
+        times.append(f"compute {seconds(self.compute_s)}")
         if self.total_s is not None:
             times.append(f"total {seconds(self.total_s)}")
         if self.steps:
