@@ -877,8 +877,19 @@ def _checked_sources(paths: list[str] | None, input_format: str) -> list[str]:
     return sources
 
 
-def _inputs(cfg, sources, recursive: bool, text_key, id_key, shard, max_bytes: str | None, input_format: str):
-    """The documents (an iterator) and how many there are (None when unknown: stdin, huge files)."""
+def _inputs(
+    cfg,
+    sources,
+    recursive: bool,
+    text_key,
+    id_key,
+    shard,
+    max_bytes: str | None,
+    input_format: str,
+    count: bool,
+):
+    """The documents (an iterator) and, with ``count`` (a progress bar will show it), how many
+    there are (None when unknown: stdin, huge files; or not counted)."""
     from .tasks.inputs import count_documents, iter_inputs, parse_shard
     from .textio import MAX_DOCUMENT_BYTES, parse_size
 
@@ -890,6 +901,8 @@ def _inputs(cfg, sources, recursive: bool, text_key, id_key, shard, max_bytes: s
         max_bytes=MAX_DOCUMENT_BYTES if max_bytes is None else parse_size(max_bytes),
         input_format=input_format, stdin_jsonl=stdin_jsonl,
     )  # fmt: skip
+    if not count:
+        return items, None
     n_docs = count_documents(
         sources, recursive=recursive, shard=shard_kn, input_format=input_format, stdin_jsonl=stdin_jsonl
     )
@@ -1210,10 +1223,13 @@ def classify(
                 stride=_pick(stride, tk.stride), strict_stride=stride is not None,
             )  # fmt: skip
         stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
-        items, n_docs = _inputs(cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format)
+        console = stderr_console(quiet)
+        bar = console.is_terminal and not quiet
+        items, n_docs = _inputs(
+            cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format, bar
+        )
         columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
         emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []), timings)
-        console = stderr_console(quiet)
         bad_input = _InputReport(console, skip_bad_lines)
         failed = False
         with _progress(console, "classify", n_docs) as progress:
@@ -1329,11 +1345,14 @@ def qa(
                 strict_stride=doc_stride is not None, min_score=_pick(min_score, inf.min_score),
             )  # fmt: skip
         stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
-        items, n_docs = _inputs(cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format)
+        console = stderr_console(quiet)
+        bar = console.is_terminal and not quiet
+        items, n_docs = _inputs(
+            cfg, sources, recursive, text_key, id_key, shard, max_bytes, input_format, bar
+        )
         emit = _Emitter(
             fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"], timings
         )
-        console = stderr_console(quiet)
         bad_input = _InputReport(console, skip_bad_lines)
         failed = False
         with _progress(console, "qa", n_docs) as progress:

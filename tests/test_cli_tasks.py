@@ -628,3 +628,19 @@ def test_display_name_of_the_default_model():
 
     assert display_name(cache_dir() / _default_key()) == "default (sentence-transformers/all-MiniLM-L6-v2)"
     assert display_name(Path("runs/x/best")) == "runs/x/best"
+
+
+def test_progress_on_a_terminal_counts_documents_with_a_total(encoder_dir, docs, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import longdoc_cli.cli as cli
+
+    err = io.StringIO()
+    monkeypatch.setattr(
+        cli, "stderr_console", lambda quiet=False: Console(file=err, force_terminal=True, quiet=quiet)
+    )
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "-r", str(docs))
+    assert r.exit_code == 0, r.stderr
+    assert "2/2" in err.getvalue() and "ETA" in err.getvalue()  # documents done / total
