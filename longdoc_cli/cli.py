@@ -243,9 +243,28 @@ def convert(
 
     with errors():
         from .convert import convert_checkpoint
+        from .timing import Stopwatch
 
+        watch = Stopwatch()
         path = convert_checkpoint(src, out, max_positions, attention_window, force=force)
         typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
+        _summary(stderr_console(), _convert_stats(path, watch.seconds))
+
+
+def _convert_stats(path, seconds: float):
+    """convert's summary: the model written (layers, parameters, bytes) and the time it took."""
+    from .hub import model_info
+    from .timing import RunStats
+
+    info = model_info(path)
+    stats = RunStats("convert", device="cpu", dtype="fp32", compute_s=seconds, total_s=seconds)
+    size = info.get("weights_bytes") or 0
+    stats.extra = {"layers": info["layers"], "max_tokens": info["max_tokens"],
+                   "attention_window": info["attention_window"],
+                   "weights_MiB": round(size / (1 << 20), 1)}  # fmt: skip
+    if seconds > 0 and size:
+        stats.extra["MiB_per_s"] = round(size / (1 << 20) / seconds, 1)
+    return stats
 
 
 def _environment() -> dict[str, Any]:
@@ -577,7 +596,7 @@ def train_cmd(
         from .train import _dist_info, train
 
         console = stderr_console(quiet=quiet or _dist_info()[0] != 0)
-        with _TrainDisplay(console) as display:
+        with _TrainDisplay(console, cfg.train.log_every) as display:
             result = train(cfg, output, resume=resume, force=force, on_event=display)
         if result.best_metric is None:  # no dev set, or no evaluation yet: best/ is the last model
             best = "no dev evaluation, best/ holds the last step's model"
@@ -587,6 +606,7 @@ def train_cmd(
             f"done: {result.steps}/{result.total_steps} steps"
             f"{' (stopped early)' if result.stopped_early else ''}; {best}; model in {result.output_dir}/best"
         )
+        _summary(console, display.stats(result))
 
 
 def _duration(seconds: float) -> str:
@@ -595,16 +615,43 @@ def _duration(seconds: float) -> str:
 
 
 class _TrainDisplay:
-    """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY, a line per eval otherwise."""
+    """Live loss / lr / metric / ETA on stderr: a transient rich bar on a TTY; otherwise (piped,
+    nohup) a line every ``log_every`` steps and one per evaluation. Keeps the times of the run's
+    phases for the summary line."""
 
-    def __init__(self, console) -> None:
-        self.console = console
+    def __init__(self, console, log_every: int = 10) -> None:
+        import time
+
+        self.console, self.log_every = console, max(1, log_every)
         self.progress = None
         self.task = None
         self.metric = ""
-        self.t0: float | None = None  # first progress event (log lines with an ETA)
-        self.last = 0.0
+        self.t_begin = time.perf_counter()  # the command's start: loading until the start event
+        self.t_start: float | None = None  # the start event: training from here
+        self.t_end: float | None = None
+        self.start_event: dict[str, Any] = {}
+        self.t_prev: float | None = None  # the previous step event (the step time)
         self.first_step = 0
+
+    def stats(self, result):
+        """The run's :class:`timing.RunStats`: examples, windows, steps; load (model and data)
+        and training time."""
+        import time
+
+        from .timing import RunStats
+
+        now = time.perf_counter()
+        start = self.t_start if self.t_start is not None else now
+        end = self.t_end if self.t_end is not None else now
+        ev = self.start_event
+        stats = RunStats(
+            "train", device=str(ev.get("device", "")), dtype="bf16" if ev.get("bf16") else "fp32",
+            documents=result.n_train, windows=int(ev.get("n_features") or 0), load_s=start - self.t_begin,
+            compute_s=end - start, total_s=now - self.t_begin, steps=result.steps - self.first_step,
+        )  # fmt: skip
+        if result.best_metric is not None:
+            stats.extra[f"best_{result.metric}"] = round(result.best_metric, 4)
+        return stats
 
     def __enter__(self):
         return self
@@ -614,8 +661,12 @@ class _TrainDisplay:
             self.progress.stop()
 
     def __call__(self, event: dict[str, Any]) -> None:
+        import time
+
         kind = event["event"]
         if kind == "start":
+            self.t_start = self.t_prev = time.perf_counter()
+            self.start_event, self.first_step = event, event["step"]
             notes = event["notes"]
             for note in notes[:20]:  # warnings: shown even with --quiet
                 typer.echo(f"longdoc: warning: {note}", err=True)
@@ -667,22 +718,26 @@ class _TrainDisplay:
             )
         elif kind == "early_stop":
             self.console.print(f"early stopping at step {event['step']}")
+        elif kind == "end":
+            self.t_end = time.perf_counter()
 
     def _line(self, event: dict[str, Any]) -> None:
+        """Every ``log_every`` steps (and the last): loss, lr, this step's time, the ETA."""
         import time
 
-        now = time.monotonic()
-        if self.t0 is None:
-            self.t0, self.last, self.first_step = now, now, event["step"] - 1
-            return
+        now = time.perf_counter()
+        step_s = now - (self.t_prev if self.t_prev is not None else now)
+        self.t_prev = now
         step, total = event["step"], event["total_steps"]
-        if now - self.last < 30 and step < total:
+        if step % self.log_every and step < total:
             return
-        self.last = now
-        rate = (now - self.t0) / max(1, step - self.first_step)
+        done = max(1, step - self.first_step)
+        rate = (now - (self.t_start if self.t_start is not None else now)) / done
         what = "embedded batch" if event["event"] == "embed" else "step"
-        loss = f", loss {event['loss']:.4f}" if "loss" in event else ""
-        self.console.print(f"{what} {step}/{total}{loss}, ETA {_duration(rate * (total - step))}")
+        details = f", loss {event['loss']:.4f}, lr {event['lr']:.2e}" if "loss" in event else ""
+        self.console.print(
+            f"{what} {step}/{total}{details}, {step_s:.2f} s/step, ETA {_duration(rate * (total - step))}"
+        )
 
 
 @app.command("evaluate")
@@ -707,9 +762,18 @@ def evaluate_cmd(
     with errors():
         out_fmt = output_format(fmt, REPORT_FORMATS)
         flags = {"data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None)}
-        report = evaluate_model(model, data, config, overrides, flags)
+        console = stderr_console()
+        with _progress(console, "evaluate", 0) as progress:
+            task = progress.add_task("evaluate", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = evaluate_model(model, data, config, overrides, flags, on_progress=advance)
         for line in report.skipped + report.not_in_context:
             typer.echo(f"longdoc: warning: {line}", err=True)
+        if report.run is not None:
+            _summary(console, report.run)
         if out_fmt != "table":
             write_jsonl(report.to_dict())
             return
@@ -781,15 +845,49 @@ def _load(cfg, model_dir, task: str, device, max_length, quiet: bool = False):
     return tm
 
 
-def _inputs(cfg, paths, recursive: bool, shard, max_bytes: str | None):
-    from .tasks.inputs import iter_inputs, parse_shard
+def _checked_sources(paths: list[str] | None, input_format: str) -> list[str]:
+    """The paths to read (stdin when none is given and it is not a terminal), each checked to exist
+    before a model loads."""
+    from .tasks.inputs import INPUT_FORMATS, check_paths
+
+    if input_format not in INPUT_FORMATS:
+        choices = ", ".join(INPUT_FORMATS[:-1]) + f" or {INPUT_FORMATS[-1]}"
+        raise UsageError(f"--input-format must be {choices}, not {input_format!r}")
+    sources = _paths_or_stdin(paths)
+    check_paths(sources)
+    return sources
+
+
+def _inputs(
+    cfg,
+    sources,
+    recursive: bool,
+    text_key,
+    shard,
+    max_bytes: str | None,
+    input_format: str,
+    count: bool,
+):
+    """The documents (an iterator) and, with ``count`` (a progress bar will show it), how many
+    there are (None when unknown: stdin, huge files; or not counted). ``text_key``: the
+    --text-key given, if any (it says stdin holds JSON lines); the keys read are the config's."""
+    from .tasks.inputs import count_documents, iter_inputs, parse_shard
     from .textio import MAX_DOCUMENT_BYTES, parse_size
 
-    return iter_inputs(
-        _paths_or_stdin(paths), recursive=recursive, text_key=cfg.data.text_key,
-        id_key=cfg.data.id_key, shard=parse_shard(shard),
+    shard_kn = parse_shard(shard)
+    stdin_jsonl = text_key is not None  # `--text-key` says stdin holds JSON lines
+    items = iter_inputs(
+        sources, recursive=recursive, text_key=cfg.data.text_key,
+        id_key=cfg.data.id_key, shard=shard_kn,
         max_bytes=MAX_DOCUMENT_BYTES if max_bytes is None else parse_size(max_bytes),
+        input_format=input_format, stdin_jsonl=stdin_jsonl,
     )  # fmt: skip
+    if not count:
+        return items, None
+    n_docs = count_documents(
+        sources, recursive=recursive, shard=shard_kn, input_format=input_format, stdin_jsonl=stdin_jsonl
+    )
+    return items, n_docs
 
 
 # Seconds without a new input after which the documents read so far are classified and printed:
@@ -808,22 +906,25 @@ def _short(error: BaseException) -> str:
 
 
 def _each_or_alone(run, docs: list) -> Iterator[tuple[Any, Any]]:
-    """(doc, result) for ``docs`` run together; when the batch fails, each document alone, so one
-    document's failure is its own error (the result is then the error's text) and not the batch's."""
+    """(doc, result) for ``docs`` run together, as ``run`` yields them; when the run fails, each
+    document it had not finished alone, so one document's failure is its own error (the result is
+    then the error's text) and not the batch's."""
     if not docs:
         return
+    done = 0
     try:
-        results = run([(d.id, d.text) for d in docs])
+        for result in run([(d.id, d.text) for d in docs]):
+            yield docs[done], result
+            done += 1
     except (RuntimeError, ValueError, MemoryError) as e:
         if debug_enabled():
             raise
-        if len(docs) == 1:
-            yield docs[0], _short(e)
+        rest = docs[done:]
+        if len(rest) == 1:
+            yield rest[0], _short(e)
             return
-        for doc in docs:
+        for doc in rest:
             yield from _each_or_alone(run, [doc])
-        return
-    yield from zip(docs, results, strict=True)
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -839,12 +940,15 @@ def _paths_or_stdin(paths: list[str] | None) -> list[str]:
 
 
 class _Emitter:
-    """Writes records as they come: JSON lines / TSV streamed, a table or a JSON array at the end."""
+    """Writes records as they come: JSON lines / TSV streamed, a table or a JSON array at the end.
+    With ``timings`` the run's summary ends the output where the format allows it: the last JSON
+    lines record, the last element of the JSON array (``{"schema_version": ..., "summary": {...}}``)."""
 
-    def __init__(self, fmt: str, columns: list[str]) -> None:
-        self.fmt, self.columns, self.rows = fmt, columns, []
+    def __init__(self, fmt: str, columns: list[str], timings: bool = False) -> None:
+        self.fmt, self.rows, self.timings = fmt, [], timings
+        self.columns = columns + (["seconds"] if timings and fmt in ("table", "tsv") else [])
         if fmt == "tsv":
-            sys.stdout.write("\t".join(columns) + "\n")
+            sys.stdout.write("\t".join(self.columns) + "\n")
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
@@ -856,18 +960,26 @@ class _Emitter:
         else:
             self.rows.append(record)
 
-    def close(self, title: str) -> None:
-        if self.fmt == "json":
-            sys.stdout.write(json.dumps(self.rows, ensure_ascii=False, indent=2) + "\n")
+    def close(self, title: str, summary: dict[str, Any] | None = None, schema_version: int = 0) -> None:
+        last = {"schema_version": schema_version, "summary": summary} if self.timings and summary else None
+        if self.fmt == "jsonl" and last is not None:
+            write_jsonl(last)
+        elif self.fmt == "json":
+            rows = self.rows + ([last] if last is not None else [])
+            sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
         elif self.fmt == "table" and self.rows:
             from rich.table import Table
 
-            table = Table(title=title, show_lines=False)
+            table = Table(title=title, show_lines=any(isinstance(r.get("scores"), dict) for r in self.rows))
             for c in self.columns:
-                table.add_column(c, overflow="fold", justify="right" if c in ("score", "tokens") else "left")
+                table.add_column(c, overflow="fold", justify="right" if c in NUMERIC_COLUMNS else "left")
             for r in self.rows:
                 table.add_row(*[_cell(r, c) for c in self.columns])
             stdout_console().print(table)
+
+
+# Table columns holding numbers (right-aligned).
+NUMERIC_COLUMNS = ("score", "n_tokens", "n_windows", "rank", "start", "end", "seconds")
 
 
 def _tsv_cell(value: Any) -> str:
@@ -881,8 +993,8 @@ def _tsv_cell(value: Any) -> str:
 
 def _cell(record: dict[str, Any], column: str) -> str:
     value = record.get(column)
-    if column == "scores" and isinstance(value, dict):
-        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+    if column == "scores" and isinstance(value, dict):  # one per line: labels may hold commas
+        return "\n".join(f"{k} {v:.3f}" for k, v in value.items())
     if column == "evidence":
         return "\n".join(f"[{p['start']}:{p['end']}] {p['text']}" for p in record.get("passages", []))
     if isinstance(value, float):
@@ -890,14 +1002,65 @@ def _cell(record: dict[str, Any], column: str) -> str:
     return "" if value is None else str(value)
 
 
-def _progress(console, label: str):
-    """A transient counter on stderr (only on a TTY)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def _progress(console, label: str, total: int | None = None):
+    """A transient per-document progress bar on stderr (only on a TTY): done / total and the ETA
+    when the total is known, else a counter."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(
-        SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal or console.quiet,
+    columns = (
+        [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+         TimeRemainingColumn()]
+        if total is not None
+        else [SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn()]
     )  # fmt: skip
+    return Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal or console.quiet
+    )
+
+
+class _InputReport:
+    """Reports input problems as they come, counting what ``--skip-bad-lines`` skips."""
+
+    def __init__(self, console, skip_bad_lines: bool) -> None:
+        self.console, self.skip = console, skip_bad_lines
+        self.failed = False
+        self.skipped = 0
+        self.first_skipped: str | None = None
+
+    def __call__(self, item) -> bool:
+        """Whether ``item`` is an input error (reported here), not a document to process."""
+        from .tasks.inputs import InputError
+
+        if isinstance(item, InputError) and item.record and self.skip:
+            self.skipped += item.count
+            self.first_skipped = self.first_skipped or item.message
+            return True
+        if _report_input(self.console, item):
+            self.failed = True
+        return isinstance(item, InputError)
+
+    def close(self) -> None:
+        if self.skipped and not self.console.quiet:
+            first = bounded(self.first_skipped or "")
+            typer.echo(
+                f"longdoc: warning: skipped {self.skipped} bad record(s) (--skip-bad-lines); "
+                f"the first: {first}",
+                err=True,
+            )
+
+
+def _summary(console, stats) -> None:
+    """The run's one summary line on stderr (not with --quiet)."""
+    if not console.quiet:
+        typer.echo(f"longdoc: {stats.line()}", err=True)
 
 
 def _report_input(console, item) -> bool:
@@ -954,6 +1117,18 @@ _QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on s
 _MAX_BYTES = typer.Option(
     None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G (default 64M)."
 )
+_INPUT_FORMAT = typer.Option(
+    "auto",
+    "--input-format",
+    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
+    "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
+)
+_SKIP_BAD = typer.Option(
+    False, "--skip-bad-lines", help="Skip bad JSON-lines/lines records (counted, exit 0) instead of failing."
+)
+_TIMINGS = typer.Option(
+    False, "--timings", help="Add each record's seconds, and a final summary record (jsonl, json)."
+)
 
 
 @app.command()
@@ -994,13 +1169,17 @@ def classify(
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
+    input_format: str = _INPUT_FORMAT,
+    skip_bad_lines: bool = _SKIP_BAD,
+    timings: bool = _TIMINGS,
 ) -> None:
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the default topics, @topics). One result per document."""
     with errors():
-        from .tasks.classify import Classifier, load_labels
-        from .tasks.inputs import InputError
+        from .hub import display_name
+        from .tasks.classify import SCHEMA_VERSION, Classifier, load_labels
         from .tasks.runner import batched
+        from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
         flags = {
@@ -1010,47 +1189,64 @@ def classify(
             "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
             "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
         }  # fmt: skip
-        cfg, model_dir = _task_setup("classify", config, model, allow_download, flags)
-        inf, tk = cfg.inference, cfg.tokenization
-        if labels is not None and not labels.strip(" ,"):
-            raise UsageError("--labels: no labels given (a comma-separated list)")
-        label_list = labels.split(",") if labels else list(inf.labels) or None
-        chosen = (
-            load_labels(label_list, labels_file or inf.labels_file)
-            if label_list or labels_file or inf.labels_file
-            else None
-        )
-        tm = _load(cfg, model_dir, "classify", device, max_length, quiet)
-        bs = inf.batch_size
-        clf = Classifier(
-            tm, chosen, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
-            explain=inf.explain, batch_size=bs, stride=tk.stride, strict_stride=stride is not None,
-        )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, shard, max_bytes)
-        columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
-        emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []))
+        total = Stopwatch()
+        stats = RunStats("classify")
+        sources = _checked_sources(paths, input_format)
+        with timed(stats, "load_s"):
+            cfg, model_dir = _task_setup("classify", config, model, allow_download, flags)
+            inf, tk = cfg.inference, cfg.tokenization
+            if labels is not None and not labels.strip(" ,"):
+                raise UsageError("--labels: no labels given (a comma-separated list)")
+            label_list = labels.split(",") if labels else list(inf.labels) or None
+            chosen = (
+                load_labels(label_list, labels_file or inf.labels_file)
+                if label_list or labels_file or inf.labels_file
+                else None
+            )
+            tm = _load(cfg, model_dir, "classify", device, max_length, quiet)
+            bs = inf.batch_size
+            clf = Classifier(
+                tm, chosen, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
+                explain=inf.explain, batch_size=bs, stride=tk.stride, strict_stride=stride is not None,
+            )  # fmt: skip
+        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
         console = stderr_console(quiet)
+        bar = console.is_terminal and not quiet
+        items, n_docs = _inputs(cfg, sources, recursive, text_key, shard, max_bytes, input_format, bar)
+        columns = ["path", "label", "score", "scores", "n_tokens", "n_windows", "truncated"]
+        emit = _Emitter(fmt, columns + (["evidence"] if clf.explain and fmt == "table" else []), timings)
+        bad_input = _InputReport(console, skip_bad_lines)
         failed = False
-        with _progress(console, "documents") as progress:
-            task = progress.add_task("classify", total=None)
+        with _progress(console, "classify", n_docs) as progress:
+            task = progress.add_task("classify", total=n_docs)
             for chunk in batched(items, max(4 * bs, 8), idle_s=FLUSH_IDLE_S):
-                docs = [x for x in chunk if not _report_input(console, x) and not isinstance(x, InputError)]
-                failed |= any(isinstance(x, InputError) and not x.warning for x in chunk)
-                for doc, result in _each_or_alone(clf.classify, docs):
+                docs = [x for x in chunk if not bad_input(x)]
+                for doc, result in _each_or_alone(clf.classify_iter, docs):
+                    progress.advance(task)
                     if isinstance(result, str):
                         typer.echo(
                             f"longdoc: error: {bounded(f'{doc.id}: cannot classify it ({result})')}", err=True
                         )
                         failed = True
+                        stats.failed += 1
                         continue
                     _warn_unknown(quiet, doc.id, result.unknown_share)
+                    stats.documents += 1
+                    stats.windows += result.n_windows
+                    stats.tokens += result.n_tokens
+                    stats.compute_s += result.seconds
                     record = result.to_record(doc.key)
+                    if timings:
+                        record["seconds"] = round(result.seconds, 4)
                     emit(
                         {"path": record.get("path", record.get("id")), **record} if fmt != "jsonl" else record
                     )
-                    progress.advance(task)
-        emit.close(f"longdoc classify ({'zero-shot' if clf.zero_shot else 'fine-tuned'}: {tm.path.name})")
-        if failed:
+        bad_input.close()
+        stats.skipped, stats.total_s = bad_input.skipped, total.seconds
+        kind = "zero-shot" if clf.zero_shot else "fine-tuned"
+        emit.close(f"longdoc classify · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
+        _summary(console, stats)
+        if failed or bad_input.failed:
             raise typer.Exit(1)
 
 
@@ -1089,14 +1285,20 @@ def qa(
     fmt: str | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
+    input_format: str = _INPUT_FORMAT,
+    skip_bad_lines: bool = _SKIP_BAD,
+    timings: bool = _TIMINGS,
 ) -> None:
     """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
     the sentence that best answers it. One result per question and document."""
     with errors():
-        from .tasks.inputs import InputError
-        from .tasks.qa import QuestionAnswerer
+        from .hub import display_name
+        from .tasks.qa import SCHEMA_VERSION, QuestionAnswerer
+        from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
+        total = Stopwatch()
+        stats = RunStats("qa")
         asked = [q.strip() for q in question if q.strip()]
         question_ids: list[Any] = [None] * len(asked)
         if questions_file:
@@ -1125,26 +1327,30 @@ def qa(
         }  # fmt: skip
         if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
             raise UsageError(f"--top-k {top_k}: must be at least 1")
-        cfg, model_dir = _task_setup("qa", config, model, allow_download, flags)
-        inf, tk = cfg.inference, cfg.tokenization
-        tm = _load(cfg, model_dir, "qa", device, max_length, quiet)
-        answerer = QuestionAnswerer(
-            tm, top_k=_pick(top_k, 1), n_best=inf.n_best, max_answer_length=inf.max_answer_length,
-            null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tk.stride,
-            max_question_length=tk.max_question_length, strict_stride=doc_stride is not None,
-            min_score=inf.min_score,
-        )  # fmt: skip
-        items = _inputs(cfg, paths, recursive, shard, max_bytes)
-        emit = _Emitter(fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"])
+        sources = _checked_sources(paths, input_format)
+        with timed(stats, "load_s"):
+            cfg, model_dir = _task_setup("qa", config, model, allow_download, flags)
+            inf, tk = cfg.inference, cfg.tokenization
+            tm = _load(cfg, model_dir, "qa", device, max_length, quiet)
+            answerer = QuestionAnswerer(
+                tm, top_k=_pick(top_k, 1), n_best=inf.n_best, max_answer_length=inf.max_answer_length,
+                null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tk.stride,
+                max_question_length=tk.max_question_length, strict_stride=doc_stride is not None,
+                min_score=inf.min_score,
+            )  # fmt: skip
+        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
         console = stderr_console(quiet)
+        bar = console.is_terminal and not quiet
+        items, n_docs = _inputs(cfg, sources, recursive, text_key, shard, max_bytes, input_format, bar)
+        emit = _Emitter(
+            fmt, ["path", "question", "rank", "answer", "score", "start", "end", "context"], timings
+        )
+        bad_input = _InputReport(console, skip_bad_lines)
         failed = False
-        with _progress(console, "answers") as progress:
-            task = progress.add_task("qa", total=None)
+        with _progress(console, "qa", n_docs) as progress:
+            task = progress.add_task("qa", total=n_docs)
             for item in items:
-                if _report_input(console, item):
-                    failed = True
-                    continue
-                if isinstance(item, InputError):  # a warning: skipped
+                if bad_input(item):
                     continue
                 try:
                     results = answerer.answer(item.id, item.text, asked)
@@ -1156,12 +1362,21 @@ def qa(
                         err=True,
                     )
                     failed = True
+                    stats.failed += 1
+                    progress.advance(task)
                     continue
                 _warn_unknown(quiet, item.id, results[0].unknown_share if results else 0.0)
+                stats.documents += 1
+                stats.tokens += results[0].n_tokens if results else 0
                 for result, question_id in zip(results, question_ids, strict=True):
+                    stats.questions += 1
+                    stats.windows += result.n_windows
+                    stats.compute_s += result.seconds
                     record = result.to_record(item.key)
                     if question_id is not None:
                         record["question_id"] = question_id
+                    if timings:
+                        record["seconds"] = round(result.seconds, 4)
                     if fmt in ("table", "tsv"):
                         for row in _answer_rows(record):
                             emit(row)
@@ -1177,11 +1392,13 @@ def qa(
                             f"longdoc: warning: question cut to {cut} tokens: {result.question[:60]}",
                             err=True,
                         )
-                    progress.advance(task)
-        emit.close(
-            f"longdoc qa ({'extractive span' if tm.head == 'qa' else 'zero-shot sentence'}: {tm.path.name})"
-        )
-        if failed:
+                progress.advance(task)
+        bad_input.close()
+        stats.skipped, stats.total_s = bad_input.skipped, total.seconds
+        kind = "extractive span" if tm.head == "qa" else "zero-shot sentence"
+        emit.close(f"longdoc qa · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
+        _summary(console, stats)
+        if failed or bad_input.failed:
             raise typer.Exit(1)
 
 
@@ -1189,6 +1406,8 @@ def _answer_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """A QA record as table/TSV rows: one per answer (rank 1 = best), each with its own context;
     one row with an empty answer when there is none."""
     base = {"path": record.get("path", record.get("id")), "question": record["question"]}
+    if "seconds" in record:
+        base["seconds"] = record["seconds"]
     answers = record.get("answers") or ([record] if record["answer"] is not None else [])
     if not answers:
         return [

@@ -115,6 +115,7 @@ class TrainSection:
     bf16: Union[bool, Literal["auto"]] = _f("auto", "auto (on for CUDA with bf16) | true | false")  # noqa: UP007
     seed: int = _f(42, "seeds python, torch, the data order and the dev split")
     eval_every: int = _f(100, "optimizer steps between evaluations (and at the end)")
+    log_every: int = _f(10, "steps between progress lines when stderr is not a terminal (a log file)")
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement")
     metric: str | None = _f(
         None, "null = macro_f1 for classify, f1 for qa; also accuracy, micro_f1, exact_match"
@@ -390,7 +391,7 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
         need(getattr(i, name) >= 1, f"inference.{name}", f"must be >= 1, got {getattr(i, name)}")
     need(i.explain >= 0, "inference.explain", f"must be >= 0, got {i.explain}")
     need(0.0 < i.threshold < 1.0, "inference.threshold", f"must be in (0, 1), got {i.threshold}")
-    for name in ("epochs", "batch_size", "grad_accum", "eval_every", "seed"):
+    for name in ("epochs", "batch_size", "grad_accum", "eval_every", "log_every", "seed"):
         low = 0 if name == "seed" else 1
         need(getattr(tr, name) >= low, f"train.{name}", f"must be >= {low}, got {getattr(tr, name)}")
     if tr.max_steps is not None:

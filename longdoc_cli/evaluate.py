@@ -11,13 +11,14 @@ import collections
 import dataclasses
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Flags, LongdocConfig, resolve_run
 from .errors import LongdocError
+from .timing import RunStats, Stopwatch, dtype_name
 
 if TYPE_CHECKING:
     from .data import LabelledDoc, QAExample
@@ -177,10 +178,16 @@ def qa_metrics(
 
 
 def predict_classification(
-    model, tokenizer: DocumentTokenizer, docs: Sequence[LabelledDoc], cfg: LongdocConfig
+    model,
+    tokenizer: DocumentTokenizer,
+    docs: Sequence[LabelledDoc],
+    cfg: LongdocConfig,
+    on_progress: Callable[[int, int, Any], None] | None = None,
 ) -> tuple[list[tuple[str, ...]], list[int]]:
     """Predicted label sets and token counts (specials included) per document, exactly as `longdoc
-    classify` predicts them (tasks.classify.Classifier: windows, ``inference.aggregate``, threshold)."""
+    classify` predicts them (tasks.classify.Classifier: windows, ``inference.aggregate``, threshold).
+    ``on_progress(done, total, result)`` after each document (then documents stream as in
+    `classify`: Classifier.classify_iter)."""
     from .tasks.classify import Classifier
     from .tasks.runner import in_memory_task_model
 
@@ -189,7 +196,14 @@ def predict_classification(
     classifier = Classifier(tm, aggregate=inf.aggregate, threshold=inf.threshold, batch_size=inf.batch_size,
                             stride=cfg.tokenization.stride)  # fmt: skip
     model.eval()
-    results = classifier.classify([(str(i), doc.text) for i, doc in enumerate(docs)])
+    pairs = [(str(i), doc.text) for i, doc in enumerate(docs)]
+    if on_progress is None:
+        results = classifier.classify(pairs)
+    else:
+        results = []
+        for result in classifier.classify_iter(pairs):
+            results.append(result)
+            on_progress(len(results), len(pairs), result)
     return [tuple(r.labels) for r in results], [r.n_tokens + 2 for r in results]
 
 
@@ -243,9 +257,12 @@ class EvalReport:
     qa: QAMetrics | None = None
     skipped: list[str] = field(default_factory=list)
     not_in_context: list[str] = field(default_factory=list)
+    run: RunStats | None = None  # what was processed, load and compute time (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["run"]
+        return out
 
 
 def evaluate_model(
@@ -254,12 +271,16 @@ def evaluate_model(
     cfg: LongdocConfig | str | Path | None = None,
     overrides: Sequence[str] = (),
     flags: Flags | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Score ``model_name`` (a directory saved by `train`, or any -m model) on ``data_path``. The
     config is ``cfg`` (a config or a YAML file), else the model's ``longdoc.yaml``, else the
     defaults, plus ``overrides`` and ``flags`` (:func:`config.resolve_run`). QA runs exactly as
     `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as the default model is
-    scored zero-shot; classification needs a classification head."""
+    scored zero-shot; classification needs a classification head.
+    ``on_progress(done, total)`` after each document; the report's ``run`` has the timings."""
+    stats = RunStats("evaluate")
+    watch = Stopwatch()
     from .data import iter_rows, load_classification
     from .model import LongformerForSequenceClassification, load_hf_config
     from .tasks.runner import pick_device, pick_dtype
@@ -275,7 +296,7 @@ def evaluate_model(
     assert model_dir is not None
     task = cfg.task
     if task == "qa":
-        return _evaluate_qa(model_dir, data_path, cfg)
+        return _evaluate_qa(model_dir, data_path, cfg, stats, watch, on_progress)
     config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
     if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
@@ -292,15 +313,34 @@ def evaluate_model(
         raise LongdocError(
             f"{data_path}: labels the model does not know: {', '.join(map(repr, unknown[:5]))}"
         )
-    preds, lengths = predict_classification(model, tokenizer, data.docs, cfg)
+    stats.load_s, stats.device, stats.dtype = watch.restart(), str(device), dtype_name(dtype)
+
+    def progress(done: int, total: int, result: Any) -> None:
+        stats.documents, stats.windows, stats.tokens = (
+            done,
+            stats.windows + result.n_windows,
+            stats.tokens + result.n_tokens,
+        )
+        if on_progress is not None:
+            on_progress(done, total)
+
+    preds, lengths = predict_classification(model, tokenizer, data.docs, cfg, progress)
+    stats.compute_s = watch.seconds
     labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
     m = classification_metrics([d.labels for d in data.docs], preds, labels, lengths)
     return EvalReport(
-        task, str(model_dir), data_path, m.n, m.summary(), classification=m, skipped=data.skipped
+        task, str(model_dir), data_path, m.n, m.summary(), classification=m, skipped=data.skipped, run=stats
     )
 
 
-def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalReport:
+def _evaluate_qa(
+    model_dir: Path,
+    data_path: str,
+    cfg: LongdocConfig,
+    run: RunStats,
+    watch: Stopwatch,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
     from .data import load_qa
     from .tasks.qa import QuestionAnswerer
     from .tasks.runner import load_task_model
@@ -319,14 +359,21 @@ def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalRep
     for i, ex in enumerate(qa.examples):
         by_context.setdefault(ex.context, []).append(i)
     predictions, cache = [""] * len(qa.examples), {}
+    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_name(tm.dtype)
     for context, idx in by_context.items():
         results = answerer.answer(qa.examples[idx[0]].id, context, [qa.examples[i].question for i in idx])
         for i, result in zip(idx, results, strict=True):
             predictions[i] = result.answers[0].text if result.answers else ""
+            run.questions, run.windows = run.questions + 1, run.windows + result.n_windows
         cache[context] = tm.tokenizer.encode(context)
+        run.documents, run.tokens = run.documents + 1, run.tokens + len(cache[context])
+        if on_progress is not None:
+            on_progress(run.documents, len(by_context))
+    run.compute_s = watch.seconds
     far = [(answer_token_index(tm.tokenizer, ex, cache) or 0) >= FAR_ANSWER_TOKENS for ex in qa.examples]
     m = qa_metrics(predictions, [ex.answers for ex in qa.examples], far)
     flat = {**m.summary(), "far_n": m.far_n, "far_exact_match": m.far_exact_match, "far_f1": m.far_f1}
     return EvalReport(
-        "qa", str(model_dir), data_path, m.n, flat, qa=m, skipped=qa.skipped, not_in_context=qa.not_in_context
-    )
+        "qa", str(model_dir), data_path, m.n, flat, qa=m, skipped=qa.skipped,
+        not_in_context=qa.not_in_context, run=run,
+    )  # fmt: skip

@@ -263,6 +263,28 @@ def model_info(path: str | Path) -> dict[str, Any]:
     }
 
 
+def display_name(model_dir: Path) -> str:
+    """The name a person knows ``model_dir`` by (table titles, summaries), never a cache key:
+    'default (sentence-transformers/all-MiniLM-L6-v2)', the hub id or source a cache entry was
+    converted from, else the directory as given."""
+    model_dir = Path(model_dir)
+    if model_dir.parent != cache_dir():
+        return str(model_dir)
+    try:
+        source = (
+            json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            .get("longdoc", {})
+            .get("source")
+        )
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if model_dir.name == _default_key():
+        return f"default ({source or DEFAULT_SOURCE})"
+    if isinstance(source, str) and source:
+        return source
+    return f"{model_dir.name.rsplit('-', 1)[0]} (converted)"  # the key is NAME-HASH
+
+
 def cache_entries() -> list[str]:
     """Names of the complete entries in the model cache."""
     root = cache_dir()

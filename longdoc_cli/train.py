@@ -39,6 +39,7 @@ from typing import Any
 from .config import MODEL_CONFIG_NAME, ConfigError, LongdocConfig, config_to_yaml, save_config
 from .envvars import check_environment, env
 from .errors import LongdocError, UsageError
+from .modelcard import card_details, licence_of, link_files
 from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
 
 TOKENIZER_FILES = (
@@ -489,9 +490,13 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     if history:
         emit({"event": "eval", "metric": cfg.metric, "value": value, "best": value, **history[0]})
     card = {"base": cfg.model.name, "n_train": len(train_items), "n_dev": len(dev_items), "total_steps": 1,
-            "labels": info.get("labels"), "step": 1, "metrics": metrics}  # fmt: skip
-    for name in ("best", "last"):
-        save_checkpoint(model, cfg, source_dir, out / name, {**card, "name": f"{out.name}/{name}"})
+            "labels": info.get("labels"), "step": 1, "metrics": metrics, "licence": licence_of(source_dir),
+            "n_features": n_windows, "device": str(device), "train_s": time.perf_counter() - t0,
+            "steps_run": 1}  # fmt: skip
+    save_checkpoint(model, cfg, source_dir, out / "best", {**card, "name": f"{out.name}/best"})
+    save_checkpoint(
+        model, cfg, source_dir, out / "last", {**card, "name": f"{out.name}/last"}, same_as=out / "best"
+    )
     emit({"event": "end", "step": 1, "best": value, "best_step": 1 if history else None})
     return TrainResult(out, cfg.task, cfg.metric, value, 1 if history else None, 1, 1, False,
                        len(train_items), len(dev_items), history, info["notes"])  # fmt: skip
@@ -508,19 +513,23 @@ def save_checkpoint(
     out: Path,
     card: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
+    same_as: Path | None = None,
 ) -> None:
     """A complete model directory: weights + config.json, tokenizer files, longdoc.yaml, README.md,
     and what ``extra(dir)`` writes. Written to a temporary directory that then replaces ``out``
     (:func:`runtime.replace_dir`): a run killed while saving leaves the previous ``out`` whole, and
-    the next run removes the temporary entries (:func:`runtime.clean_stale`)."""
+    the next run removes the temporary entries (:func:`runtime.clean_stale`). ``same_as``: a
+    directory just saved from this same model state (best/ at this step), whose files are
+    hard-linked instead of written again where the filesystem allows (:func:`modelcard.link_files`)."""
     clean_stale(out.parent, out.name)
     tmp = temp_dir(out.parent, out.name)
     try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, tmp / name)
-        save_config(cfg, tmp / MODEL_CONFIG_NAME)
+        if same_as is None or not link_files(same_as, tmp, skip=("README.md", STATE_FILE)):
+            model.save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                if (source_dir / name).is_file():
+                    shutil.copy2(source_dir / name, tmp / name)
+            save_config(cfg, tmp / MODEL_CONFIG_NAME)
         (tmp / "README.md").write_text(model_card(cfg, card), encoding="utf-8")
         if extra is not None:
             extra(tmp)
@@ -535,20 +544,17 @@ def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     labels = card.get("labels")
     command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -Q "..." FILE'
+    licence = f"license: {card['licence']}\n" if card.get("licence") else ""
     return f"""---
 library_name: transformers
 pipeline_tag: {"text-classification" if cfg.task == "classify" else "question-answering"}
 tags: [longformer, longdoc]
----
+{licence}---
 # {card.get("name", "longdoc model")}
 
 A Longformer fine-tuned by `longdoc train` for {task}, from `{card.get("base")}`.
 Windows of {cfg.model.max_length} tokens (specials included), overlapping by {cfg.tokenization.stride}.
 
-- training data: `{cfg.data.train}` ({card.get("n_train")} examples); dev: `{
-        cfg.data.dev or "seeded split"
-    }` \
-({card.get("n_dev")} examples)
 - step {card.get("step")} of {card.get("total_steps")}; dev metric `{cfg.metric}`
 {f"- labels: {', '.join(labels)}" if labels else ""}
 
@@ -556,6 +562,7 @@ Windows of {cfg.model.max_length} tokens (specials included), overlapping by {cf
 |---|---:|
 {rows}
 
+{card_details(cfg, card)}
 Use it with `{command}`, or with transformers' `Longformer{
         "ForSequenceClassification" if cfg.task == "classify" else "ForQuestionAnswering"
     }.from_pretrained(DIR)`.
@@ -688,7 +695,12 @@ def _train(
             _truncate_log(out / LOG_FILE, state["step"])
 
     card_base = {"base": cfg.model.name, "n_train": len(train_items), "n_dev": len(dev_items),
-                 "total_steps": total, "labels": info.get("labels")}  # fmt: skip
+                 "total_steps": total, "labels": info.get("labels"), "licence": licence_of(source_dir),
+                 "n_features": len(features), "device": str(device)}  # fmt: skip
+
+    def timing() -> dict[str, Any]:  # for the card: training time to this checkpoint
+        return {"train_s": time.perf_counter() - t0, "steps_run": state["step"] - start_step}
+
     log = (out / LOG_FILE).open("a", encoding="utf-8") if rank == 0 else None
 
     def write_log(record: dict[str, Any]) -> None:
@@ -711,11 +723,12 @@ def _train(
         model.train(was_training)
         return m
 
-    def save_last() -> None:
+    def save_last(same_as: Path | None = None) -> None:
         if rank != 0:
             return
         card = {
             **card_base,
+            **timing(),
             "name": f"{out.name}/last",
             "step": state["step"],
             "metrics": state.get("last_eval"),
@@ -735,7 +748,7 @@ def _train(
                 directory / STATE_FILE,
             )
 
-        save_checkpoint(model, cfg, source_dir, out / "last", card, extra=write_state)
+        save_checkpoint(model, cfg, source_dir, out / "last", card, extra=write_state, same_as=same_as)
 
     rng_states: list[Any] = []
     emit({"event": "start", "total_steps": total, "step": state["step"], "n_train": len(train_items),
@@ -801,8 +814,9 @@ def _train(
                 state["history"].append(rec)
                 write_log(rec)
                 emit({"event": "eval", "metric": cfg.metric, "value": value, "best": state["best"], **rec})
-            if rank == 0 and (improved or (not dev_items and (last_step or interrupted))):
-                card = {**card_base, "name": f"{out.name}/best", "step": step, "metrics": metrics}
+            best_now = rank == 0 and (improved or (not dev_items and (last_step or interrupted)))
+            if best_now:
+                card = {**card_base, **timing(), "name": f"{out.name}/best", "step": step, "metrics": metrics}
                 save_checkpoint(model, cfg, source_dir, out / "best", card)
             patience = cfg.train.early_stopping_patience
             stop = bool(patience and state["bad_evals"] >= patience)
@@ -814,7 +828,7 @@ def _train(
                 dist.all_gather_object(rng_states, torch.get_rng_state())
             else:
                 rng_states = [torch.get_rng_state()]
-            save_last()
+            save_last(same_as=out / "best" if best_now else None)  # the same weights: shared
             if distributed:
                 dist.barrier()
             if stop:
@@ -829,7 +843,9 @@ def _train(
     if distributed and own_group:
         dist.destroy_process_group()
     if rank == 0 and not (out / "best").exists():
-        save_checkpoint(model, cfg, source_dir, out / "best", {**card_base, "step": state["step"]})
+        save_checkpoint(
+            model, cfg, source_dir, out / "best", {**card_base, **timing(), "step": state["step"]}
+        )
     result = TrainResult(
         out, cfg.task, cfg.metric, state["best"], state["best_step"], state["step"], total, stopped_early,
         len(train_items), len(dev_items), list(state["history"]), info["notes"],

@@ -234,9 +234,9 @@ def test_special_files_in_a_tree_through_the_cli(tiny_dir, zoo):
 
 
 def test_special_files_named_directly(tiny_dir, zoo):
-    for name, words in [("d.broken", ["broken symbolic link"]), ("sub", ["is a directory"])]:
-        r = classify(tiny_dir, str(zoo / name))
-        assert r.exit_code == 1
+    for name, words, code in [("d.broken", ["broken symbolic link"], 2), ("sub", ["is a directory"], 1)]:
+        r = classify(tiny_dir, str(zoo / name))  # a broken link fails before the model loads: exit 2
+        assert r.exit_code == code
         one_error_line(r, *words)
     if (zoo / "e.sock").exists():
         r = classify(tiny_dir, str(zoo / "e.sock"))
@@ -810,14 +810,15 @@ def test_unreadable_directory_under_a_tree(tmp_path):
 def test_one_document_failing_inside_the_model_is_its_own_error(tiny_dir, tmp_path, monkeypatch):
     from longdoc_cli.tasks.classify import Classifier
 
-    real = Classifier.classify
+    real = Classifier.classify_iter  # what `longdoc classify` runs
 
     def poisoned(self, docs):
+        docs = list(docs)
         if any("poison" in text for _, text in docs):
             raise RuntimeError("kernel failed")
-        return real(self, docs)
+        yield from real(self, docs)
 
-    monkeypatch.setattr(Classifier, "classify", poisoned)
+    monkeypatch.setattr(Classifier, "classify_iter", poisoned)
     data = tmp_path / "d.jsonl"
     data.write_text(
         "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate([SPORT, "poison", SPORT]))
@@ -861,3 +862,23 @@ def test_a_model_named_by_the_environment_is_named_in_its_error(tmp_path, tiny_d
     assert r.exit_code == 0 and len(results(r.stdout)) == 1
     r = run("classify", "-m", str(tiny_dir), "--labels", "a,b", str(doc), env={"LONGDOC_MODEL": "/nowhere"})
     assert r.exit_code == 0  # -m wins
+
+
+def test_a_failure_mid_stream_retries_only_the_unfinished_documents():
+    from collections import namedtuple
+
+    from longdoc_cli.cli import _each_or_alone
+
+    calls = []
+
+    def run(pairs):
+        calls.append([i for i, _ in pairs])
+        for _, text in pairs:
+            if text == "bad":
+                raise RuntimeError("boom")
+            yield text.upper()
+
+    doc = namedtuple("doc", "id text")
+    out = [(d.id, r) for d, r in _each_or_alone(run, [doc("a", "x"), doc("b", "bad"), doc("c", "y")])]
+    assert out == [("a", "X"), ("b", "RuntimeError: boom"), ("c", "Y")]
+    assert calls == [["a", "b", "c"], ["b"], ["c"]]  # "a" was done: not run again

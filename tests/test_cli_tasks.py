@@ -4,6 +4,7 @@ exit codes, stdout holding results only and stderr holding messages only."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -204,14 +205,48 @@ def test_one_bad_file_among_many(encoder_dir, docs, tmp_path):
     empty.write_text("  \n")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(json.dumps({"text": SPORT_DOC}) + "\n{not json\n")
-    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", str(tmp_path / "missing.txt"),
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music",
             str(binary), str(empty), str(bad_json), str(docs / "sport.txt"))  # fmt: skip
     assert r.exit_code == 1
     assert [Path(x.get("path", "x")).name for x in jsonl(r.stdout)] == ["x", "sport.txt"]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("longdoc: error:") for line in lines)
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("longdoc: classify:")]
+    assert len(lines) == 3 and all(line.startswith("longdoc: error:") for line in lines)
     assert "Traceback" not in r.stderr
-    assert "binary" in lines[1] and "empty" in lines[2] and "bad.jsonl:2" in lines[3]
+    assert "binary" in lines[0] and "empty" in lines[1] and "bad.jsonl:2" in lines[2]
+
+
+def test_a_missing_path_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import longdoc_cli.cli as cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_task_setup", no_model)
+    good = tmp_path / "a.txt"
+    good.write_text(SPORT_DOC)
+    for command in (["classify"], ["qa", "-Q", QUESTION]):
+        r = run(*command, str(good), str(tmp_path / "missing.txt"))
+        assert r.exit_code == 2 and r.stdout == ""
+        assert r.stderr.strip() == f"longdoc: error: {tmp_path / 'missing.txt'}: no such file or directory"
+
+
+@pytest.mark.parametrize("command", [["classify", "--labels", "sport,music"], ["qa", "-Q", QUESTION]])
+def test_skip_bad_lines_counts_and_goes_on(encoder_dir, tmp_path, command):
+    data = tmp_path / "mixed.jsonl"
+    good = json.dumps({"id": "a", "text": SPORT_DOC})
+    data.write_text(f"{good}\n{{not json\n{json.dumps({'id': 'b', 'body': 1})}\n{good}\n")
+    r = run(*command, "-m", str(encoder_dir), str(data))  # without it: each bad line named, exit 1
+    assert r.exit_code == 1 and len(jsonl(r.stdout)) == 2
+    assert "mixed.jsonl:2: not valid JSON" in r.stderr and "mixed.jsonl:3: no 'text' key" in r.stderr
+    r = run(*command, "-m", str(encoder_dir), "--skip-bad-lines", str(data))
+    assert r.exit_code == 0, r.stderr
+    assert [x["id"] for x in jsonl(r.stdout)] == ["a", "a"]
+    assert "skipped 2 bad record(s) (--skip-bad-lines); the first: " in r.stderr
+    assert (
+        "mixed.jsonl:2" in r.stderr
+        and "longdoc: error" not in r.stderr
+        and "2 bad records skipped" in r.stderr
+    )
 
 
 def test_invalid_utf8_is_replaced_and_warned(encoder_dir, tmp_path):
@@ -256,7 +291,9 @@ def test_unknown_model_and_wrong_head(qa_dir, classifier_dir, docs, tmp_path):
 
 
 def test_debug_shows_the_traceback(encoder_dir, tmp_path):
-    r = run("classify", "-m", str(encoder_dir), str(tmp_path / "missing.txt"), env={"LONGDOC_DEBUG": "1"})
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    r = run("classify", "-m", str(encoder_dir), str(binary), env={"LONGDOC_DEBUG": "1"})
     assert r.exit_code == 1  # a per-file error is reported, not raised
     r = run("classify", "-m", str(tmp_path / "nowhere"), "x.txt", env={"LONGDOC_DEBUG": "1"})
     assert r.exit_code != 0 and r.exception is not None and not isinstance(r.exception, SystemExit)
@@ -345,7 +382,7 @@ def test_qa_bad_input(encoder_dir, docs):
         r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, *args, str(docs / "sport.txt"))
         assert r.exit_code == 2 and says in r.stderr and r.stdout == "", (args, r.stderr)
     r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, str(docs / "nope.txt"))
-    assert r.exit_code == 1 and "no such file" in r.stderr and r.stdout == ""
+    assert r.exit_code == 2 and "no such file" in r.stderr and r.stdout == ""  # before the model loads
 
 
 def test_questions_files(encoder_dir, docs, tmp_path):
@@ -491,3 +528,147 @@ def test_evaluate_classification_honours_attention_window(classifier_dir, tmp_pa
     assert default != [8] * len(default)
     report = evaluate.evaluate_model(str(classifier_dir), str(data), overrides=["model.attention_window=8"])
     assert report.n == 2 and seen == [[8] * len(default)]
+
+
+# ------------------------------------------------------------------------------------------------
+# timings, progress, pipeline inputs, output polish (issue 15)
+
+
+def test_summary_line_and_timings_records(encoder_dir, docs):
+    args = [
+        "-m",
+        str(encoder_dir),
+        "--labels",
+        "sport,music",
+        str(docs / "sport.txt"),
+        str(docs / "sub" / "music.txt"),
+    ]
+    r = run("classify", *args)
+    assert r.exit_code == 0
+    (line,) = r.stderr.strip().splitlines()
+    assert (
+        line.startswith("longdoc: classify: 2 documents, ")
+        and " windows, " in line
+        and " tokens | load " in line
+    )
+    assert "compute" in line and "tokens/s" in line and line.endswith("cpu fp32")
+    assert all("seconds" not in x for x in jsonl(r.stdout))
+    assert run("classify", "-q", *args).stderr == ""
+    r = run("classify", "--timings", *args)
+    *records, last = jsonl(r.stdout)
+    assert len(records) == 2 and all(x["seconds"] > 0 and x["schema_version"] == 2 for x in records)
+    summary = last["summary"]
+    assert last["schema_version"] == 2 and summary["documents"] == 2 and summary["command"] == "classify"
+    assert summary["tokens"] == sum(x["n_tokens"] for x in records) and summary["load_s"] > 0
+    assert summary["windows"] == sum(x["n_windows"] for x in records) and summary["tokens_per_s"] > 0
+    r = run("classify", "--timings", "-f", "json", *args)
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and set(rows[-1]) == {"schema_version", "summary"} and "seconds" in rows[0]
+    r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, "-Q", "Why?", "--timings", str(docs / "sport.txt"))
+    *records, last = jsonl(r.stdout)
+    assert len(records) == 2 and last["summary"]["questions"] == 2 and last["summary"]["documents"] == 1
+    assert r.stderr.strip().startswith("longdoc: qa: 1 document, 2 questions, ")
+
+
+def test_scores_match_without_streaming(encoder_dir, docs):
+    """Rows stream per document (classify_iter) with the scores classify() gives."""
+    from longdoc_cli.tasks.classify import Classifier, Label
+    from longdoc_cli.tasks.runner import load_task_model
+
+    tm = load_task_model(encoder_dir, task="classify", max_length=64)
+    clf = Classifier(tm, [Label("sport"), Label("music")], batch_size=2)
+    texts = [("a", SPORT_DOC * 5), ("b", MUSIC_DOC), ("c", SPORT_DOC), ("d", MUSIC_DOC * 9)]
+    pulled = []
+
+    def source():
+        for doc in texts:
+            pulled.append(doc[0])
+            yield doc
+
+    streamed = []
+    for result in clf.classify_iter(source()):
+        streamed.append((result, list(pulled)))
+    whole = clf.classify(texts)
+    for (got, _), want in zip(streamed, whole, strict=True):
+        assert got.label == want.label and got.n_windows == want.n_windows and got.seconds > 0
+        for k, v in want.scores.items():
+            assert abs(got.scores[k] - v) < 1e-5
+    assert streamed[0][1] != ["a", "b", "c", "d"]  # "a" came out before the last document was read
+
+
+def test_stdin_json_lines_are_sniffed_and_input_formats(encoder_dir, tmp_path):
+    common = ["-m", str(encoder_dir), "--labels", "sport,music"]
+    stream = (
+        json.dumps({"id": "x", "text": SPORT_DOC}) + "\n" + json.dumps({"id": "y", "text": MUSIC_DOC}) + "\n"
+    )
+    r = run("classify", *common, "-", input=stream)
+    assert r.exit_code == 0 and [x["id"] for x in jsonl(r.stdout)] == ["x", "y"]
+    r = run("classify", *common, input=stream)  # stdin without "-"
+    assert [x["id"] for x in jsonl(r.stdout)] == ["x", "y"]
+    r = run("classify", *common, "--input-format", "text", "-", input=stream)  # one text document
+    assert [x["path"] for x in jsonl(r.stdout)] == ["-"]
+    r = run("classify", *common, "--text-key", "body", "-", input='  {"body": "a goal"}\n')
+    assert [x["id"] for x in jsonl(r.stdout)] == ["1"]
+    r = run("qa", "-m", str(encoder_dir), "-Q", QUESTION, "-", input=stream)
+    assert [x["id"] for x in jsonl(r.stdout)] == ["x", "y"]
+    lines = tmp_path / "corpus.txt"
+    lines.write_text(SPORT_DOC + "\n\n" + MUSIC_DOC)
+    r = run("classify", *common, "--input-format", "lines", str(lines))
+    assert r.exit_code == 0 and [x["id"] for x in jsonl(r.stdout)] == [f"{lines}:1", f"{lines}:4"]
+    r = run("classify", *common, "--input-format", "lines", "-", input="one goal\ntwo songs\n")
+    assert [x["id"] for x in jsonl(r.stdout)] == ["<stdin>:1", "<stdin>:2"]
+    r = run("classify", *common, "--input-format", "xml", str(lines))
+    assert r.exit_code == 2 and "--input-format must be" in r.stderr
+
+
+def test_progress_totals(tmp_path):
+    from longdoc_cli.tasks.inputs import count_documents
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("x")
+    (tmp_path / "d" / "b.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c"}\n')
+    assert count_documents([str(tmp_path / "d")], recursive=True) == 4
+    assert count_documents([str(tmp_path / "d")], recursive=True, shard=(1, 2)) == 2
+    assert count_documents([str(tmp_path / "d" / "b.jsonl")], input_format="text") == 1
+    assert count_documents(["-"]) is None
+
+
+def test_table_polish(encoder_dir, docs):
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport, ball games,music", "-f", "table",
+            "--timings", str(docs / "sport.txt"))  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    out = r.stdout
+    assert f"longdoc classify · {encoder_dir} (zero-shot)" in out.replace("\n", "")
+    score_lines = [
+        line for line in out.splitlines() if re.search(r"(sport|ball games|music) \d\.\d{3}", line)
+    ]
+    assert len(score_lines) == 3  # one score per line: a label with a comma stays whole
+    header = next(line for line in out.splitlines() if "n_tokens" in line)
+    row = score_lines[0]
+    cells, heads = row.split("│"), header.split("┃")
+    n_tokens = heads.index(next(h for h in heads if "n_tokens" in h))
+    assert cells[n_tokens].endswith(" ") and cells[n_tokens].strip().isdigit()
+    assert cells[n_tokens].rstrip().endswith(cells[n_tokens].strip()) and cells[n_tokens].startswith("  ")
+
+
+def test_display_name_of_the_default_model():
+    from longdoc_cli.hub import _default_key, cache_dir, display_name
+
+    assert display_name(cache_dir() / _default_key()) == "default (sentence-transformers/all-MiniLM-L6-v2)"
+    assert display_name(Path("runs/x/best")) == "runs/x/best"
+
+
+def test_progress_on_a_terminal_counts_documents_with_a_total(encoder_dir, docs, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import longdoc_cli.cli as cli
+
+    err = io.StringIO()
+    monkeypatch.setattr(
+        cli, "stderr_console", lambda quiet=False: Console(file=err, force_terminal=True, quiet=quiet)
+    )
+    r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "-r", str(docs))
+    assert r.exit_code == 0, r.stderr
+    assert "2/2" in err.getvalue() and "ETA" in err.getvalue()  # documents done / total

@@ -155,3 +155,11 @@ def test_empty_paths_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["convert", str(tmp_path), ""])
     assert r.exit_code == 2 and "non-empty paths" in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_convert_prints_a_summary(bert_dir, tmp_path):
+    r = CliRunner().invoke(app, ["convert", str(bert_dir), str(tmp_path / "lf"), "--max-positions", "256"])
+    assert r.exit_code == 0, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("longdoc: convert: compute ") and "total " in line
+    assert "max tokens 256" in line and "weights MiB" in line and line.endswith("cpu fp32")

@@ -241,3 +241,91 @@ def test_unreadable_training_data_says_why(tiny, tiny_model_dir, tmp_path):
         cfg = load_config(None, tiny.overrides(tiny_model_dir, data))
         with pytest.raises(LongdocError, match=says):
             train(cfg, tmp_path / "out")
+
+
+def test_piped_train_logs_every_n_steps_and_sums_up(tiny, tiny_model_dir, cls_data, tmp_path):
+    sets = tiny.overrides(tiny_model_dir, cls_data, **{"train.log_every": 2, "train.eval_every": 4})
+    r = CliRunner().invoke(
+        app, ["train", str(CONFIGS / "tiny-classify.yaml"), "-o", str(tmp_path / "out"),
+              *[x for s in sets for x in ("--set", s)]],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    steps = [line for line in r.stderr.splitlines() if line.startswith("step ") and "loss" in line]
+    assert [line.split()[1].rstrip(",") for line in steps] == ["2/4", "4/4"]
+    assert all(" lr " in line and " s/step, ETA " in line for line in steps)
+    summary = r.stderr.strip().splitlines()[-1]
+    assert summary.startswith("longdoc: train: 18 documents, ") and "total " in summary and "/step" in summary
+    quiet = CliRunner().invoke(
+        app, ["train", str(CONFIGS / "tiny-classify.yaml"), "-o", str(tmp_path / "q"), "-q",
+              *[x for s in sets for x in ("--set", s)]],
+    )  # fmt: skip
+    assert quiet.exit_code == 0 and "longdoc: train:" not in quiet.stderr
+
+
+def test_model_card_and_shared_best_last(tiny, tiny_model_dir, cls_data, tmp_path, monkeypatch):
+    import longdoc_cli.train as train_mod
+    from longdoc_cli.tasks.runner import load_task_model
+
+    (tiny_model_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    try:
+        # lr ~0: every evaluation ties, so the best is step 2 and only step 2's last/ shares with it
+        sets = tiny.overrides(tiny_model_dir, cls_data, **{"train.max_steps": 2, "train.eval_every": 2})
+        result = train(load_config(None, sets), tmp_path / "out")
+    finally:
+        (tiny_model_dir / "README.md").unlink()
+    best, last = tmp_path / "out" / "best", tmp_path / "out" / "last"
+    assert result.best_step == result.steps == 2
+    card = (best / "README.md").read_text()
+    assert "license: apache-2.0" in card and "## Hyperparameters" in card and "| lr | 0.001 |" in card
+    assert "18 examples" in card and "## Training time" in card and "2 steps in this run" in card
+    assert os.stat(best / "model.safetensors").st_ino == os.stat(last / "model.safetensors").st_ino
+    assert (last / "trainer_state.pt").is_file() and not (best / "trainer_state.pt").exists()
+    assert "# out/last" in (last / "README.md").read_text()
+    before = load_state_dict(best)
+    for d in (best, last):
+        load_task_model(d, task="classify")
+    # A kill while last/ is saved (here: an error after its files were linked) leaves best/ whole.
+    cfg = load_config(best / "longdoc.yaml")
+    info = {"labels": ["music", "sport"], "multi_label": False, "notes": []}
+    model = train_mod.build_model(cfg, tiny_model_dir, info)
+
+    def killed(directory):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.save_checkpoint(model, cfg, tiny_model_dir, last, {}, extra=killed, same_as=best)
+    for d in (best, last):
+        after = load_state_dict(d)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    # Replacing best/ with other weights leaves last/ as it was.
+    train_mod.save_checkpoint(model, cfg, tiny_model_dir, best, {})
+    assert all(torch.equal(before[k], v) for k, v in load_state_dict(last).items())
+    assert not all(torch.equal(before[k], v) for k, v in load_state_dict(best).items())
+
+
+def test_link_files_falls_back_when_links_fail(tmp_path, monkeypatch):
+    from longdoc_cli import modelcard
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a.bin").write_bytes(b"1")
+    (src / "README.md").write_text("card")
+    assert modelcard.link_files(src, dst, skip=("README.md",)) and [p.name for p in dst.iterdir()] == [
+        "a.bin"
+    ]
+
+    def no_links(a, b):
+        raise OSError(1, "Operation not permitted")
+
+    (dst / "a.bin").unlink()
+    monkeypatch.setattr(modelcard.os, "link", no_links)
+    assert not modelcard.link_files(src, dst) and list(dst.iterdir()) == []
+
+
+def test_evaluate_prints_a_summary(tiny_model_dir, qa_data):
+    r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(qa_data), "-f", "json"])
+    assert r.exit_code == 0, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("longdoc: evaluate: ") and " questions, " in line and "load " in line
+    assert "run" not in json.loads(r.stdout)

@@ -16,7 +16,9 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,7 +34,7 @@ from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
 from .text import passage_spans, snippet
 
 SCALE = 20.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional "seconds" and a final {"summary": ...} record (--timings)
 PASSAGE_TOKENS = 256  # zero-shot passages: all-MiniLM-L6-v2's max_seq_length (trained on <= 128)
 # Content-free texts for contextual calibration (Zhao et al. used "N/A", "" and "[MASK]"): no topic.
 NEUTRAL_TEXTS = ("", "N/A", "text", "This is a text.", "Here is some text.", "The following.", "...")
@@ -86,10 +88,11 @@ class Classification:
     truncated: bool
     passages: list[Passage] = field(default_factory=list)
     unknown_share: float = 0.0  # of the text only the unknown token stands for (not in the record)
+    seconds: float = 0.0  # wall time spent on this document (classify_iter; not in the record)
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
         fields = asdict(self)
-        del fields["id"], fields["unknown_share"]
+        del fields["id"], fields["unknown_share"], fields["seconds"]
         if not self.passages:
             del fields["passages"]
         return {"schema_version": SCHEMA_VERSION, key: self.id, **fields}
@@ -269,6 +272,45 @@ class Classifier:
             )
         return results
 
+    def classify_iter(self, docs: Iterable[tuple[str, str]]) -> Iterator[Classification]:
+        """Classify (id, text) documents, yielding each result as soon as the forward passes that
+        finish it are done: consecutive documents share passes up to one batch of windows (short
+        documents are still batched together), a longer document runs alone and is not held back
+        behind the next ones. Each result's ``seconds`` is its tokenization plus its share (by
+        tokens) of the passes it took part in."""
+        pending: list[tuple[str, str, _Run, list[Window], float]] = []
+        n_pending = 0
+        for doc_id, text in docs:
+            t0 = time.perf_counter()
+            run, windows = self._prepare(text)
+            prepared = (doc_id, text, run, windows, time.perf_counter() - t0)
+            if pending and n_pending + len(windows) > self.batch_size:
+                yield from self._finish(pending)
+                pending, n_pending = [], 0
+            pending.append(prepared)
+            n_pending += len(windows)
+        if pending:
+            yield from self._finish(pending)
+
+    def _finish(self, pending: list[tuple[str, str, _Run, list[Window], float]]) -> Iterator[Classification]:
+        t0 = time.perf_counter()
+        windows = [w for *_, ws, _ in pending for w in ws]
+        owner = [d for d, (*_, ws, _) in enumerate(pending) for _ in ws]
+        for i, out in run_windows(self.tm, windows, self.batch_size):
+            pending[owner[i]][2].outputs.append((len(windows[i]), self._window_output(out)))
+        results = []
+        for doc_id, text, run, _, _ in pending:
+            probs = self._aggregate(run.outputs)
+            results.append(
+                self._result(doc_id, text, probs, run.n_tokens, len(run.outputs), run.truncated, run.unknown)
+            )
+        shared = time.perf_counter() - t0
+        total_tokens = sum(sum(len(w) for w in ws) for *_, ws, _ in pending) or 1
+        for result, (*_, ws, prep_s) in zip(results, pending, strict=True):
+            yield dataclasses.replace(
+                result, seconds=prep_s + shared * sum(len(w) for w in ws) / total_tokens
+            )
+
     def passage_embeddings(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zero-shot: per text, its passages' normalised embeddings (n, d) and token counts (n,),
         what :meth:`scores_from_passages` scores (benchmarks cache them)."""
@@ -285,18 +327,23 @@ class Classifier:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    def _run(self, docs: Sequence[tuple[str, str]]) -> list[_Run]:
+    def _prepare(self, text: str) -> tuple[_Run, list[Window]]:
+        """A document's windows, and its run to be filled with their outputs."""
         tok = self.tm.tokenizer
+        enc = tok.encode(text)
+        doc_windows = tok.document_windows(enc, self.window, self.stride)
+        if self.aggregate == "first":  # truncation, reported as such
+            doc_windows = doc_windows[:1]
+        spans = [(w.doc_start, w.doc_end) for w in doc_windows]
+        return _Run(len(enc), tok.unknown_share(text, enc), not covers(spans, len(enc)), []), doc_windows
+
+    def _run(self, docs: Sequence[tuple[str, str]]) -> list[_Run]:
         windows: list[Window] = []
         owner: list[int] = []
         runs = []
         for d, (_, text) in enumerate(docs):
-            enc = tok.encode(text)
-            doc_windows = tok.document_windows(enc, self.window, self.stride)
-            if self.aggregate == "first":  # truncation, reported as such
-                doc_windows = doc_windows[:1]
-            spans = [(w.doc_start, w.doc_end) for w in doc_windows]
-            runs.append(_Run(len(enc), tok.unknown_share(text, enc), not covers(spans, len(enc)), []))
+            run, doc_windows = self._prepare(text)
+            runs.append(run)
             windows.extend(doc_windows)
             owner.extend([d] * len(doc_windows))
         for i, out in run_windows(self.tm, windows, self.batch_size):

@@ -1,4 +1,5 @@
-"""The documents a command was given: files, stdin ("-"), directories (with recursion) and JSON lines.
+"""The documents a command was given: files, stdin ("-"), directories (with recursion), JSON lines
+and one-document-per-line files (``--input-format``).
 
 Yields documents and per-input errors in a stable order, so one bad file (or JSON-lines record)
 among many is reported and the rest still processed, and ``--shard K/N`` splits a corpus the same
@@ -10,12 +11,25 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LongdocError, UsageError
-from ..textio import MAX_DOCUMENT_BYTES, RecordError, iter_jsonl_documents, read_document
+from ..textio import (
+    MAX_DOCUMENT_BYTES,
+    RecordError,
+    decode_text,
+    iter_jsonl_documents,
+    iter_lines,
+    open_input,
+    read_document,
+)
+
+# auto: .jsonl/.ndjson files are JSON lines, stdin is when it starts with "{" (or a text key is
+# given), the rest one document per file; text: one document per file; lines: one per line.
+INPUT_FORMATS = ("auto", "text", "lines", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,8 @@ class InputError:
     source: str
     message: str
     warning: bool = False  # skipped but not a failure (a special file under a directory)
+    record: bool = False  # a bad record (line) of a JSON-lines or lines file: --skip-bad-lines skips it
+    count: int = 1  # the bad records this error stands for ("N more bad records not shown")
 
 
 # Bad records of one JSON-lines file reported one by one; the rest are counted in one line.
@@ -58,10 +74,18 @@ def iter_inputs(
     id_key: str | None = "id",
     shard: tuple[int, int] | None = None,
     max_bytes: int = MAX_DOCUMENT_BYTES,
+    input_format: str = "auto",
+    stdin_jsonl: bool = False,
 ) -> Iterator[InputDoc | InputError]:
-    """Every document of ``paths`` in order; with ``shard`` (K, N) only items K, K+N, K+2N, ..."""
+    """Every document of ``paths`` in order; with ``shard`` (K, N) only items K, K+N, K+2N, ...
+    ``input_format`` is one of :data:`INPUT_FORMATS`; ``stdin_jsonl``: with ``auto``, stdin is JSON
+    lines (a text key was given) whatever its first byte."""
     if sum(p == "-" for p in paths) > 1:
         raise UsageError("stdin ('-') can be given only once")
+    if input_format not in INPUT_FORMATS:
+        raise UsageError(
+            f"--input-format must be {', '.join(INPUT_FORMATS[:-1])} or jsonl, not {input_format!r}"
+        )
     counter = 0
 
     def mine() -> bool:
@@ -74,8 +98,10 @@ def iter_inputs(
             if isinstance(item, InputError):
                 if mine():
                     yield item
-            elif _is_jsonl(item):
+            elif (kind := format_of(item, input_format, stdin_jsonl)) == "jsonl":
                 yield from _jsonl(item, text_key, id_key, mine, max_bytes)
+            elif kind == "lines":
+                yield from _lines(item, mine, max_bytes)
             elif mine():
                 try:
                     doc = read_document(item, max_bytes)
@@ -87,6 +113,84 @@ def iter_inputs(
 
 def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".ndjson"))
+
+
+def format_of(path: str, input_format: str = "auto", stdin_jsonl: bool = False) -> str:
+    """How ``path`` is read: "text", "lines" or "jsonl" (see :data:`INPUT_FORMATS`)."""
+    if input_format != "auto":
+        return input_format
+    if path == "-":
+        return (
+            "jsonl" if stdin_jsonl or stdin_head().lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "text"
+        )
+    return "jsonl" if _is_jsonl(path) else "text"
+
+
+def stdin_head(n: int = 64) -> bytes:
+    """Up to ``n`` first bytes of stdin, left unread (waits for the first bytes of a pipe)."""
+    buf = sys.stdin.buffer
+    if hasattr(buf, "peek"):
+        return buf.peek(n)[:n]
+    if buf.seekable():  # an in-memory stream (tests)
+        at = buf.tell()
+        head = buf.read(n)
+        buf.seek(at)
+        return head
+    return b""
+
+
+def check_paths(paths: Sequence[str]) -> None:
+    """Fail at once (before a model loads) when a path given does not exist or cannot be read."""
+    for path in paths:
+        if path == "-":
+            continue
+        if not os.path.lexists(path):
+            raise UsageError(f"{path}: no such file or directory")
+        if not os.path.exists(path):
+            raise UsageError(f"{path}: a broken symbolic link (its target does not exist)")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"{path}: permission denied")
+
+
+def count_documents(
+    paths: Sequence[str],
+    *,
+    recursive: bool = False,
+    shard: tuple[int, int] | None = None,
+    input_format: str = "auto",
+    stdin_jsonl: bool = False,
+    max_scan_bytes: int = 1 << 30,
+) -> int | None:
+    """How many documents ``paths`` hold (non-blank lines of JSON-lines and lines files), for a
+    progress total; None when it cannot be known cheaply (stdin, a pipe, files over
+    ``max_scan_bytes`` in all)."""
+    total, scanned = 0, 0
+    for path in paths:
+        if path == "-":
+            return None
+        for item in _expand(path, recursive):
+            if isinstance(item, InputError):
+                total += 1
+                continue
+            if format_of(item, input_format, stdin_jsonl) == "text":
+                total += 1
+                continue
+            try:
+                st = os.stat(item)
+            except OSError:
+                total += 1
+                continue
+            scanned += st.st_size
+            if not stat.S_ISREG(st.st_mode) or scanned > max_scan_bytes:
+                return None
+            try:
+                with open(item, "rb") as f:
+                    total += sum(1 for line in f if line.strip())
+            except OSError:
+                total += 1
+    if shard is not None:
+        total = len(range(shard[0], total, shard[1]))
+    return total
 
 
 def _expand(path: str, recursive: bool) -> Iterator[str | InputError]:
@@ -143,15 +247,68 @@ def _jsonl(
             if isinstance(item, RecordError):
                 n_bad += 1
                 if n_bad <= MAX_RECORD_ERRORS:
-                    yield InputError(item.where, item.message)
+                    yield InputError(item.where, item.message, record=True)
                 continue
             doc_id, text, line_no = item
             if not text.strip():
-                yield InputError(f"{path}:{line_no}", f"{path}:{line_no}: the document is empty")
+                n_bad += 1
+                if n_bad <= MAX_RECORD_ERRORS:
+                    where = f"{_source(path)}:{line_no}"
+                    yield InputError(where, f"{where}: the document is empty", record=True)
             else:
                 yield InputDoc(doc_id, text, "id")
     except LongdocError as e:
         yield InputError(path, f"{e} (the rest of this file is skipped)")
+    yield from _more_bad(path, n_bad)
+
+
+def _source(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def _more_bad(path: str, n_bad: int) -> Iterator[InputError]:
     if n_bad > MAX_RECORD_ERRORS:
         more = n_bad - MAX_RECORD_ERRORS
-        yield InputError(path, f"{path}: {more} more bad record(s) not shown ({n_bad} in all)")
+        message = f"{_source(path)}: {more} more bad record(s) not shown ({n_bad} in all)"
+        yield InputError(path, message, record=True, count=more)
+
+
+def _lines(path: str, mine, max_bytes: int) -> Iterator[InputDoc | InputError]:
+    """One document per non-blank line (fastText style); its id is ``FILE:LINE``."""
+    source = _source(path)
+    n_bad = 0
+    try:
+        with open_input(path) if path != "-" else _stdin() as f:
+            for line_no, raw in iter_lines(f, source, max_bytes):
+                where = f"{source}:{line_no}"
+                if raw is not None and not raw.strip():
+                    continue
+                if not mine():
+                    continue
+                if raw is None:
+                    n_bad += 1
+                    if n_bad <= MAX_RECORD_ERRORS:
+                        message = f"{where}: a line longer than the limit on one document (--max-bytes)"
+                        yield InputError(where, message, record=True)
+                    continue
+                try:
+                    doc = decode_text(raw.rstrip(b"\r\n"), where)
+                except LongdocError as e:
+                    n_bad += 1
+                    if n_bad <= MAX_RECORD_ERRORS:
+                        yield InputError(where, str(e), record=True)
+                    continue
+                yield InputDoc(where, doc.text, "id", doc.n_replaced)
+    except LongdocError as e:
+        yield InputError(path, f"{e} (the rest of this file is skipped)")
+    except OSError as e:
+        yield InputError(
+            path, f"{source}: cannot read it ({e.strerror or e}) (the rest of this file is skipped)"
+        )
+    yield from _more_bad(path, n_bad)
+
+
+def _stdin():
+    import contextlib
+
+    return contextlib.nullcontext(sys.stdin.buffer)

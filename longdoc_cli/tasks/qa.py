@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +38,7 @@ from ..tokenize import Encoding, Window
 from .runner import TaskModel, embed_texts, run_windows, window_overlap
 from .text import context_around, sentence_spans, span_kind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional "seconds" and a final {"summary": ...} record (--timings)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class QAResult:
     truncated: bool  # the question was cut to max_question_length tokens
     method: str  # "span" (QA head) or "sentence" (zero-shot)
     unknown_share: float = 0.0  # of the document only the unknown token stands for (not in the record)
+    seconds: float = (
+        0.0  # wall time of this answer, with its share of reading the document (not in the record)
+    )
 
     def to_record(self, key: str = "path") -> dict[str, Any]:
         best = self.answers[0] if self.answers else None
@@ -116,9 +120,19 @@ class QuestionAnswerer:
         self._sentences: SentenceIndex | None = None
 
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:
+        """One result per question; each result's ``seconds`` is its own time plus an even share of
+        encoding the document."""
+        t0 = time.perf_counter()
         enc = self.tm.tokenizer.encode(text)
         unknown = self.tm.tokenizer.unknown_share(text, enc)
-        return [replace(self._answer_one(doc_id, text, enc, q), unknown_share=unknown) for q in questions]
+        shared = (time.perf_counter() - t0) / max(1, len(questions))
+        results = []
+        for q in questions:
+            t0 = time.perf_counter()
+            result = self._answer_one(doc_id, text, enc, q)
+            seconds = shared + time.perf_counter() - t0
+            results.append(replace(result, unknown_share=unknown, seconds=seconds))
+        return results
 
     def _answer_one(self, doc_id: str, text: str, enc: Encoding, question: str) -> QAResult:
         if not question.strip():
