@@ -128,14 +128,14 @@ def main() -> None:
     if "band" in variants:
         with env("LONGDOC_ATTENTION", "band"):
             record("band", lambda: ours(ids, mask, glob))
-    from longdoc_cli import attention
+    from longdoc_cli import runtime
 
     for name, change in (("flex-strided", {"contiguous": False}), ("flex-tile64", {"tile": 64})):
         if name in variants:
-            with env("LONGDOC_FLEX_OPTIONS", json.dumps({**attention._flex_options(), **change})):
-                attention._flex_options.cache_clear()
+            with env("LONGDOC_FLEX_OPTIONS", json.dumps({**runtime.flex_options(), **change})):
+                runtime.flex_options.cache_clear()
                 record(name, lambda: ours(ids, mask, glob))
-            attention._flex_options.cache_clear()
+            runtime.flex_options.cache_clear()
     for name, mode in (("compiled", "default"), ("compiled-ro", "reduce-overhead")):
         if name not in variants:
             continue

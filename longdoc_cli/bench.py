@@ -12,10 +12,11 @@ Implementations (``impls``), all on the same weights:
 - ``hf``: ``transformers.LongformerModel`` loaded from the same checkpoint;
 - ``full``: our encoder with every window widened over the whole sequence, so ``local_attention``
   takes its dense path: full (padding-only mask) scaled-dot-product attention;
-- ``longdoc-attn``: one layer's attention function alone (random q, k, v), to see how close the
-  banded kernel comes to the matmul peak on its exact FLOPs.
+- ``longdoc-attn``: one layer's attention alone (``attention.longformer_attention`` on random
+  projections and hidden state), to see how close the banded kernel comes to the matmul peak.
 
-Before timing, the gate: our attention equals :func:`reference_attention` at a small length, and
+Before timing, the gate: the layer's attention the model runs (``longformer_attention``, with the
+kernel the model picks) equals :func:`reference_attention` at a small length, and
 our model equals transformers' on the same weights (and int8 stays close to fp32). A failed check
 stops the bench.
 
@@ -492,18 +493,24 @@ def forward(impl: str, model, ids, mask, glob):
 
 
 def check_attention(cfg, device: str, seed: int = 0) -> Check:
-    """Banded + global attention vs the dense reference: odd length, padding, globals in a window."""
+    """The layer's attention (attention.longformer_attention, with the kernel the model would pick)
+    vs the dense reference: odd length, padding, globals in a window."""
     import torch
 
-    from .attention import global_attention, global_indices, local_attention, reference_attention
+    from .attention import global_indices, longformer_attention, reference_attention
 
     torch.manual_seed(seed)
     w = cfg.windows[0] // 2
     dil = cfg.dilations[0]
     H, Dh = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     n = min(3 * w * max(dil) + 37, 2048)
-    B = 2
-    q, k, v, qg, kg, vg = (torch.randn(B, H, n, Dh, device=device) for _ in range(6))
+    B, d = 2, H * Dh
+    x = torch.randn(B, n, d, device=device)
+    weights = [torch.randn(d, d, device=device) / math.sqrt(d) for _ in range(6)]  # q k v, global q k v
+    biases = [torch.randn(d, device=device) for _ in range(6)]
+    q, k, v, qg, kg, vg = (
+        (x @ wt.T + b).view(B, n, H, Dh).transpose(1, 2) for wt, b in zip(weights, biases, strict=True)
+    )  # (B, H, n, Dh) each
     real = torch.ones(B, n, dtype=torch.bool, device=device)
     real[1, n - n // 7 :] = False  # padding
     glob = torch.zeros(B, n, dtype=torch.bool, device=device)
@@ -511,18 +518,35 @@ def check_attention(cfg, device: str, seed: int = 0) -> Check:
     glob[0, n // 2] = True  # a global token inside other rows' windows: counted once
     glob &= real
     index, valid = global_indices(glob)
-    out = local_attention(q, k, v, window=w, dilation=dil, attention_mask=real, global_index=index,
-                          global_valid=valid)  # fmt: skip
     rows = index[:, None, :, None].expand(B, H, index.shape[1], Dh)
-    out_g = global_attention(qg.gather(2, rows), kg, vg, real)
-    out = out.scatter(2, rows, torch.where(valid[:, None, :, None], out_g, out.gather(2, rows)))
-    ref = reference_attention(
-        q, k, v, qg, kg, vg, window=w, dilation=dil, attention_mask=real, global_mask=glob
-    )
+    with torch.no_grad():
+        out = longformer_attention(
+            q, k, v, qg.gather(2, rows), x, (weights[4], biases[4]), (weights[5], biases[5]), window=w,
+            dilation=dil, attention_mask=real, global_index=index, global_valid=valid,
+            **kernel_arguments(device, 0.0, n, w),
+        )  # fmt: skip
+        ref = reference_attention(
+            q, k, v, qg, kg, vg, window=w, dilation=dil, attention_mask=real, global_mask=glob
+        )
     diff = (out - ref).abs().max().item()
     tol = 1e-4
     return Check("attention vs dense reference", n, diff, tol, diff <= tol and math.isfinite(diff),
                  f"window {w} one-sided, dilation {sorted(set(dil))}, padding + 3 global tokens")  # fmt: skip
+
+
+def kernel_arguments(device: str, dropout_p: float, n: int, window: int) -> dict[str, Any]:
+    """The attention kernel the model picks here (runtime's settings), as longformer_attention's
+    keyword arguments."""
+    import torch
+
+    from .attention import choose_kernel
+    from .runtime import attention_kernel, compiled_flex, flex_options
+
+    dev = torch.device(device)
+    kernel = choose_kernel(dev, dropout_p, n, window, attention_kernel())
+    if kernel != "flex":
+        return {"kernel": kernel}
+    return {"kernel": kernel, "flex_attention": compiled_flex(dev.type), "flex_options": flex_options()}
 
 
 def check_models(
@@ -654,29 +678,33 @@ def measure(job: Job, model=None) -> dict[str, Any]:
 def _attention_step(cfg, job: Job) -> Callable[[], None]:
     import torch
 
-    from .attention import global_attention, global_indices, local_attention
+    from .attention import global_indices, longformer_attention
 
     B, n, H = job.batch_size, job.seq_len, cfg.num_attention_heads
     Dh = cfg.hidden_size // H
+    d = H * Dh
     dt = torch_dtype(job.dtype)
     # The layout the model passes: head views (B, H, n, Dh) of token-major (B, n, H, Dh) projections.
-    q, k, v, qg = (torch.randn(B, n, H, Dh, device=job.device, dtype=dt).transpose(1, 2) for _ in range(4))
+    q, k, v = (torch.randn(B, n, H, Dh, device=job.device, dtype=dt).transpose(1, 2) for _ in range(3))
+    x = torch.randn(B, n, d, device=job.device, dtype=dt)  # the hidden state: global keys and values
+    wk, wv = (torch.randn(d, d, device=job.device, dtype=dt) / math.sqrt(d) for _ in range(2))
     real = torch.ones(B, n, dtype=torch.bool, device=job.device)
     glob = torch.zeros_like(real)
     glob[:, : min(job.globals, n)] = True
     index, valid = global_indices(glob)
+    qg = torch.randn(B, H, index.shape[1], Dh, device=job.device, dtype=dt)
     w, dil = cfg.windows[0] // 2, cfg.dilations[0]
     if job.mode == "train":
-        for t in (q, k, v, qg):
+        for t in (q, k, v, qg, x):
             t.requires_grad_(True)
+    kernel = kernel_arguments(job.device, 0.0, n, w)
 
     def step() -> None:
         with torch.inference_mode(job.mode == "infer"):
-            out = local_attention(q, k, v, window=w, dilation=dil, attention_mask=real, global_index=index,
-                                  global_valid=valid)  # fmt: skip
-            rows = index[:, None, :, None].expand(B, H, index.shape[1], Dh)
-            if index.shape[1]:
-                out = out.scatter(2, rows, global_attention(qg.gather(2, rows), k, v, real).to(out.dtype))
+            out = longformer_attention(
+                q, k, v, qg, x, (wk, None), (wv, None), window=w, dilation=dil, attention_mask=real,
+                global_index=index, global_valid=valid, **kernel,
+            )  # fmt: skip
             if job.mode == "train":
                 out.float().square().mean().backward()
 
@@ -779,9 +807,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     if "longdoc-int8" in impls and (device != "cpu" or dtypes != ["fp32"] or "train" in spec.modes):
         bad = device if device != "cpu" else ("train mode" if "train" in spec.modes else "non-fp32 dtypes")
         notes.append(f"longdoc-int8 runs fp32 inference on the CPU only: its rows are skipped for {bad}")
-    from .attention import choose_kernel
-
-    kernel = choose_kernel(torch.device(device), 0.0, 1 << 20, 0)
+    kernel = kernel_arguments(device, 0.0, 1 << 20, 0)["kernel"]
 
     say(f"measuring the {', '.join(dtypes)} matmul peak on {device}")
     peaks = {dt: matmul_peak(device, dt) for dt in dict.fromkeys(["fp32", *dtypes])}

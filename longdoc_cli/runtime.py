@@ -1,14 +1,17 @@
 """Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
 children; a library user's process is left as it is), measured on the 2-core CPU (base model,
 2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
-CPU computes bf16 natively; the umask's mode for the files longdoc writes; an exclusive file lock;
-temporary entries named for their process, and the clean-up of those whose process is gone.
+CPU computes bf16 natively; what the environment asks of the attention kernels (LONGDOC_ATTENTION,
+LONGDOC_FLEX_OPTIONS) and the compiled FlexAttention with its dynamo settings, handed to the pure
+functions of attention.py as arguments; the umask's mode for the files longdoc writes; an exclusive
+file lock; temporary entries named for their process, and the clean-up of those whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -16,6 +19,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .envvars import env
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -51,6 +57,40 @@ def cpu_has_native_bf16() -> bool:
 
 # torch.cpu's probes of native bf16 (private API: a torch without them reads as "emulated").
 BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+def attention_kernel() -> str:
+    """``LONGDOC_ATTENTION``: "auto" (FlexAttention on CUDA, else the band kernels), "band" (always
+    the band kernels) or "flex" (FlexAttention also on the CPU, compiled, for inference)."""
+    return env("LONGDOC_ATTENTION", "auto")
+
+
+@functools.cache
+def flex_options() -> dict[str, Any]:
+    """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
+    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are, ``"tile"``
+    sets the mask's tile (default 128; kernel BLOCK_M/BLOCK_N must divide it)."""
+    return env("LONGDOC_FLEX_OPTIONS", {})
+
+
+@functools.cache
+def compiled_flex(device_type: str):
+    """``flex_attention`` compiled once per process and device type, or None in a torch without it.
+    CUDA recompiles once, dynamic in the length, when a second length comes; the CPU build is static
+    per length (inductor's dynamic CPU flex code fails to compile in torch 2.13)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    # Past dynamo's recompile limit (8 by default) a function silently runs eagerly, and eager
+    # FlexAttention builds the (n, n) scores. Kinds of mask x static/dynamic length x grad mode x dtype
+    # can pass 8 in a long process (training with dev evaluation), so the limit is raised.
+    if getattr(dynamo_config, "recompile_limit", 64) < 64:
+        dynamo_config.recompile_limit = 64
+    return torch.compile(flex_attention, dynamic=None if device_type == "cuda" else False)
 
 
 def umask_mode(path: str | os.PathLike[str]) -> None:
