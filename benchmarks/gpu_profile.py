@@ -95,7 +95,7 @@ def main() -> None:
     ours = LongformerEncoder(cfg)
     ours.pooler = None
     ours = ours.to(device=device, dtype=dtype).eval()
-    ids, mask, glob = bench.make_inputs(n, B, 1, cfg.vocab_size, device)
+    ids, mask, glob = bench.child.make_inputs(n, B, 1, cfg.vocab_size, device)
     flops = bench.encoder_flops(cfg, n, B, 1)
     peak = matmul_peak_tflops(device, dtype, 8192 if device == "cuda" else 1024)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"

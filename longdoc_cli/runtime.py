@@ -1,7 +1,8 @@
 """Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
 children; a library user's process is left as it is), measured on the 2-core CPU (base model,
 2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
-CPU computes bf16 natively; what the environment asks of the attention kernels (LONGDOC_ATTENTION,
+CPU computes bf16 natively; the device and dtype a model runs on (tasks, training and the bench
+choose them here); what the environment asks of the attention kernels (LONGDOC_ATTENTION,
 LONGDOC_FLEX_OPTIONS) and the compiled FlexAttention with its dynamo settings, handed to the pure
 functions of attention.py as arguments; the umask's mode for the files longdoc writes; an exclusive
 file lock; temporary entries named for their process, and the clean-up of those whose process is gone.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .envvars import env
+from .errors import UsageError
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -57,6 +59,58 @@ def cpu_has_native_bf16() -> bool:
 
 # torch.cpu's probes of native bf16 (private API: a torch without them reads as "emulated").
 BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype: one choice for the tasks, training and the bench
+
+TORCH_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto"):
+    """The ``torch.device`` for auto (CUDA when there is a GPU), cpu, cuda or cuda:N."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+    return torch.device(name)
+
+
+def dtype_name(name: str, device) -> str:
+    """fp32, bf16 or fp16 for ``name``; auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on
+    the CPU."""
+    if name == "auto":
+        import torch
+
+        if torch.device(device).type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name not in TORCH_DTYPES:
+        raise UsageError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}")
+    return name
+
+
+def torch_dtype(name: str):
+    """The torch dtype of fp32, bf16 or fp16."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def pick_dtype(name: str, device):
+    """The torch dtype a model runs in (:func:`dtype_name`); fp16 is refused on the CPU."""
+    chosen = dtype_name(name, device)
+    if device.type == "cpu" and chosen == "fp16":
+        raise UsageError("--dtype fp16 is not supported on the CPU (use fp32)")
+    return torch_dtype(chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention settings (attention.py takes them as arguments)
 
 
 def attention_kernel() -> str:

@@ -446,7 +446,7 @@ def _train(
 
     from .evaluate import classification_metrics, predict_classification, predict_qa, qa_metrics
     from .hub import resolve_model
-    from .tasks.runner import pick_device
+    from .runtime import pick_device
     from .tokenize import DocumentTokenizer
 
     emit = on_event or (lambda e: None)
