@@ -95,7 +95,7 @@ def main() -> None:
     ours = LongformerEncoder(cfg)
     ours.pooler = None
     ours = ours.to(device=device, dtype=dtype).eval()
-    ids, mask, glob = bench.make_inputs(n, B, 1, cfg.vocab_size, device)
+    ids, mask, glob = bench.child.make_inputs(n, B, 1, cfg.vocab_size, device)
     flops = bench.encoder_flops(cfg, n, B, 1)
     peak = matmul_peak_tflops(device, dtype, 8192 if device == "cuda" else 1024)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -128,14 +128,14 @@ def main() -> None:
     if "band" in variants:
         with env("LONGDOC_ATTENTION", "band"):
             record("band", lambda: ours(ids, mask, glob))
-    from longdoc_cli import attention
+    from longdoc_cli import runtime
 
     for name, change in (("flex-strided", {"contiguous": False}), ("flex-tile64", {"tile": 64})):
         if name in variants:
-            with env("LONGDOC_FLEX_OPTIONS", json.dumps({**attention._flex_options(), **change})):
-                attention._flex_options.cache_clear()
+            with env("LONGDOC_FLEX_OPTIONS", json.dumps({**runtime.flex_options(), **change})):
+                runtime.flex_options.cache_clear()
                 record(name, lambda: ours(ids, mask, glob))
-            attention._flex_options.cache_clear()
+            runtime.flex_options.cache_clear()
     for name, mode in (("compiled", "default"), ("compiled-ro", "reduce-overhead")):
         if name not in variants:
             continue

@@ -25,12 +25,11 @@ import functools
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from .envvars import env
 
 # ----------------------------------------------------------------------------------------------
 # The spec: one predicate and a dense masked attention (tests and short references only).
@@ -121,6 +120,8 @@ def local_attention(
     block: int | None = None,
     kernel: str = "auto",
     block_mask=None,
+    flex_attention=None,
+    flex_options: dict[str, Any] | None = None,
 ) -> Tensor:
     """Banded (and per-head dilated) attention of the local rows, with the global keys joined in.
 
@@ -128,20 +129,30 @@ def local_attention(
     :func:`global_indices`. Returns (B, H, n, Dh): padded rows are 0; the rows of global tokens hold
     their local result, which the caller replaces with :func:`global_attention`.
     Time and memory O(n * (w + G)); no (n, n) tensor is built.
-    ``kernel``: "auto" (:func:`choose_kernel`), "flex" or "band"; ``block_mask`` is the flex mask
-    of this batch (:func:`longformer_block_mask`), built here when not given.
+    ``kernel``: "auto" (:func:`choose_kernel`; "band" without ``flex_attention``), "flex" or "band";
+    ``block_mask`` is the flex mask of this batch (:func:`longformer_block_mask`), built here when
+    not given; ``flex_attention``/``flex_options``: see :func:`flex_local_attention`.
     """
     B, H, n, Dh = q.shape
     attention_mask = _default_mask(attention_mask, B, n, True, q.device)
     if kernel == "auto":
-        kernel = choose_kernel(q.device, dropout_p, n, window)
+        kernel = choose_kernel(q.device, dropout_p, n, window) if flex_attention is not None else "band"
+    if kernel not in ("band", "flex"):
+        raise ValueError(f"kernel must be auto, band or flex, not {kernel!r}")
     if kernel == "flex":
+        if flex_attention is None:
+            raise ValueError("kernel='flex' needs flex_attention (runtime.compiled_flex(device_type))")
         if block_mask is None:
             global_mask = torch.zeros_like(attention_mask)
             if global_index is not None:
                 global_mask.scatter_(1, global_index, global_valid)
-            block_mask = longformer_block_mask(attention_mask, global_mask, window=window, dilation=dilation)
-        return flex_local_attention(q, k, v, block_mask, attention_mask)
+            tile = int((flex_options or {}).get("tile", 0)) or None
+            block_mask = longformer_block_mask(
+                attention_mask, global_mask, window=window, dilation=dilation, block=tile
+            )
+        return flex_local_attention(
+            q, k, v, block_mask, attention_mask, flex_attention=flex_attention, options=flex_options
+        )
     band_key = attention_mask.clone()
     g_keys = g_values = None
     if global_index is not None and global_index.shape[1] > 0:
@@ -413,11 +424,13 @@ FLEX_BLOCK = 128  # FlexAttention's block: the mask is stored per (128 queries, 
 CUDA_FLEX_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
-def choose_kernel(device: torch.device, dropout_p: float, n: int, window: int) -> str:
+def choose_kernel(device: torch.device, dropout_p: float, n: int, window: int, prefer: str = "auto") -> str:
     """Which local-attention kernel runs: ``"flex"`` (compiled FlexAttention, CUDA, no attention
-    dropout) or ``"band"`` (:func:`local_attention`'s own kernels). ``LONGDOC_ATTENTION=band``
-    forces the latter; ``=flex`` also allows FlexAttention on the CPU (compiled, inference)."""
-    choice = env("LONGDOC_ATTENTION", "auto")
+    dropout) or ``"band"`` (:func:`local_attention`'s own kernels). ``prefer="band"`` forces the
+    latter; ``"flex"`` also allows FlexAttention on the CPU (compiled, inference)."""
+    if prefer not in ("auto", "band", "flex"):
+        raise ValueError(f"prefer must be auto, band or flex, not {prefer!r}")
+    choice = prefer
     if choice == "band" or dropout_p > 0 or n <= window + 1 or _flex_module() is None:
         return "band"
     return "flex" if choice == "flex" or device.type == "cuda" else "band"
@@ -440,7 +453,7 @@ def longformer_block_mask(
     an (n, n) tensor. Build it once per batch: every layer with the same window and dilation reuses it.
     """
     fa = _flex_module()
-    block = block or int(_flex_options().get("tile", FLEX_BLOCK))
+    block = block or FLEX_BLOCK
     B, n = attention_mask.shape
     device = attention_mask.device
     N = -(-n // block) * block
@@ -494,31 +507,33 @@ def longformer_block_mask(
     )  # fmt: skip
 
 
-def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, attention_mask: Tensor) -> Tensor:
+def flex_local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask,
+    attention_mask: Tensor,
+    *,
+    flex_attention,
+    options: dict[str, Any] | None = None,
+) -> Tensor:
     """:func:`local_attention` through FlexAttention with a mask from :func:`longformer_block_mask`.
 
     q, k, v: (B, H, n, Dh) -> (B, H, n, Dh); padded rows are 0, global rows hold their local result.
-    Compiled (fused, block-sparse) on first use; a run of any length reuses the compiled kernel.
+    ``flex_attention``: torch's function, compiled (fused, block-sparse; runtime.compiled_flex) or
+    eager; ``options``: kernel options over :data:`CUDA_FLEX_OPTIONS` (also ``contiguous``).
     """
     B, H, n, Dh = q.shape
     N = block_mask.seq_lengths[0]
-    options = {**(CUDA_FLEX_OPTIONS if q.device.type == "cuda" else {}), **_flex_options()}
+    options = {**(CUDA_FLEX_OPTIONS if q.device.type == "cuda" else {}), **(options or {})}
     contiguous = options.pop("contiguous", True)
     options.pop("tile", None)
     if n != N:  # (B, H, N, Dh), head-major
         q, k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (q, k, v))
     elif contiguous:  # head-major copies of the strided head views
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask, kernel_options=options or None)
+    out = flex_attention(q, k, v, block_mask=block_mask, kernel_options=options or None)
     return out[:, :, :n] * attention_mask[:, None, :, None].to(out.dtype)
-
-
-@functools.cache
-def _flex_options() -> dict:
-    """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
-    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are, ``"tile"``
-    sets the mask's tile (default 128; kernel BLOCK_M/BLOCK_N must divide it)."""
-    return env("LONGDOC_FLEX_OPTIONS", {})
 
 
 @functools.cache
@@ -528,22 +543,6 @@ def _flex_module():
     except ImportError:  # torch without FlexAttention
         return None
     return flex_attention
-
-
-@functools.cache
-def _compiled_flex(device_type: str):
-    """Compiled once per process and device type. CUDA recompiles once, dynamic in the length, when a
-    second length comes; the CPU build is static per length (inductor's dynamic CPU flex code fails
-    to compile in torch 2.13)."""
-    # Past dynamo's recompile limit (8 by default) a function silently runs eagerly, and eager
-    # FlexAttention builds the (n, n) scores. Kinds of mask x static/dynamic length x grad mode x dtype
-    # can pass 8 in a long process (training with dev evaluation), so the limit is raised.
-    import torch._dynamo.config as dynamo_config
-
-    if getattr(dynamo_config, "recompile_limit", 64) < 64:
-        dynamo_config.recompile_limit = 64
-    dynamic = None if device_type == "cuda" else False
-    return torch.compile(_flex_module().flex_attention, dynamic=dynamic)
 
 
 # Band keys (bytes) per call of the CPU flash kernel in bf16/fp16: bounds its packing buffers.
@@ -677,6 +676,62 @@ def global_attention_from_hidden(
     out = torch.matmul(ph, value_weight.view(H, Dh, d).transpose(1, 2))  # (B, H, G, Dh)
     if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
         out = out + value_bias.view(1, H, 1, Dh)
+    return out
+
+
+def longformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor,
+    hidden: Tensor,
+    key_global: tuple[Tensor, Tensor | None],
+    value_global: tuple[Tensor, Tensor | None],
+    *,
+    window: int,
+    dilation: Sequence[int] | int = 1,
+    attention_mask: Tensor | None,
+    global_index: Tensor,
+    global_valid: Tensor,
+    dropout_p: float = 0.0,
+    block: int | None = None,
+    kernel: str = "auto",
+    block_mask=None,
+    flex_attention=None,
+    flex_options: dict[str, Any] | None = None,
+) -> Tensor:
+    """One layer's whole Longformer self-attention, before the output projection: every row's
+    :func:`local_attention` (band, dilation, the global keys joined in once), then the global rows
+    replaced by their attention over every real key (:func:`global_attention_from_hidden`). Equals
+    :func:`reference_attention` with ``k_global = hidden W_k^T + b_k`` (``v_global`` likewise).
+
+    q, k, v: (B, H, n, Dh) local projections; q_global: (B, H, G, Dh) the global query projection
+    of the rows ``global_index`` (B, G), of which ``global_valid`` (B, G) marks the real ones
+    (:func:`global_indices`); hidden: (B, n, d) the layer's input; key_global, value_global:
+    (weight (H*Dh, d), bias or None) of the global key and value projections. Returns (B, H, n, Dh),
+    padded rows 0. ``kernel``, ``block_mask``, ``flex_*``: as :func:`local_attention`.
+    """
+    B, H, n, Dh = q.shape
+    attention_mask = _default_mask(attention_mask, B, n, True, q.device)
+    out = local_attention(
+        q, k, v, window=window, dilation=dilation, attention_mask=attention_mask, global_index=global_index,
+        global_valid=global_valid, dropout_p=dropout_p, block=block, kernel=kernel, block_mask=block_mask,
+        flex_attention=flex_attention, flex_options=flex_options,
+    )  # (B, H, n, Dh)  # fmt: skip
+    G = global_index.shape[1]
+    if not G:
+        return out
+    out_g = global_attention_from_hidden(
+        q_global, hidden, *key_global, *value_global, attention_mask, dropout_p=dropout_p
+    )  # (B, H, G, Dh)
+    rows = global_index[:, None, :, None].expand(B, H, G, Dh)
+    out_g = torch.where(global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows))
+    if torch.is_grad_enabled():  # the attention kernel's backward needs ``out`` unchanged
+        return out.scatter(2, rows, out_g)
+    # G rows written in place: a scatter copies all n rows (twice in place: 12 + 3 ms per layer at
+    # n = 16384 in bf16), as ``out`` is a head view of token-major rows
+    batch = torch.arange(B, device=global_index.device)[:, None]
+    out.transpose(1, 2)[batch, global_index] = out_g.transpose(1, 2)  # indices are distinct
     return out
 
 

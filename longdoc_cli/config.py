@@ -260,6 +260,15 @@ def _convert(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
+def convert_value(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` by the rules every config key follows (``1e-3`` is a number, an
+    integer is a float, nothing else is coerced); ValueError naming what was expected otherwise."""
+    try:
+        return _convert(value, tp)
+    except _Bad:
+        raise ValueError(f"expected {_describe(tp)}") from None
+
+
 def _suggest(key: str, names: Sequence[str]) -> str | None:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
@@ -788,6 +797,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
+    "convert_value",
     "default_config",
     "load_config",
     "load_model_dir_config",

@@ -283,7 +283,7 @@ def evaluate_model(
     watch = Stopwatch()
     from .data import iter_rows, load_classification
     from .model import LongformerForSequenceClassification, load_hf_config
-    from .tasks.runner import pick_device, pick_dtype
+    from .runtime import pick_device, pick_dtype
     from .tokenize import DocumentTokenizer
 
     def guess_task() -> str:  # a plain encoder without a config: the data says which task

@@ -19,15 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (
-    choose_kernel,
-    global_attention_from_hidden,
-    global_indices,
-    local_attention,
-    longformer_block_mask,
-)
+from .attention import FLEX_BLOCK, choose_kernel, global_indices, longformer_attention, longformer_block_mask
 from .errors import LongdocError
-from .runtime import umask_mode
+from .runtime import attention_kernel, compiled_flex, flex_options, umask_mode
 from .textio import preview, read_text_file
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +261,9 @@ class AttentionMasks:
         key = (window, tuple(dilation))
         if key not in self._block_masks:
             self._block_masks[key] = longformer_block_mask(
-                self.attention, self.global_mask, window=window, dilation=dilation
-            )
+                self.attention, self.global_mask, window=window, dilation=dilation,
+                block=int(flex_options().get("tile", FLEX_BLOCK)),
+            )  # fmt: skip
         return self._block_masks[key]
 
 
@@ -292,31 +287,20 @@ class LongformerSelfAttention(nn.Module):
         B, T, d = x.shape
         p = self.dropout if self.training else 0.0
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        kernel = choose_kernel(x.device, p, T, self.window)
-        out = local_attention(
-            q, k, v, window=self.window, dilation=self.dilation, attention_mask=masks.attention,
-            global_index=masks.global_index, global_valid=masks.global_valid, dropout_p=p, kernel=kernel,
-            block_mask=masks.block_mask(self.window, self.dilation) if kernel == "flex" else None,
+        idx = masks.global_index
+        G = idx.shape[1]
+        x_g = x.gather(1, idx[:, :, None].expand(B, G, d))  # (B, G, d)
+        q_g = self._heads(self.query_global(x_g))  # (B, H, G, Dh)
+        kernel = choose_kernel(x.device, p, T, self.window, attention_kernel())
+        flex = kernel == "flex"
+        out = longformer_attention(
+            q, k, v, q_g, x, (self.key_global.weight, self.key_global.bias),
+            (self.value_global.weight, self.value_global.bias), window=self.window, dilation=self.dilation,
+            attention_mask=masks.attention, global_index=idx, global_valid=masks.global_valid, dropout_p=p,
+            kernel=kernel, block_mask=masks.block_mask(self.window, self.dilation) if flex else None,
+            flex_attention=compiled_flex(x.device.type) if flex else None,
+            flex_options=flex_options() if flex else None,
         )  # (B, H, T, Dh)  # fmt: skip
-        G = masks.global_index.shape[1]
-        if G:
-            idx = masks.global_index
-            x_g = x.gather(1, idx[:, :, None].expand(B, G, d))  # (B, G, d)
-            q_g = self.query_global(x_g).view(B, G, self.num_heads, self.head_dim).transpose(1, 2)
-            out_g = global_attention_from_hidden(
-                q_g, x, self.key_global.weight, self.key_global.bias, self.value_global.weight,
-                self.value_global.bias, masks.attention, dropout_p=p,
-            )  # (B, H, G, Dh)  # fmt: skip
-            rows = idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)
-            out_g = torch.where(
-                masks.global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows)
-            )
-            if torch.is_grad_enabled():  # the attention kernel's backward needs ``out`` unchanged
-                out = out.scatter(2, rows, out_g)
-            else:  # G rows written in place: a scatter copies all n rows (twice in place: 12 + 3 ms
-                # per layer at n = 16384 in bf16), as ``out`` is a head view of token-major rows
-                batch = torch.arange(B, device=idx.device)[:, None]
-                out.transpose(1, 2)[batch, idx] = out_g.transpose(1, 2)  # indices are distinct
         return out.transpose(1, 2).reshape(B, T, d)
 
 

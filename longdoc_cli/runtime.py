@@ -1,14 +1,18 @@
 """Process-level helpers. Memory settings for longdoc's own processes (the CLI and the bench's
 children; a library user's process is left as it is), measured on the 2-core CPU (base model,
 2 layers; benchmarks/README.md, "Memory settings"), where a variable the user set wins; whether the
-CPU computes bf16 natively; the umask's mode for the files longdoc writes; an exclusive file lock;
-temporary entries named for their process, and the clean-up of those whose process is gone.
+CPU computes bf16 natively; the device and dtype a model runs on (tasks, training and the bench
+choose them here); what the environment asks of the attention kernels (LONGDOC_ATTENTION,
+LONGDOC_FLEX_OPTIONS) and the compiled FlexAttention with its dynamo settings, handed to the pure
+functions of attention.py as arguments; the umask's mode for the files longdoc writes; an exclusive
+file lock; temporary entries named for their process, and the clean-up of those whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -16,6 +20,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .envvars import env
+from .errors import UsageError
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -51,6 +59,92 @@ def cpu_has_native_bf16() -> bool:
 
 # torch.cpu's probes of native bf16 (private API: a torch without them reads as "emulated").
 BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype: one choice for the tasks, training and the bench
+
+TORCH_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto"):
+    """The ``torch.device`` for auto (CUDA when there is a GPU), cpu, cuda or cuda:N."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+    return torch.device(name)
+
+
+def dtype_name(name: str, device) -> str:
+    """fp32, bf16 or fp16 for ``name``; auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on
+    the CPU."""
+    if name == "auto":
+        import torch
+
+        if torch.device(device).type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name not in TORCH_DTYPES:
+        raise UsageError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}")
+    return name
+
+
+def torch_dtype(name: str):
+    """The torch dtype of fp32, bf16 or fp16."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def pick_dtype(name: str, device):
+    """The torch dtype a model runs in (:func:`dtype_name`); fp16 is refused on the CPU."""
+    chosen = dtype_name(name, device)
+    if device.type == "cpu" and chosen == "fp16":
+        raise UsageError("--dtype fp16 is not supported on the CPU (use fp32)")
+    return torch_dtype(chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention settings (attention.py takes them as arguments)
+
+
+def attention_kernel() -> str:
+    """``LONGDOC_ATTENTION``: "auto" (FlexAttention on CUDA, else the band kernels), "band" (always
+    the band kernels) or "flex" (FlexAttention also on the CPU, compiled, for inference)."""
+    return env("LONGDOC_ATTENTION", "auto")
+
+
+@functools.cache
+def flex_options() -> dict[str, Any]:
+    """FlexAttention kernel options from ``LONGDOC_FLEX_OPTIONS`` (JSON, e.g. '{"BLOCK_M": 64}'), for
+    tuning on a new GPU; ``"contiguous": false`` passes the strided head views as they are, ``"tile"``
+    sets the mask's tile (default 128; kernel BLOCK_M/BLOCK_N must divide it)."""
+    return env("LONGDOC_FLEX_OPTIONS", {})
+
+
+@functools.cache
+def compiled_flex(device_type: str):
+    """``flex_attention`` compiled once per process and device type, or None in a torch without it.
+    CUDA recompiles once, dynamic in the length, when a second length comes; the CPU build is static
+    per length (inductor's dynamic CPU flex code fails to compile in torch 2.13)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    # Past dynamo's recompile limit (8 by default) a function silently runs eagerly, and eager
+    # FlexAttention builds the (n, n) scores. Kinds of mask x static/dynamic length x grad mode x dtype
+    # can pass 8 in a long process (training with dev evaluation), so the limit is raised.
+    if getattr(dynamo_config, "recompile_limit", 64) < 64:
+        dynamo_config.recompile_limit = 64
+    return torch.compile(flex_attention, dynamic=None if device_type == "cuda" else False)
 
 
 def umask_mode(path: str | os.PathLike[str]) -> None:

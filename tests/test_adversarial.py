@@ -699,7 +699,7 @@ def test_killed_checkpoint_save_is_cleaned_by_the_next_run(tmp_path, tiny_dir, f
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("task: classify\n")
     argv = ["train", str(cfg), "-o", str(out), *[f"--set={s}" for s in tiny_overrides(tiny_dir, data)]]
-    p = subprocess.run([sys.executable, "-c", _die_in("longdoc_cli.train", function, argv)],
+    p = subprocess.run([sys.executable, "-c", _die_in("longdoc_cli.checkpoint", function, argv)],
                        cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert _temporaries(out)

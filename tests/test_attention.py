@@ -7,16 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longdoc_cli import attention
+from longdoc_cli import attention, runtime
 from longdoc_cli.attention import (
     band_predicate,
     global_attention,
     global_attention_from_hidden,
     global_indices,
     local_attention,
+    longformer_attention,
     reference_attention,
 )
 from longdoc_cli.cli import exit_code
+from longdoc_cli.model import AttentionMasks
 
 F64 = torch.float64
 
@@ -407,10 +409,9 @@ def test_block_mask_tiles_cover_exactly_the_allowed_pairs(case, tile):
 
 @needs_flex
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_flex_path_equals_reference(case, monkeypatch):
+def test_flex_path_equals_reference(case):
     """Eager FlexAttention (the same mask as the compiled kernel) with 8-token tiles, float64."""
     eager = attention._flex_module().flex_attention
-    monkeypatch.setattr(attention, "_compiled_flex", lambda device_type: eager)
     B, H, n, window, dilation, pads, globs, _ = case
     am, gm = make_masks(n, pads, globs)
     _, tensors = random_inputs(B, H, n)
@@ -420,25 +421,29 @@ def test_flex_path_equals_reference(case, monkeypatch):
     index, valid = global_indices(gm & am)
     q, k, v = tensors[:3]
     out = local_attention(q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
-                          global_valid=valid, kernel="flex", block_mask=bm)  # fmt: skip
+                          global_valid=valid, kernel="flex", block_mask=bm, flex_attention=eager)  # fmt: skip
     local_rows = (am & ~gm)[:, None, :, None]
     torch.testing.assert_close(out * local_rows, ref * local_rows, atol=1e-12, rtol=0)
     assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
 
 
 def test_choose_kernel(monkeypatch):
+    """The choice is pure; LONGDOC_ATTENTION reaches it through runtime.attention_kernel()."""
     monkeypatch.delenv("LONGDOC_ATTENTION", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.attention_kernel() == "auto"
     assert attention.choose_kernel(cpu, 0.0, 4096, 256) == "band"
     if attention._flex_module() is not None:
         assert attention.choose_kernel(cuda, 0.0, 4096, 256) == "flex"
     assert attention.choose_kernel(cuda, 0.1, 4096, 256) == "band"  # attention dropout: SDPA's
     assert attention.choose_kernel(cuda, 0.0, 200, 256) == "band"  # one window: the dense path
     monkeypatch.setenv("LONGDOC_ATTENTION", "band")
-    assert attention.choose_kernel(cuda, 0.0, 4096, 256) == "band"
+    assert attention.choose_kernel(cuda, 0.0, 4096, 256, runtime.attention_kernel()) == "band"
     monkeypatch.setenv("LONGDOC_ATTENTION", "flex")
     if attention._flex_module() is not None:
-        assert attention.choose_kernel(cpu, 0.0, 4096, 256) == "flex"
+        assert attention.choose_kernel(cpu, 0.0, 4096, 256, runtime.attention_kernel()) == "flex"
+    with pytest.raises(ValueError, match="prefer"):
+        attention.choose_kernel(cpu, 0.0, 4096, 256, "fast")
 
 
 @needs_flex
@@ -461,7 +466,8 @@ def test_compiled_flex_on_cpu_equals_reference():
         )
         with torch.no_grad():
             out = local_attention(*tensors[:3], window=window, dilation=dilation, attention_mask=am,
-                                  global_index=index, global_valid=valid, kernel="flex")  # fmt: skip
+                                  global_index=index, global_valid=valid, kernel="flex",
+                                  flex_attention=runtime.compiled_flex("cpu"))  # fmt: skip
         torch.testing.assert_close(out * local_rows, ref * local_rows, atol=2e-5, rtol=0)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[3] == graphs[2], graphs
@@ -482,7 +488,8 @@ def test_flex_on_cuda_equals_reference(dtype, dilation):
                               attention_mask=am, global_mask=gm)  # fmt: skip
     index, valid = global_indices(gm & am)
     out = local_attention(q, k, v, window=window, dilation=dilation, attention_mask=am, global_index=index,
-                          global_valid=valid, kernel="flex")  # fmt: skip
+                          global_valid=valid, kernel="flex",
+                          flex_attention=runtime.compiled_flex("cuda"))  # fmt: skip
     local_rows = (am & ~gm)[:, None, :, None]
     out, ref = out * local_rows, ref * local_rows
     rel = ((out.double() - ref).norm() / ref.norm()).item()
@@ -504,33 +511,88 @@ def test_bad_flex_options_are_a_usage_error(text, monkeypatch):
     from longdoc_cli.errors import LongdocError
 
     monkeypatch.setenv("LONGDOC_FLEX_OPTIONS", text)
-    attention._flex_options.cache_clear()
+    runtime.flex_options.cache_clear()
     try:
         with pytest.raises(LongdocError, match="LONGDOC_FLEX_OPTIONS") as e:
-            attention._flex_options()
+            runtime.flex_options()
         assert exit_code(e.value) == 2
     finally:
         monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
-        attention._flex_options.cache_clear()
+        runtime.flex_options.cache_clear()
 
 
 @needs_flex
 def test_flex_tile_from_options(monkeypatch):
     am = torch.ones(1, 300, dtype=torch.bool)
     gm = torch.zeros_like(am)
+    masks = AttentionMasks(am, gm, *global_indices(gm))  # the model's masks take the tile from runtime
     monkeypatch.setenv("LONGDOC_FLEX_OPTIONS", '{"tile": 64}')
-    attention._flex_options.cache_clear()
+    runtime.flex_options.cache_clear()
     try:
-        assert attention.longformer_block_mask(am, gm, window=16).BLOCK_SIZE == (64, 64)
+        assert masks.block_mask(16, [1]).BLOCK_SIZE == (64, 64)
     finally:
         monkeypatch.delenv("LONGDOC_FLEX_OPTIONS")
-        attention._flex_options.cache_clear()
+        runtime.flex_options.cache_clear()
+    assert AttentionMasks(am, gm, *global_indices(gm)).block_mask(16, [1]).BLOCK_SIZE == (128, 128)
     assert attention.longformer_block_mask(am, gm, window=16).BLOCK_SIZE == (128, 128)
+    assert attention.longformer_block_mask(am, gm, window=16, block=64).BLOCK_SIZE == (64, 64)
 
 
 @needs_flex
 def test_compiling_flex_raises_the_recompile_limit():
     import torch._dynamo.config as dynamo_config
 
-    attention._compiled_flex("cpu")
+    runtime.compiled_flex("cpu")
     assert dynamo_config.recompile_limit >= 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole layer: longformer_attention (what the model and the bench run) vs the dense spec
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_longformer_attention_equals_reference(case, grad):
+    """Local rows and global rows (their keys and values projected from the hidden state,
+    reassociated) against reference_attention with every projection computed densely: padding,
+    globals inside windows, dilation, odd lengths; values and the hidden state's gradient."""
+    B, H, n, window, dilation, pads, globs, block = case
+    Dh = 4
+    d = H * Dh
+    am, gm = make_masks(n, pads, globs)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(B, n, d, dtype=F64, generator=g, requires_grad=grad)
+    weights = [torch.randn(d, d, dtype=F64, generator=g) / d**0.5 for _ in range(6)]  # q k v q_g k_g v_g
+    biases = [torch.randn(d, dtype=F64, generator=g) for _ in range(6)]
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh)
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    q, k, v, qg, kg, vg = (heads(x @ w.T + b) for w, b in zip(weights, biases, strict=True))
+    ref = reference_attention(q, k, v, qg, kg, vg, window=window, dilation=dilation, attention_mask=am,
+                              global_mask=gm)  # fmt: skip
+    index, valid = global_indices(gm & am)
+    rows = index[:, None, :, None].expand(B, H, index.shape[1], Dh)
+    with torch.set_grad_enabled(grad):
+        out = longformer_attention(
+            q, k, v, qg.gather(2, rows), x, (weights[4], biases[4]), (weights[5], biases[5]), window=window,
+            dilation=dilation, attention_mask=am, global_index=index, global_valid=valid, block=block,
+        )  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    if grad:
+        upstream = torch.randn(ref.shape, dtype=F64, generator=g)
+        (g_out,) = torch.autograd.grad((out * upstream).sum(), x, retain_graph=True)
+        (g_ref,) = torch.autograd.grad((ref * upstream).sum(), x)
+        torch.testing.assert_close(g_out, g_ref, atol=1e-9, rtol=0)
+
+
+def test_longformer_attention_refuses_bad_arguments():
+    q = torch.zeros(1, 2, 8, 4)
+    x, w = torch.zeros(1, 8, 8), torch.zeros(8, 8)
+    index, valid = global_indices(torch.zeros(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kernel"):
+        longformer_attention(q, q, q, q[:, :, :0], x, (w, None), (w, None), window=2, attention_mask=None,
+                             global_index=index, global_valid=valid, kernel="dense")  # fmt: skip
+    with pytest.raises(ValueError, match="flex_attention"):
+        longformer_attention(q, q, q, q[:, :, :0], x, (w, None), (w, None), window=2, attention_mask=None,
+                             global_index=index, global_valid=valid, kernel="flex")  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from longdoc_cli import bench
+from longdoc_cli.bench import child
 from longdoc_cli.cli import app, exit_code
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.model import LongformerConfig, LongformerEncoder
@@ -125,14 +126,14 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_a_failing_baseline_is_skipped_with_a_note(monkeypatch):
-    real = bench.forward
+    real = child.forward
 
     def forward(impl, model, *args):
         if impl == "full":
             raise RuntimeError("CPU out of memory: tried to allocate 40 GiB")
         return real(impl, model, *args)
 
-    monkeypatch.setattr(bench, "forward", forward)
+    monkeypatch.setattr(child, "forward", forward)
     report = bench.run_bench(bench.BenchSpec(models=("tiny",), seq_lens=(32,), impls=("longdoc", "full"),
                                              iters=1, warmup=0, isolate=False, check=False))  # fmt: skip
     by_impl = {m.impl: m for m in report.measurements}
@@ -199,12 +200,10 @@ def test_bf16_rows_get_a_bf16_check():
 def test_rounds_pool_the_runs_of_every_round(monkeypatch):
     """--rounds 3 runs the grid three times, round-robin (longdoc, hf, longdoc, hf, ...), and each row
     holds all its timed runs."""
-    from longdoc_cli import bench
-
     order = []
-    measure = bench.measure
+    measure = child.measure
     monkeypatch.setattr(
-        bench, "measure", lambda job, model=None: order.append(job.impl) or measure(job, model)
+        child, "measure", lambda job, model=None: order.append(job.impl) or measure(job, model)
     )
     res = invoke(*FAST, "--seq-len", "24", "--impls", "longdoc,hf", "--iters", "2", "--rounds", "3",
                  "--no-check", "--format", "json")  # fmt: skip
@@ -215,7 +214,7 @@ def test_rounds_pool_the_runs_of_every_round(monkeypatch):
 
 
 def test_pool_of_rounds():
-    from longdoc_cli.bench import _pool
+    from longdoc_cli.bench.run import _pool
 
     ok = {"status": "ok", "note": "", "times": [1.0, 2.0], "peak_mem_mib": 10.0, "iters": 2,
           "matmul_peak_gflops": 100.0}  # fmt: skip
@@ -254,14 +253,16 @@ def test_full_attention_is_the_same_model_with_a_whole_sequence_window():
     glob[:, 0] = True
     mask = torch.ones(2, 50, dtype=torch.long)
     mask[1, 40:] = 0
+    full_model = LongformerEncoder(bench.full_attention_config(model.config, 50)).eval()
+    full_model.load_state_dict(model.state_dict())  # the full baseline: a config override, no patching
     with torch.inference_mode():
         banded = model(ids, mask, glob)
-        with bench.full_attention(model, 50):
-            full = model(ids, mask, glob)
+        full = full_model(ids, mask, glob)
         again = model(ids, mask, glob)
         assert torch.allclose(full, wide(ids, mask, glob), atol=1e-5)
     assert not torch.allclose(full, banded, atol=1e-3)  # the window really changed
-    assert torch.equal(again, banded)  # and was restored
+    assert torch.equal(again, banded)  # and the banded model is as it was
+    assert model.config.windows == [8, 8] and full_model.config.windows == [100, 100]
 
 
 def test_int8_outputs_close_to_fp32():
@@ -314,7 +315,9 @@ def test_globals_beyond_the_length_are_counted_as_marked():
     """make_inputs marks min(G, n) global tokens: the FLOPs must count no more."""
     cfg = bench.preset_config("tiny", 64, None)
     for impl in ("longdoc", "full", "longdoc-attn"):
-        assert bench._flops(impl, cfg, 16, 1, 1000, "infer") == bench._flops(impl, cfg, 16, 1, 16, "infer")
+        assert bench.flops_of(impl, cfg, 16, 1, 1000, "infer") == bench.flops_of(
+            impl, cfg, 16, 1, 16, "infer"
+        )
 
 
 def test_ratios_compare_models_with_models():

@@ -206,7 +206,7 @@ def test_one_run_per_output_directory(tiny, tiny_model_dir, cls_data, tmp_path):
     no directory of its own behind, and a finished one no lock file."""
     import fcntl
 
-    from longdoc_cli.train import LOCK_FILE
+    from longdoc_cli.checkpoint import LOCK_FILE
 
     cfg = load_config(None, tiny.overrides(tiny_model_dir, cls_data, **{"train.max_steps": 1}))
     busy = tmp_path / "busy"

@@ -21,6 +21,7 @@ from ..model import (
     LongformerForSequenceClassification,
     load_hf_config,
 )
+from ..runtime import pick_device, pick_dtype
 from ..tokenize import DocumentTokenizer, Window
 
 
@@ -37,29 +38,6 @@ class TaskModel:
     pooling: str  # how the checkpoint was trained to pool token states: "mean" or "cls"
     path: Path
     max_length: int  # tokens per window, specials included
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise UsageError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}")
-    if device.type == "cpu" and name == "fp16":
-        raise UsageError("--dtype fp16 is not supported on the CPU (use fp32)")
-    return table[name]
 
 
 def load_task_model(
