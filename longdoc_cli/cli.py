@@ -758,6 +758,9 @@ def evaluate_cmd(
     with errors():
         out_fmt = output_format(fmt, REPORT_FORMATS)
         cfg = load_config(config) if config else None
+        from .tasks.inputs import check_paths
+
+        check_paths([data])  # before the model loads
         extra = ["data.skip_bad_lines=true"] if skip_bad_lines else []
         console = stderr_console()
         with _progress(console, "evaluate", 0) as progress:
