@@ -762,6 +762,9 @@ def evaluate_cmd(
     with errors():
         out_fmt = output_format(fmt, REPORT_FORMATS)
         flags = {"data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None)}
+        from .tasks.inputs import check_paths
+
+        check_paths([data])  # before the model loads
         console = stderr_console()
         with _progress(console, "evaluate", 0) as progress:
             task = progress.add_task("evaluate", total=None)
@@ -1219,7 +1222,9 @@ def classify(
         failed = False
         with _progress(console, "classify", n_docs) as progress:
             task = progress.add_task("classify", total=n_docs)
-            for chunk in batched(items, max(4 * bs, 8), idle_s=FLUSH_IDLE_S):
+            # A chunk holds at most one forward pass's worth of documents (classify_iter groups no
+            # more windows than that): a result waits for no more input than its own pass needs.
+            for chunk in batched(items, bs, idle_s=FLUSH_IDLE_S):
                 docs = [x for x in chunk if not bad_input(x)]
                 for doc, result in _each_or_alone(clf.classify_iter, docs):
                     progress.advance(task)

@@ -1,9 +1,11 @@
 """What a run processed and how long it took: the counts, the load and compute times, the device,
 and the one summary line the commands print on stderr (`--timings` also puts them in the output).
 
-Times are wall-clock (``time.perf_counter``). ``load_s`` is the model load (and, zero-shot, the
-labels' embeddings); ``compute_s`` the time spent reading, tokenizing and running the documents,
-between the first document and the last result; throughput is over ``compute_s``.
+Times are wall-clock (``time.perf_counter``). ``load_s`` is resolving and loading the model (and,
+zero-shot, embedding the labels; for evaluate also reading the data); ``compute_s`` the documents'
+own time: tokenization, forward passes and decoding, not waiting for input or writing results
+(train: from the first step to the end; convert: the conversion); ``total_s`` the whole command.
+Throughput is over ``compute_s``.
 """
 
 from __future__ import annotations

@@ -711,6 +711,31 @@ def test_killed_checkpoint_save_is_cleaned_by_the_next_run(tmp_path, tiny_dir, f
 
 
 @pytest.mark.slow
+def test_killed_while_last_links_best_leaves_best_whole(tmp_path, tiny_dir):
+    """SIGKILL right after last/ hard-linked best/'s files (step 2, the first evaluation: the best):
+    best/ still loads, and the next run cleans up and writes both."""
+    from longdoc_cli.model import load_state_dict
+    from longdoc_cli.tasks.runner import load_task_model
+
+    data = write_classification_data(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("task: classify\n")
+    argv = ["train", str(cfg), "-o", str(out), *[f"--set={s}" for s in tiny_overrides(tiny_dir, data)]]
+    p = subprocess.run([sys.executable, "-c", _die_in("longdoc_cli.train", "link_files", argv)],
+                       cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert _temporaries(out) and not (out / "last").exists()
+    assert load_state_dict(out / "best") and load_task_model(out / "best", task="classify")
+    p = subprocess.run([sys.executable, "-m", "longdoc_cli", *argv, "--force"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert _temporaries(out) == [] and (out / "last" / "trainer_state.pt").is_file()
+    for name in ("best", "last"):
+        load_task_model(out / name, task="classify")
+
+
+@pytest.mark.slow
 def test_fifo_named_directly_does_not_hold_back_earlier_results(tmp_path, tiny_dir):
     doc = tmp_path / "a.txt"
     doc.write_text(SPORT)

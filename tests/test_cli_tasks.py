@@ -649,6 +649,7 @@ def test_table_polish(encoder_dir, docs):
     n_tokens = heads.index(next(h for h in heads if "n_tokens" in h))
     assert cells[n_tokens].endswith(" ") and cells[n_tokens].strip().isdigit()
     assert cells[n_tokens].rstrip().endswith(cells[n_tokens].strip()) and cells[n_tokens].startswith("  ")
+    assert "seconds" in header  # --timings: a seconds column
 
 
 def test_display_name_of_the_default_model():

@@ -323,9 +323,20 @@ def test_link_files_falls_back_when_links_fail(tmp_path, monkeypatch):
     assert not modelcard.link_files(src, dst) and list(dst.iterdir()) == []
 
 
-def test_evaluate_prints_a_summary(tiny_model_dir, qa_data):
+def test_evaluate_prints_a_summary_and_progress(tiny_model_dir, qa_data, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import longdoc_cli.cli as cli
+
+    err = io.StringIO()
+    monkeypatch.setattr(cli, "stderr_console", lambda quiet=False: Console(file=err, force_terminal=True))
     r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(qa_data), "-f", "json"])
     assert r.exit_code == 0, r.output
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("longdoc: evaluate: ") and " questions, " in line and "load " in line
     assert "run" not in json.loads(r.stdout)
+    assert "evaluate" in err.getvalue() and "ETA" in err.getvalue()  # the progress bar (a terminal)
+    r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "missing.jsonl: no such file or directory" in r.stderr
