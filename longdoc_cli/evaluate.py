@@ -259,7 +259,7 @@ def evaluate_model(
     config is ``cfg`` (a config or a YAML file), else the model's ``longdoc.yaml``, else the
     defaults, plus ``overrides`` and ``flags`` (:func:`config.resolve_run`). QA runs exactly as
     `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as the default model is
-    scored zero-shot; classification needs a classification head."""
+    scored zero-shot; classification too, against the data's own label set."""
     from .data import iter_rows, load_classification
     from .model import LongformerForSequenceClassification, load_hf_config
     from .tasks.runner import pick_device, pick_dtype
@@ -277,6 +277,9 @@ def evaluate_model(
     if task == "qa":
         return _evaluate_qa(model_dir, data_path, cfg)
     config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
+    config = config.with_attention_dilation(cfg.model.attention_dilation)
+    if config.head == "encoder":  # the default model: zero-shot over the data's own labels
+        return _evaluate_zero_shot(model_dir, data_path, cfg)
     if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
@@ -300,6 +303,32 @@ def evaluate_model(
     )
 
 
+def _evaluate_zero_shot(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalReport:
+    """A plain encoder scored as `longdoc classify --labels ...` runs it, the labels being the
+    data's own label set (sorted): the zero-shot baseline to measure before training."""
+    from .data import load_classification
+    from .tasks.classify import Classifier, Label
+    from .tasks.runner import load_task_model
+
+    data = load_classification(data_path, cfg.data)
+    names = sorted({x for d in data.docs for x in d.labels})
+    if len(names) < 2:
+        raise LongdocError(f"{data_path}: zero-shot evaluation needs at least two labels in the data")
+    m_cfg, inf = cfg.model, cfg.inference
+    tm = load_task_model(model_dir, task="classify", device=m_cfg.device, dtype=m_cfg.dtype,
+                         quantize=m_cfg.quantize, max_length_cap=m_cfg.max_length,
+                         attention_window=m_cfg.attention_window,
+                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
+    classifier = Classifier(tm, [Label(x) for x in names], aggregate=inf.aggregate, threshold=inf.threshold,
+                            batch_size=inf.batch_size, stride=cfg.tokenization.stride)  # fmt: skip
+    results = classifier.classify([(str(i), doc.text) for i, doc in enumerate(data.docs)])
+    preds, lengths = [tuple(r.labels) for r in results], [r.n_tokens + 2 for r in results]
+    m = classification_metrics([d.labels for d in data.docs], preds, names, lengths)
+    return EvalReport(
+        "classify", str(model_dir), data_path, m.n, m.summary(), classification=m, skipped=data.skipped
+    )
+
+
 def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalReport:
     from .data import load_qa
     from .tasks.qa import QuestionAnswerer
@@ -307,7 +336,8 @@ def _evaluate_qa(model_dir: Path, data_path: str, cfg: LongdocConfig) -> EvalRep
 
     m_cfg, t_cfg, inf = cfg.model, cfg.tokenization, cfg.inference
     tm = load_task_model(model_dir, task="qa", device=m_cfg.device, dtype=m_cfg.dtype,
-                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window)  # fmt: skip
+                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window,
+                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
     tm = dataclasses.replace(tm, max_length=min(m_cfg.max_length, tm.max_length))
     answerer = QuestionAnswerer(
         tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,

@@ -40,12 +40,22 @@ class TaskModel:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    from ..config import DEVICE_PATTERN
+
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError("device mps: Apple's Metal (MPS) is not available here (use cpu)")
     return torch.device(name)
 
 
@@ -63,7 +73,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_task_model(
-    model_dir: Path,
+    model_dir: str | Path,
     *,
     task: str,
     device: str = "auto",
@@ -72,6 +82,7 @@ def load_task_model(
     max_length: int | None = None,
     max_length_cap: int | None = None,
     attention_window: int | None = None,
+    attention_dilation: int | list[Any] | None = None,
 ) -> TaskModel:
     """Load ``model_dir`` for ``task`` ("classify" or "qa"); a checkpoint with the other task's head
     is refused, one without a head runs zero-shot with its encoder.
@@ -80,7 +91,9 @@ def load_task_model(
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     if task not in ("classify", "qa"):
         raise UsageError(f"task must be 'classify' or 'qa', not {task!r}")
+    model_dir = Path(model_dir)
     config = load_hf_config(model_dir).with_attention_window(attention_window)
+    config = config.with_attention_dilation(attention_dilation)
     head = config.head
     wanted = {"classify": "classification", "qa": "qa"}[task]
     if head not in ("encoder", wanted):
