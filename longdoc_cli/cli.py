@@ -66,7 +66,7 @@ class _LongdocGroup(typer.core.TyperGroup):
             code = 1
         except _usage_error_types() as e:
             if type(e).__name__ != "NoArgsIsHelpError":  # that one (`longdoc` alone) printed the help
-                typer.echo(f"longdoc: error: {usage_error_line(e)}", err=True)
+                typer.echo(f"longdoc: error: {bounded(usage_error_line(e))}", err=True)
             code = e.exit_code
         if not standalone_mode:
             return code
