@@ -371,6 +371,17 @@ def test_bench_dilation(tmp_path):
     with pytest.raises(UsageError, match="dilation: 0 must be at least 1"):
         spec_from_dict({"dilation": 0})
     src = build_tiny_model(tmp_path / "m")
-    out = with_dilation(src, 3, tmp_path / "d")
+    out = with_dilation(src, 3, src)  # the preset case: the checkpoint is in the temporary directory
+    assert out == src / "dilated" and load_hf_config(src).dilations == [[1, 1], [1, 1]]
     assert load_hf_config(out).dilations == [[3, 3], [3, 3]] and LongformerEncoder.from_pretrained(out)
     assert with_dilation(src, None, tmp_path / "e") == src
+
+
+def test_bench_cli_dilation_is_checked_and_timed():
+    r = run("bench", "-m", "tiny", "-n", "48", "--dilation", "2", "--iters", "1", "--warmup", "0",
+            "--no-isolate", "--impls", "longdoc,hf", "--format", "json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert "dilation [2]" in report["checks"][0]["note"] and report["checks"][0]["passed"]
+    status = {m["impl"]: m["status"] for m in report["measurements"]}
+    assert status == {"longdoc": "ok", "hf": "skipped"}
