@@ -13,12 +13,13 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import typer
 import typer.core
 
 from . import __version__
+from .config import InferenceSection, TokenizationSection
 from .errors import LongdocError, UsageError, is_out_of_memory
 
 
@@ -31,10 +32,30 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
     return (click.ClickException,)
 
 
+# The main jobs first in `longdoc --help`; the others in the order they are defined.
+FIRST_COMMANDS = ("classify", "qa")
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """On/off flags shown without a ``<bool>`` metavar in the help (they take no value)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 class _LongdocGroup(typer.core.TyperGroup):
     """Usage errors (unknown option, `--iters abc`, ...) as one ``longdoc: error:`` line on stderr
     with exit code 2, like every other error, instead of Typer's boxed panel. Typer and click handle
-    the error themselves in standalone mode, so the app runs non-standalone here and exits itself."""
+    the error themselves in standalone mode, so the app runs non-standalone here and exits itself.
+    The help lists classify and qa first and shows flags without a ``<bool>`` metavar."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in FIRST_COMMANDS if n in names] + [n for n in names if n not in FIRST_COMMANDS]
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
@@ -45,11 +66,25 @@ class _LongdocGroup(typer.core.TyperGroup):
             code = 1
         except _usage_error_types() as e:
             if type(e).__name__ != "NoArgsIsHelpError":  # that one (`longdoc` alone) printed the help
-                typer.echo(f"longdoc: error: {usage_error_line(e)}", err=True)
+                typer.echo(f"longdoc: error: {bounded(usage_error_line(e))}", err=True)
             code = e.exit_code
         if not standalone_mode:
             return code
         sys.exit(code)
+
+
+class _LongdocCommand(typer.core.TyperCommand):
+    """A command whose help shows flags (--help included) without a ``<bool>`` metavar."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """Typer whose commands are :class:`_LongdocCommand`."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _LongdocCommand, **kwargs)
 
 
 def usage_error_line(error: Exception) -> str:
@@ -61,7 +96,7 @@ def usage_error_line(error: Exception) -> str:
     return line
 
 
-app = typer.Typer(
+app = _Typer(
     cls=_LongdocGroup,
     name="longdoc",
     help="Classify long documents and answer questions over them with a Longformer encoder.",
@@ -221,10 +256,100 @@ def write_jsonl(record: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Options shared by the commands (one definition each; one name per setting everywhere)
+
+_MODEL_HELP = "default, a model directory (Longformer, or BERT/RoBERTa converted on the fly) or a hub id."
+_INF, _TOK = InferenceSection(), TokenizationSection()
+
+
+def _default(value: Any, path: str) -> str:
+    """The effective default of an option that comes from the config: ``[default: VALUE, PATH]``."""
+    shown = "none" if value is None else value
+    return f" [default: {shown}, config {path}]"
+
+
+Format = Literal["table", "jsonl", "json", "tsv"]
+ReportFormat = Literal["table", "json", "jsonl"]
+Aggregate = Literal["mean", "max", "first"]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+Quantize = Literal["none", "int8"]
+DEVICES = ("auto", "cpu", "cuda", "cuda:0", "mps")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in DEVICES if d.startswith(incomplete)]
+
+
+_PATHS = typer.Argument(None, help="Text files, - for stdin, directories (with -r), .jsonl files.")
+_MODEL = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Default: $LONGDOC_MODEL, else default.")
+_ALLOW_DOWNLOAD = typer.Option(
+    False,
+    "--allow-download",
+    help="Allow fetching a hub model (one in the Hugging Face cache needs no flag).",
+)
+_CONFIG = typer.Option(
+    None, "--config", "-c", help="YAML config (default: the model's longdoc.yaml); options override it."
+)
+_SET = typer.Option(
+    [], "--set", help="Override a config key: section.key=value (repeatable), e.g. inference.top_k=5."
+)
+_RECURSIVE = typer.Option(False, "--recursive", "-r", help="Read the files under directories.")
+_TEXT_KEY = typer.Option(None, "--text-key", help="JSON-lines key holding the text. [default: text]")
+_ID_KEY = typer.Option(None, "--id-key", help="JSON-lines key holding the document id. [default: id]")
+_BATCH_SIZE = typer.Option(
+    None, "--batch-size", help="Windows per forward pass." + _default(_INF.batch_size, "inference.batch_size")
+)
+_MAX_LENGTH = typer.Option(
+    None,
+    "--max-length",
+    help="Tokens per window, specials included. [default: the model's limit, capped by model.max_length]",
+)
+_STRIDE = typer.Option(
+    None,
+    "--stride",
+    help="Tokens shared by consecutive windows." + _default(_TOK.stride, "tokenization.stride"),
+)
+_DEVICE = typer.Option(
+    None,
+    "--device",
+    help="auto (CUDA when available), cpu, cuda, cuda:N or mps. [default: auto, from model.device]",
+    autocompletion=_complete_device,
+)
+_DTYPE = typer.Option(
+    None, "--dtype", help="Weights and activations. [default: auto: fp32 on CPU, bf16 on CUDA]"
+)
+_QUANTIZE = typer.Option(
+    None, "--quantize", help="int8: CPU, opt-in, faster but less accurate (README). [default: none]"
+)
+_SHARD = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K.")
+_FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else jsonl]")
+_REPORT_FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else JSON]")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
+_MAX_BYTES = typer.Option(
+    None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G. [default: 64M]"
+)
+_INPUT_FORMAT = typer.Option(
+    "auto",
+    "--input-format",
+    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
+    "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
+)
+_SKIP_BAD = typer.Option(
+    False, "--skip-bad-lines", help="Skip bad JSON-lines/lines records (counted, exit 0) instead of failing."
+)
+_TIMINGS = typer.Option(
+    False, "--timings", help="Add each record's seconds, and a final summary record (jsonl, json)."
+)
+
+
+# ----------------------------------------------------------------------------------------------
 # Models: convert, models/env
 
 
-@app.command()
+@app.command(
+    epilog="Examples: `longdoc convert ./bert-base ./bert-long --max-positions 8192` · "
+    "`longdoc convert ./minilm ./minilm-dilated --dilation '[1,1,2,2,4,4]'` (per layer)"
+)
 def convert(
     src: str = typer.Argument(..., help="A Hugging Face BERT or RoBERTa directory with its tokenizer."),
     out: str = typer.Argument(..., help="New directory for the Longformer (must not exist or be empty)."),
@@ -234,6 +359,12 @@ def convert(
     attention_window: int = typer.Option(
         512, "--attention-window", help="Two-sided local attention width in tokens (512 = 256 each side)."
     ),
+    dilation: str | None = typer.Option(
+        None,
+        "--dilation",
+        help="Attention dilation saved in config.json: an int, a list per layer ('[1,2,...]'), or per layer "
+        "per head ('[[1,2,...],...]'). [default: 1]",
+    ),
     force: bool = typer.Option(
         False, "--force", help="Write into a non-empty OUT (replaces same-named files, keeps the rest)."
     ),
@@ -242,11 +373,13 @@ def convert(
     projections from the local ones, tokenizer length raised)."""
 
     with errors():
+        from .config import parse_dilation
         from .convert import convert_checkpoint
         from .timing import Stopwatch
 
         watch = Stopwatch()
-        path = convert_checkpoint(src, out, max_positions, attention_window, force=force)
+        dil = None if dilation is None else parse_dilation(dilation)
+        path = convert_checkpoint(src, out, max_positions, attention_window, force=force, dilation=dil)
         typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
         _summary(stderr_console(), _convert_stats(path, watch.seconds))
 
@@ -296,9 +429,9 @@ def _environment() -> dict[str, Any]:
     }
 
 
-@app.command("models")
+@app.command("models", epilog="Examples: `longdoc models` · `longdoc models -m ./my-bert --format json`")
 def models_cmd(
-    fmt: str = typer.Option(None, "--format", "-f", help="table (default on a TTY) or json."),
+    fmt: ReportFormat | None = _REPORT_FMT,
     model: str = typer.Option(
         None, "--model", "-m", help="Also resolve this model (converting it if needed) and describe it."
     ),
@@ -367,7 +500,10 @@ def env_cmd(
 # bench
 
 
-@app.command()
+@app.command(
+    epilog="Examples: `longdoc bench -m tiny --seq-lens 1024,4096` · "
+    "`longdoc bench -m base -n 4096 --device cuda --dtype bf16 --dilation 2`"
+)
 def bench(
     seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens."),
     seq_lens: str = typer.Option(None, "--seq-lens", help="Comma-separated lengths, e.g. 1024,4096,16384."),
@@ -388,6 +524,9 @@ def bench(
         None, "--quantize", help="int8: also time longdoc with int8 dynamic quantization (CPU)."
     ),
     layers: int = typer.Option(None, "--layers", help="Use only the first N layers (time is linear in N)."),
+    dilation: int = typer.Option(
+        None, "--dilation", help="Attention dilation of every layer and head (default: the model's)."
+    ),
     warmup: int = typer.Option(None, "--warmup", help="Untimed runs first (default 1)."),
     iters: int = typer.Option(None, "--iters", help="Timed runs (default 5)."),
     rounds: int = typer.Option(
@@ -405,7 +544,7 @@ def bench(
     config: str = typer.Option(
         None, "--config", "-c", help="YAML sweep (configs/bench.yaml); flags override it."
     ),
-    fmt: str = typer.Option(None, "--format", "-f", help="table (default on a TTY), json or jsonl."),
+    fmt: ReportFormat | None = _REPORT_FMT,
 ) -> None:
     """Time longdoc against transformers' Longformer and full attention on the same weights:
     median/p95 latency, tokens/s, peak memory, FLOPs and GFLOP/s against the measured matmul peak."""
@@ -428,8 +567,8 @@ def bench(
         data.update({k: [v] for k, v in singles.items() if v is not None})
         if impls is not None:
             data["impls"] = [x.strip() for x in impls.split(",") if x.strip()]
-        scalars = {"device": device, "globals": globals_, "layers": layers, "warmup": warmup,
-                   "iters": iters, "rounds": rounds, "check": check, "isolate": isolate,
+        scalars = {"device": device, "globals": globals_, "layers": layers, "dilation": dilation,
+                   "warmup": warmup, "iters": iters, "rounds": rounds, "check": check, "isolate": isolate,
                    "time_budget": time_budget}  # fmt: skip
         data.update({k: v for k, v in scalars.items() if v is not None})
         if quantize not in (None, "none", "int8"):
@@ -513,14 +652,16 @@ def dataclasses_asdict(obj: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # train / evaluate / config (fine-tuning from one YAML config)
 
-config_app = typer.Typer(help="Write and check longdoc YAML configs.", no_args_is_help=True)
+config_app = _Typer(cls=_LongdocGroup, help="Write and check longdoc YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
-@config_app.command("init")
+@config_app.command(
+    "init", epilog="Examples: `longdoc config init my.yaml` · `longdoc config init --task qa > qa.yaml`"
+)
 def config_init(
     path: str = typer.Argument("-", help="Where to write the config ('-' = stdout)."),
-    task: str = typer.Option("classify", "--task", "-t", help="classify | qa"),
+    task: Literal["classify", "qa"] = typer.Option("classify", "--task", "-t", help="Which task's defaults."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a complete, commented config with every key at its default."""
@@ -552,10 +693,13 @@ def config_init(
         typer.echo(f"wrote {path}", err=True)
 
 
-@config_app.command("validate")
+@config_app.command(
+    "validate",
+    epilog="Example: `longdoc config validate my.yaml --set model.attention_dilation='[1,1,2,2,4,4]' --show`",
+)
 def config_validate(
     path: str = typer.Argument(..., help="A YAML config ('-' = stdin)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    overrides: list[str] = _SET,
     show: bool = typer.Option(False, "--show", help="Print the resolved config."),
 ) -> None:
     """Check a config strictly: every unknown key, wrong type or bad value, one line each."""
@@ -568,7 +712,12 @@ def config_validate(
         typer.echo(f"{path}: ok ({cfg.task})", err=True)
 
 
-@app.command("train")
+@app.command(
+    "train",
+    epilog="Examples: `longdoc config init --task classify > my.yaml` then "
+    "`longdoc train my.yaml --set data.train=train.jsonl -o runs/x` · "
+    "`longdoc train my.yaml --device cuda:1 --seed 7 --set train.epochs=5`",
+)
 def train_cmd(
     config: str = typer.Argument(..., help="YAML config (see `longdoc config init`)."),
     output: str = typer.Option(
@@ -577,7 +726,13 @@ def train_cmd(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Start from this model (overrides model.name)."
     ),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    overrides: list[str] = _SET,
+    device: str | None = _DEVICE,
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        help="Seeds python, torch, the data order and the dev split. [default: 42, train.seed]",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last exactly."),
     force: bool = typer.Option(False, "--force", help="Replace best/, last/ and the log in OUTPUT."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
@@ -591,6 +746,8 @@ def train_cmd(
         flags = {
             "model.name": ("--model", model),
             "data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None),
+            "model.device": ("--device", device),
+            "train.seed": ("--seed", seed),
         }
         cfg = resolve_run(config=config, overrides=overrides, flags=flags, find_model=False).config
         from .train import _dist_info, train
@@ -740,18 +897,24 @@ class _TrainDisplay:
         )
 
 
-@app.command("evaluate")
+@app.command(
+    "evaluate",
+    epilog="Examples: `longdoc evaluate test.jsonl -m runs/x/best` · "
+    "`longdoc evaluate test.jsonl` (the default model, zero-shot over the data's labels: the baseline) · "
+    "`longdoc evaluate squad_dev.jsonl -m runs/qa/best --device cuda --batch-size 16`",
+)
 def evaluate_cmd(
     data: str = typer.Argument(..., help="Labelled JSONL/CSV (classification) or SQuAD-format JSONL (QA)."),
-    model: str = typer.Option("default", "--model", "-m", help="A model directory saved by `train`."),
-    config: str | None = typer.Option(
-        None, "--config", "-c", help="Config (default: the model's longdoc.yaml)."
+    model: str = typer.Option(
+        "default", "--model", "-m", help="A model directory saved by `train`, or any model -m takes."
     ),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
-    fmt: str | None = typer.Option(
-        None, "--format", "-f", help="table, json or jsonl (default: table on a TTY, else JSON)."
-    ),
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    device: str | None = _DEVICE,
+    batch_size: int | None = _BATCH_SIZE,
+    fmt: ReportFormat | None = _REPORT_FMT,
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
 ) -> None:
     """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
     buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
@@ -761,11 +924,15 @@ def evaluate_cmd(
     return_freed_memory()  # inference only
     with errors():
         out_fmt = output_format(fmt, REPORT_FORMATS)
-        flags = {"data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None)}
+        flags = {
+            "data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None),
+            "model.device": ("--device", device),
+            "inference.batch_size": ("--batch-size", batch_size),
+        }
         from .tasks.inputs import check_paths
 
         check_paths([data])  # before the model loads
-        console = stderr_console()
+        console = stderr_console(quiet)
         with _progress(console, "evaluate", 0) as progress:
             task = progress.add_task("evaluate", total=None)
 
@@ -773,7 +940,7 @@ def evaluate_cmd(
                 progress.update(task, completed=done, total=total)
 
             report = evaluate_model(model, data, config, overrides, flags, on_progress=advance)
-        for line in report.skipped + report.not_in_context:
+        for line in [] if quiet else report.skipped + report.not_in_context:
             typer.echo(f"longdoc: warning: {line}", err=True)
         if report.run is not None:
             _summary(console, report.run)
@@ -813,32 +980,15 @@ def _render_eval(report: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # The main jobs: classify and qa
 
-_MODEL_HELP = "default, a model directory (Longformer, or BERT/RoBERTa converted on the fly) or a hub id."
 
-
-def _task_setup(task: str, config_path: str | None, model: str | None, allow_download: bool, flags: dict):
-    """The effective config and model directory (config.resolve_run): --config, else the model
-    directory's own config, else the defaults; the command-line options given override either."""
-    from .config import resolve_run
-    from .runtime import return_freed_memory
-
-    return_freed_memory()  # classify / qa: inference only
-    run = resolve_run(task, config=config_path, model=model, flags=flags, allow_download=allow_download)
-    return run.config, run.model_dir
-
-
-def _load(cfg, model_dir, task: str, device, max_length, quiet: bool = False):
-    """The task model as the config's model section says (--device and --max-length first)."""
+def _load(run, task: str, max_length, quiet: bool = False):
+    """The task model as the run's config says (api.load_for_run), with the CPU bf16 warning."""
     import torch
 
+    from .api import load_for_run
     from .runtime import cpu_has_native_bf16
-    from .tasks.runner import load_task_model
 
-    mc = cfg.model
-    tm = load_task_model(
-        model_dir, task=task, device=_pick(device, mc.device), dtype=mc.dtype, quantize=mc.quantize,
-        max_length=max_length, max_length_cap=mc.max_length, attention_window=mc.attention_window,
-    )  # fmt: skip
+    tm = load_for_run(run, task, max_length)
     if tm.device.type == "cpu" and tm.dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
         typer.echo(
             "longdoc: warning: this CPU has no native bf16 (AMX or AVX512-BF16): bf16 runs slower "
@@ -1097,54 +1247,23 @@ def _warn_unknown(quiet: bool, doc_id: str, share: float) -> None:
         )
 
 
-# Options shared by classify and qa (one definition each).
-_PATHS = typer.Argument(None, help="Text files, - for stdin, directories (with -r), .jsonl files.")
-_MODEL = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Default: $LONGDOC_MODEL, else default.")
-_ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Allow fetching a hub model.")
-_CONFIG = typer.Option(None, "--config", help="YAML config (options given here override it).")
-_RECURSIVE = typer.Option(False, "--recursive", "-r", help="Read the files under directories.")
-_TEXT_KEY = typer.Option(None, "--text-key", help="JSON-lines key holding the text.")
-_ID_KEY = typer.Option(None, "--id-key", help="JSON-lines key holding the document id.")
-_BATCH_SIZE = typer.Option(None, "--batch-size", help="Windows per forward pass.")
-_MAX_LENGTH = typer.Option(None, "--max-length", help="Tokens per window, specials included.")
-_DEVICE = typer.Option(None, "--device", help="auto, cpu or cuda.")
-_DTYPE = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16.")
-_QUANTIZE = typer.Option(
-    None, "--quantize", help="none or int8: CPU, opt-in, faster but less accurate (README)."
+@app.command(
+    epilog="Examples: `longdoc classify report.txt --labels sport,politics,science` · "
+    "`longdoc classify -r docs/ -m runs/x/best --format jsonl > labels.jsonl` · "
+    "`longdoc classify big.txt --set inference.aggregate=max --device cuda:1`"
 )
-_SHARD = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K.")
-_FMT = typer.Option(
-    None, "--format", "-f", help="table, jsonl, json or tsv (default: table on a TTY, else jsonl)."
-)
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
-_MAX_BYTES = typer.Option(
-    None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G (default 64M)."
-)
-_INPUT_FORMAT = typer.Option(
-    "auto",
-    "--input-format",
-    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
-    "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
-)
-_SKIP_BAD = typer.Option(
-    False, "--skip-bad-lines", help="Skip bad JSON-lines/lines records (counted, exit 0) instead of failing."
-)
-_TIMINGS = typer.Option(
-    False, "--timings", help="Add each record's seconds, and a final summary record (jsonl, json)."
-)
-
-
-@app.command()
 def classify(
     paths: list[str] = _PATHS,
     model: str | None = _MODEL,
     allow_download: bool = _ALLOW_DOWNLOAD,
     config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
     labels: str | None = typer.Option(
         None,
         "--labels",
         help="Zero-shot labels, comma-separated; or @NAME, a preset listed by `longdoc models` "
-        "(@topics is the default, @iptc the 17 IPTC media topics), or @FILE, a labels file.",
+        "(@iptc: the 17 IPTC media topics), or @FILE, a labels file. [default: a fine-tuned model's "
+        "own labels, else inference.labels, else @topics]",
     ),
     labels_file: str | None = typer.Option(
         None, "--labels-file", help="Zero-shot labels, one per line (optionally a tab and a description)."
@@ -1152,24 +1271,34 @@ def classify(
     recursive: bool = _RECURSIVE,
     text_key: str | None = _TEXT_KEY,
     id_key: str | None = _ID_KEY,
-    aggregate: str | None = typer.Option(
+    aggregate: Aggregate | None = typer.Option(
         None,
         "--aggregate",
-        help="Combine windows: mean or max; first = read only the first window (truncates).",
+        help="Combine windows: mean or max; first = read only the first window (truncates)."
+        + _default(_INF.aggregate, "inference.aggregate"),
     ),
-    top_k: int | None = typer.Option(None, "--top-k", help="How many labels to report in scores."),
-    threshold: float | None = typer.Option(None, "--threshold", help="Multi-label decision threshold."),
+    top_k: int | None = typer.Option(
+        None, "--top-k", help="How many labels to report in scores." + _default(_INF.top_k, "inference.top_k")
+    ),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Multi-label decision threshold." + _default(_INF.threshold, "inference.threshold"),
+    ),
     explain: int | None = typer.Option(
-        None, "--explain", help="Report the N passages that most support the label."
+        None,
+        "--explain",
+        help="Report the N passages that most support the label."
+        + _default(_INF.explain, "inference.explain"),
     ),
     batch_size: int | None = _BATCH_SIZE,
     max_length: int | None = _MAX_LENGTH,
-    stride: int | None = typer.Option(None, "--stride", help="Tokens shared by consecutive windows."),
+    stride: int | None = _STRIDE,
     device: str | None = _DEVICE,
-    dtype: str | None = _DTYPE,
-    quantize: str | None = _QUANTIZE,
+    dtype: Dtype | None = _DTYPE,
+    quantize: Quantize | None = _QUANTIZE,
     shard: str | None = _SHARD,
-    fmt: str | None = _FMT,
+    fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
     input_format: str = _INPUT_FORMAT,
@@ -1179,8 +1308,9 @@ def classify(
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the default topics, @topics). One result per document."""
     with errors():
+        from .api import classifier_for_run, resolve
         from .hub import display_name
-        from .tasks.classify import SCHEMA_VERSION, Classifier, load_labels
+        from .tasks.classify import SCHEMA_VERSION
         from .tasks.runner import batched
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
@@ -1190,28 +1320,20 @@ def classify(
             "inference.threshold": ("--threshold", threshold), "inference.explain": ("--explain", explain),
             "inference.batch_size": ("--batch-size", batch_size), "tokenization.stride": ("--stride", stride),
             "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
-            "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
+            "model.device": ("--device", device), "model.dtype": ("--dtype", dtype),
+            "model.quantize": ("--quantize", quantize),
         }  # fmt: skip
         total = Stopwatch()
         stats = RunStats("classify")
         sources = _checked_sources(paths, input_format)
         with timed(stats, "load_s"):
-            cfg, model_dir = _task_setup("classify", config, model, allow_download, flags)
-            inf, tk = cfg.inference, cfg.tokenization
+            run = resolve("classify", model, config=config, overrides=overrides, flags=flags,
+                          allow_download=allow_download)  # fmt: skip
             if labels is not None and not labels.strip(" ,"):
                 raise UsageError("--labels: no labels given (a comma-separated list)")
-            label_list = labels.split(",") if labels else list(inf.labels) or None
-            chosen = (
-                load_labels(label_list, labels_file or inf.labels_file)
-                if label_list or labels_file or inf.labels_file
-                else None
-            )
-            tm = _load(cfg, model_dir, "classify", device, max_length, quiet)
-            bs = inf.batch_size
-            clf = Classifier(
-                tm, chosen, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
-                explain=inf.explain, batch_size=bs, stride=tk.stride, strict_stride=stride is not None,
-            )  # fmt: skip
+            tm = _load(run, "classify", max_length, quiet)
+            clf = classifier_for_run(run, labels, labels_file, strict_stride=stride is not None, tm=tm)
+        bs, cfg = clf.batch_size, run.config
         stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
         console = stderr_console(quiet)
         bar = console.is_terminal and not quiet
@@ -1255,7 +1377,11 @@ def classify(
             raise typer.Exit(1)
 
 
-@app.command()
+@app.command(
+    epilog='Examples: `longdoc qa manual.txt -Q "How do I reset it?"` · '
+    "`longdoc qa -r docs/ --questions questions.txt --top-k 3 --format jsonl` · "
+    '`longdoc qa paper.txt -Q "What data?" -m runs/squad/best --stride 128`'
+)
 def qa(
     paths: list[str] = _PATHS,
     question: list[str] = typer.Option([], "--question", "-Q", help="A question (repeatable)."),
@@ -1265,29 +1391,48 @@ def qa(
     model: str | None = _MODEL,
     allow_download: bool = _ALLOW_DOWNLOAD,
     config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
     recursive: bool = _RECURSIVE,
     text_key: str | None = _TEXT_KEY,
     id_key: str | None = _ID_KEY,
-    top_k: int | None = typer.Option(None, "--top-k", help="Answers per question."),
-    n_best: int | None = typer.Option(None, "--n-best", help="Start/end candidates per window (QA head)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Answers per question. [default: 1]"),
+    n_best: int | None = typer.Option(
+        None,
+        "--n-best",
+        help="Start/end candidates per window (QA head)." + _default(_INF.n_best, "inference.n_best"),
+    ),
     max_answer_len: int | None = typer.Option(
-        None, "--max-answer-len", help="Longest answer in tokens (QA head)."
+        None,
+        "--max-answer-len",
+        help="Longest answer in tokens (QA head)."
+        + _default(_INF.max_answer_length, "inference.max_answer_length"),
     ),
     null_threshold: float | None = typer.Option(
-        None, "--null-threshold", help="No answer when the null score beats the best span by this (QA head)."
+        None,
+        "--null-threshold",
+        help="No answer when the null score beats the best span by this (QA head)."
+        + _default(_INF.null_threshold, "inference.null_threshold"),
     ),
     min_score: float | None = typer.Option(
-        None, "--min-score", help="No answer (answer: null) when the best score is below this (README)."
+        None,
+        "--min-score",
+        help="No answer (answer: null) when the best score is below this (README)."
+        + _default(_INF.min_score, "inference.min_score"),
     ),
-    doc_stride: int | None = typer.Option(None, "--doc-stride", help="Tokens shared by consecutive windows."),
-    max_question_len: int | None = typer.Option(None, "--max-question-len", help="Question tokens kept."),
+    stride: int | None = _STRIDE,
+    doc_stride: int | None = typer.Option(None, "--doc-stride", hidden=True, help="Alias of --stride."),
+    max_question_len: int | None = typer.Option(
+        None,
+        "--max-question-len",
+        help="Question tokens kept." + _default(_TOK.max_question_length, "tokenization.max_question_length"),
+    ),
     batch_size: int | None = _BATCH_SIZE,
     max_length: int | None = _MAX_LENGTH,
     device: str | None = _DEVICE,
-    dtype: str | None = _DTYPE,
-    quantize: str | None = _QUANTIZE,
+    dtype: Dtype | None = _DTYPE,
+    quantize: Quantize | None = _QUANTIZE,
     shard: str | None = _SHARD,
-    fmt: str | None = _FMT,
+    fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
     input_format: str = _INPUT_FORMAT,
@@ -1297,13 +1442,17 @@ def qa(
     """Answer questions from long documents: a span with a QA checkpoint, else (the default model)
     the sentence that best answers it. One result per question and document."""
     with errors():
+        from .api import answerer_for_run, resolve
         from .hub import display_name
-        from .tasks.qa import SCHEMA_VERSION, QuestionAnswerer
+        from .tasks.qa import SCHEMA_VERSION
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
         total = Stopwatch()
         stats = RunStats("qa")
+        if stride is not None and doc_stride is not None:
+            raise UsageError("give --stride or its old name --doc-stride, not both")
+        stride = _pick(stride, doc_stride)
         asked = [q.strip() for q in question if q.strip()]
         question_ids: list[Any] = [None] * len(asked)
         if questions_file:
@@ -1325,24 +1474,21 @@ def qa(
             "inference.null_threshold": ("--null-threshold", null_threshold),
             "inference.min_score": ("--min-score", min_score),
             "inference.batch_size": ("--batch-size", batch_size),
-            "tokenization.stride": ("--doc-stride", doc_stride),
+            "tokenization.stride": ("--stride" if doc_stride is None else "--doc-stride", stride),
             "tokenization.max_question_length": ("--max-question-len", max_question_len),
             "data.text_key": ("--text-key", text_key), "data.id_key": ("--id-key", id_key),
-            "model.dtype": ("--dtype", dtype), "model.quantize": ("--quantize", quantize),
+            "model.device": ("--device", device), "model.dtype": ("--dtype", dtype),
+            "model.quantize": ("--quantize", quantize),
         }  # fmt: skip
         if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
             raise UsageError(f"--top-k {top_k}: must be at least 1")
         sources = _checked_sources(paths, input_format)
         with timed(stats, "load_s"):
-            cfg, model_dir = _task_setup("qa", config, model, allow_download, flags)
-            inf, tk = cfg.inference, cfg.tokenization
-            tm = _load(cfg, model_dir, "qa", device, max_length, quiet)
-            answerer = QuestionAnswerer(
-                tm, top_k=_pick(top_k, 1), n_best=inf.n_best, max_answer_length=inf.max_answer_length,
-                null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=tk.stride,
-                max_question_length=tk.max_question_length, strict_stride=doc_stride is not None,
-                min_score=inf.min_score,
-            )  # fmt: skip
+            run = resolve("qa", model, config=config, overrides=overrides, flags=flags,
+                          allow_download=allow_download)  # fmt: skip
+            cfg = run.config
+            tm = _load(run, "qa", max_length, quiet)
+            answerer = answerer_for_run(run, top_k=_pick(top_k, 1), strict_stride=stride is not None, tm=tm)
         stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
         console = stderr_console(quiet)
         bar = console.is_terminal and not quiet

@@ -58,8 +58,11 @@ class ModelSection:
     attention_window: int | None = _f(
         None, "two-sided window (tokens) for every layer, or null = the checkpoint's"
     )
+    attention_dilation: int | list[int | list[int]] | None = _f(
+        None, "dilation: an int, one per layer, or per layer per head; null = the checkpoint's"
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto | fp32 | bf16 | fp16 (inference)")
     quantize: Literal["none", "int8"] = _f("none", "none | int8 (CPU inference only)")
 
@@ -195,6 +198,8 @@ def _describe(tp: Any) -> str:
         return "a string"
     if origin is Literal:
         return "one of " + ", ".join(str(_yaml_scalar(a)) for a in args)
+    if origin is list and typing.get_origin(args[0]) in (Union, types.UnionType):
+        return "a list of integers or of lists of integers"
     if origin is list:
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin in (Union, types.UnionType):
@@ -367,6 +372,46 @@ def _preview_json(value: Any, limit: int) -> str:
     return "".join(out)[:limit] + "..."
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def dilation_problems(value: int | list[int | list[int]] | None, path: str) -> list[str]:
+    """Every dilation below 1, named by its dotted path and index (``model.attention_dilation[1][0]``).
+    How many layers and heads there are is checked against the model when it loads."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [] if value >= 1 else [f"{path}: must be >= 1, got {value}"]
+    if not value:
+        return [f"{path}: an empty list; give an int, one value per layer, or a list per layer"]
+    problems = []
+    for i, x in enumerate(value):
+        if isinstance(x, list):
+            if not x:
+                problems.append(f"{path}[{i}]: an empty list; give one dilation per head")
+            problems += [f"{path}[{i}][{h}]: must be >= 1, got {y}" for h, y in enumerate(x) if y < 1]
+        elif x < 1:
+            problems.append(f"{path}[{i}]: must be >= 1, got {x}")
+    return problems
+
+
+def parse_dilation(text: str, option: str = "--dilation") -> int | list[int | list[int]]:
+    """A dilation written on the command line: ``2``, ``[1,2]`` (per layer) or ``[[1,2],[1,1]]``
+    (per layer per head), read as YAML and checked as ``model.attention_dilation`` is."""
+    try:
+        value = _convert(_parse_scalar(text), _hints(ModelSection)["attention_dilation"])
+    except _Bad:
+        value = None
+    if value is None:
+        raise UsageError(
+            f"{option} {preview(text, 60)}: expected an integer, a list per layer, or a list of lists"
+        )
+    problems = dilation_problems(value, option)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return value
+
+
 def _check(cfg: LongdocConfig, problems: list[str]) -> None:
     """Ranges and relations between fields, each problem naming its dotted path."""
     m, t, d, i, tr = cfg.model, cfg.tokenization, cfg.data, cfg.inference, cfg.train
@@ -382,6 +427,12 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
             "model.attention_window",
             f"the two-sided window must be a positive even number, got {m.attention_window}",
         )
+    problems.extend(dilation_problems(m.attention_dilation, "model.attention_dilation"))
+    need(
+        DEVICE_PATTERN.fullmatch(m.device) is not None,
+        "model.device",
+        f"expected auto, cpu, cuda, cuda:N or mps, got {_show(m.device)}",
+    )
     need(t.stride >= 0, "tokenization.stride", f"must be >= 0, got {t.stride}")
     need(
         t.stride < m.max_length // 2,

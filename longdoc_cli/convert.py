@@ -46,11 +46,14 @@ def convert_checkpoint(
     attention_window: int = 512,
     *,
     force: bool = False,
+    dilation: int | list[Any] | None = None,
 ) -> Path:
     """Convert the BERT/RoBERTa directory ``src`` into a Longformer directory ``out`` and return ``out``.
 
     ``max_positions``: the longest input of the result, special tokens included.
     ``attention_window``: Hugging Face's **two-sided** width (512 -> 256 tokens each side).
+    ``dilation``: an int, one per layer, or per layer per head (saved in config.json as
+    ``attention_dilation``); None = 1 everywhere.
     ``out`` must not exist or be empty unless ``force`` (then same-named files are replaced and
     nothing else in it is touched). Written to a temporary directory first, so an interrupted
     conversion leaves no half-written model.
@@ -69,7 +72,7 @@ def convert_checkpoint(
     clean_stale(out.parent, out.name)  # what a killed conversion into ``out`` left
     tmp = temp_dir(out.parent, out.name)
     try:
-        write_longformer(src, tmp, source_config, max_positions, attention_window)
+        write_longformer(src, tmp, source_config, max_positions, attention_window, dilation)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +149,12 @@ def source_pooling(src: Path) -> str:
 
 
 def write_longformer(
-    src: Path, out: Path, source_config: dict[str, Any], max_positions: int, attention_window: int
+    src: Path,
+    out: Path,
+    source_config: dict[str, Any],
+    max_positions: int,
+    attention_window: int,
+    dilation: int | list[Any] | None = None,
 ) -> None:
     """Write the converted model into the existing directory ``out`` (config.json last)."""
     import torch
@@ -217,6 +225,7 @@ def write_longformer(
             }
         },
     )
+    config = config.with_attention_dilation(dilation, "--dilation")
     has_pooler = "pooler.dense.weight" in state
     model = LongformerEncoder(config, add_pooler=has_pooler)
     try:

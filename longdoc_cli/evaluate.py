@@ -277,7 +277,7 @@ def evaluate_model(
     config is ``cfg`` (a config or a YAML file), else the model's ``longdoc.yaml``, else the
     defaults, plus ``overrides`` and ``flags`` (:func:`config.resolve_run`). QA runs exactly as
     `longdoc qa` does (tasks.qa.QuestionAnswerer), so a plain encoder such as the default model is
-    scored zero-shot; classification needs a classification head.
+    scored zero-shot; classification too, against the data's own label set.
     ``on_progress(done, total)`` after each document; the report's ``run`` has the timings."""
     stats = RunStats("evaluate")
     watch = Stopwatch()
@@ -298,6 +298,9 @@ def evaluate_model(
     if task == "qa":
         return _evaluate_qa(model_dir, data_path, cfg, stats, watch, on_progress)
     config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
+    config = config.with_attention_dilation(cfg.model.attention_dilation)
+    if config.head == "encoder":  # the default model: zero-shot over the data's own labels
+        return _evaluate_zero_shot(model_dir, data_path, cfg, stats, watch, on_progress)
     if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
@@ -333,6 +336,51 @@ def evaluate_model(
     )
 
 
+def _evaluate_zero_shot(
+    model_dir: Path,
+    data_path: str,
+    cfg: LongdocConfig,
+    run: RunStats,
+    watch: Stopwatch,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """A plain encoder scored as `longdoc classify --labels ...` runs it, the labels being the
+    data's own label set (sorted): the zero-shot baseline to measure before training."""
+    from .data import load_classification
+    from .tasks.classify import Classifier, Label
+    from .tasks.runner import load_task_model
+
+    data = load_classification(data_path, cfg.data)
+    names = sorted({x for d in data.docs for x in d.labels})
+    if len(names) < 2:
+        raise LongdocError(f"{data_path}: zero-shot evaluation needs at least two labels in the data")
+    m_cfg, inf = cfg.model, cfg.inference
+    tm = load_task_model(model_dir, task="classify", device=m_cfg.device, dtype=m_cfg.dtype,
+                         quantize=m_cfg.quantize, max_length_cap=m_cfg.max_length,
+                         attention_window=m_cfg.attention_window,
+                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
+    classifier = Classifier(tm, [Label(x) for x in names], aggregate=inf.aggregate, threshold=inf.threshold,
+                            batch_size=inf.batch_size, stride=cfg.tokenization.stride)  # fmt: skip
+    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_name(tm.dtype)
+    results = []
+    for result in classifier.classify_iter((str(i), doc.text) for i, doc in enumerate(data.docs)):
+        results.append(result)
+        run.documents, run.windows, run.tokens = (
+            len(results),
+            run.windows + result.n_windows,
+            run.tokens + result.n_tokens,
+        )
+        if on_progress is not None:
+            on_progress(len(results), len(data.docs))
+    run.compute_s = watch.seconds
+    preds, lengths = [tuple(r.labels) for r in results], [r.n_tokens + 2 for r in results]
+    m = classification_metrics([d.labels for d in data.docs], preds, names, lengths)
+    return EvalReport(
+        "classify", str(model_dir), data_path, m.n, m.summary(), classification=m, skipped=data.skipped,
+        run=run,
+    )  # fmt: skip
+
+
 def _evaluate_qa(
     model_dir: Path,
     data_path: str,
@@ -347,7 +395,8 @@ def _evaluate_qa(
 
     m_cfg, t_cfg, inf = cfg.model, cfg.tokenization, cfg.inference
     tm = load_task_model(model_dir, task="qa", device=m_cfg.device, dtype=m_cfg.dtype,
-                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window)  # fmt: skip
+                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window,
+                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
     tm = dataclasses.replace(tm, max_length=min(m_cfg.max_length, tm.max_length))
     answerer = QuestionAnswerer(
         tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,

@@ -101,15 +101,51 @@ def resolve_model(name: str | None = None, *, allow_download: bool = False) -> P
     if path.exists():
         return _resolve_dir(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        snapshot = hf_cached_snapshot(name)
+        if snapshot is not None:  # already downloaded (by longdoc or any HF library): no network
+            return _resolve_dir(snapshot)
+        if env("HF_HUB_OFFLINE", False):
+            raise LongdocError(
+                f"model {name!r} is not in the Hugging Face cache ({hf_cache_dir()}) and HF_HUB_OFFLINE "
+                "is set; unset it (with --allow-download) to fetch it",
+            )
         if not allow_download:
             raise UsageError(
-                f"model {name!r} is not a local directory; to fetch it from the Hugging Face Hub, "
-                "pass --allow-download",
+                f"model {name!r} is not a local directory nor in the Hugging Face cache; to fetch it "
+                "from the Hugging Face Hub, pass --allow-download",
             )
         return _resolve_dir(_download(name))
     raise LongdocError(
         f"unknown model {name!r}: use 'default', a model directory, or a Hugging Face hub id (owner/name)"
     )
+
+
+def hf_cache_dir() -> Path:
+    """Hugging Face's hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub`` (read when called, not when imported)."""
+    if env("HF_HUB_CACHE"):
+        return Path(env("HF_HUB_CACHE")).expanduser()
+    home = env("HF_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def hf_cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot of ``repo_id`` in the Hugging Face cache (``models--OWNER--NAME/snapshots/SHA``,
+    SHA from ``refs/REVISION``, else the only snapshot there), if it holds a config.json; else None."""
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    try:
+        ref = repo / "refs" / revision
+        if ref.is_file():
+            candidates = [snapshots / ref.read_text(encoding="utf-8").strip()]
+        else:
+            candidates = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
+            if len(candidates) != 1:  # several and no ref: which one is meant is unknown
+                return None
+        snapshot = candidates[0]
+        return snapshot if (snapshot / "config.json").is_file() else None
+    except OSError:
+        return None
 
 
 def _resolve_dir(path: Path) -> Path:
@@ -152,7 +188,7 @@ def _download(repo_id: str) -> Path:
         "special_tokens_map.json", "added_tokens.json", "1_Pooling/config.json",
     ]  # fmt: skip
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=hf_cache_dir()))
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LongdocError(f"cannot download {repo_id!r} from the Hugging Face Hub ({first})") from e

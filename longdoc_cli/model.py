@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import FLEX_BLOCK, choose_kernel, global_indices, longformer_attention, longformer_block_mask
-from .errors import LongdocError
+from .errors import LongdocError, UsageError
 from .runtime import attention_kernel, compiled_flex, flex_options, umask_mode
 from .textio import preview, read_text_file
 
@@ -110,6 +110,18 @@ class LongformerConfig:
         """This config with one two-sided ``window`` for every layer (``model.attention_window``),
         validated; itself when ``window`` is None (the checkpoint's windows)."""
         return self if window is None else dataclasses.replace(self, attention_window=int(window))
+
+    def with_attention_dilation(
+        self, dilation: int | list[Any] | None, name: str = "model.attention_dilation"
+    ) -> LongformerConfig:
+        """This config with ``dilation`` (``model.attention_dilation``: an int, one per layer, or per
+        layer per head), checked against the layer and head counts; itself when None."""
+        if dilation is None:
+            return self
+        try:
+            return dataclasses.replace(self, attention_dilation=dilation)
+        except LongdocError as e:
+            raise UsageError(str(e).replace("config: attention_dilation", f"{name}:")) from None
 
     @property
     def windows(self) -> list[int]:

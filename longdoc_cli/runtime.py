@@ -68,15 +68,24 @@ TORCH_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto"):
-    """The ``torch.device`` for auto (CUDA when there is a GPU), cpu, cuda or cuda:N."""
+    """The ``torch.device`` for auto (CUDA when there is a GPU), cpu, cuda, cuda:N or mps."""
     import torch
 
+    from .config import DEVICE_PATTERN
+
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name}: no CUDA GPU is available here (use cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError("device mps: Apple's Metal (MPS) is not available here (use cpu)")
     return torch.device(name)
 
 

@@ -243,6 +243,7 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         extra["longdoc"] = {**(extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
                             "token_features": cfg.train.token_features}  # fmt: skip
     hf = dataclasses.replace(hf, **head, extra=extra).with_attention_window(cfg.model.attention_window)
+    hf = hf.with_attention_dilation(cfg.model.attention_dilation)
     if cfg.task == "classify" and cfg.frozen:
         same_head = same_head and hf.classifier == MEAN_LINEAR
     if cfg.model.max_length > hf.max_tokens:

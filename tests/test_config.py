@@ -60,7 +60,7 @@ def test_unknown_keys_types_and_enums_reported_all_at_once():
     assert "x.yaml: model.max_lenght: unknown key; did you mean model.max_length?" in lines
     assert "x.yaml: model.windw: unknown key; did you mean model.attention_window?" in lines
     assert "x.yaml: model.max_length: expected an integer, got 'abc'" in lines
-    assert "x.yaml: model.device: expected one of auto, cpu, cuda, got 'gpu'" in lines
+    assert "x.yaml: model.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'" in lines
     assert "x.yaml: model.stride: unknown key; did you mean tokenization.stride?" in lines
     assert "x.yaml: train.epochs: expected an integer, got 2.5" in lines
     assert any(line.startswith("x.yaml: task: expected one of classify, qa") for line in lines)
@@ -88,7 +88,7 @@ def test_overrides_are_typed_yaml_scalars():
     with pytest.raises(ConfigError) as e:
         apply_overrides(LongdocConfig(), ["model.device=gpu", "nonsense", "model=1", "train.lr=fast"])
     text = str(e.value)
-    assert "model.device: expected one of auto, cpu, cuda" in text
+    assert "model.device: expected auto, cpu, cuda, cuda:N or mps" in text
     assert "'nonsense': expected KEY=VALUE" in text
     assert "model: is a section" in text and "train.lr: expected a number, got 'fast'" in text
 

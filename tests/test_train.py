@@ -178,8 +178,10 @@ def test_evaluate_zero_shot_qa_and_refusals(tiny_model_dir, qa_data, cls_data):
     r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(qa_data), "-f", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n"] == 12  # a plain encoder answers zero-shot, as `longdoc qa` does
-    r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(cls_data)])
-    assert r.exit_code == 1 and "no classification head" in r.stderr
+    r = CliRunner().invoke(app, ["evaluate", "-m", str(tiny_model_dir), str(cls_data), "-f", "json"])
+    assert r.exit_code == 0, r.output  # issue 15: zero-shot over the data's labels (the baseline)
+    report = json.loads(r.stdout)
+    assert report["task"] == "classify" and report["classification"]["labels"] == ["music", "sport"]
 
 
 def test_csv_data_and_seeded_group_split(tmp_path):

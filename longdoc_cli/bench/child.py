@@ -119,6 +119,19 @@ def prepare_checkpoint(model: str, max_len: int, layers: int | None, tmp: Path, 
     return tmp
 
 
+def with_dilation(checkpoint: Path, dilation: int | None, tmp: Path) -> Path:
+    """``checkpoint`` with every layer's and head's dilation set to ``dilation`` (written to
+    ``tmp/dilated``, never over the weights it reads); itself when None."""
+    if dilation is None:
+        return checkpoint
+    from ..model import LongformerEncoder, load_hf_config
+
+    config = load_hf_config(checkpoint).with_attention_dilation(dilation, "--dilation")
+    out = tmp / "dilated"
+    LongformerEncoder.from_pretrained(checkpoint, config=config).save_pretrained(out)
+    return out
+
+
 def hf_incompatible(cfg) -> str:
     """Why transformers' LongformerModel would not compute the same function ('' if it would)."""
     if any(x != 1 for heads in cfg.dilations for x in heads):

@@ -29,6 +29,7 @@ from .child import (
     matmul_peak,
     prepare_checkpoint,
     run_child,
+    with_dilation,
 )
 from .flops import flops_of
 from .spec import BenchSpec
@@ -221,6 +222,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             checkpoint = prepare_checkpoint(
                 model_name, max(max_len, 2), spec.layers, Path(tmp), spec.allow_download
             )
+            checkpoint = with_dilation(checkpoint, spec.dilation, Path(tmp))
             from ..model import load_hf_config
 
             cfg = load_hf_config(checkpoint)

@@ -34,6 +34,7 @@ class BenchSpec:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     globals: int = 1  # the first G tokens of every row are global
     layers: int | None = None  # override the depth (time is linear in layers)
+    dilation: int | None = None  # every layer's and head's attention dilation (None: the model's)
     warmup: int = 1
     iters: int = 5
     rounds: int = 1  # the whole grid this many times, round-robin; each row pools its rounds' runs
@@ -66,6 +67,8 @@ class BenchSpec:
             problems.append(f"globals: {self.globals} is negative")
         if self.layers is not None and self.layers <= 0:
             problems.append(f"layers: {self.layers} is not a positive number of layers")
+        if self.dilation is not None and self.dilation < 1:
+            problems.append(f"dilation: {self.dilation} must be at least 1")
         if self.warmup < 0 or self.iters < 1:
             problems.append(f"warmup {self.warmup} / iters {self.iters}: need warmup >= 0 and iters >= 1")
         if self.rounds < 1:
@@ -82,7 +85,7 @@ class BenchSpec:
 
 
 _LIST_FIELDS = {"models": str, "seq_lens": int, "batch_sizes": int, "dtypes": str, "modes": str, "impls": str}
-_SCALAR_FIELDS = {"device": str, "globals": int, "layers": int, "warmup": int, "iters": int,
+_SCALAR_FIELDS = {"device": str, "globals": int, "layers": int, "dilation": int, "warmup": int, "iters": int,
                   "rounds": int, "check": bool, "check_len": int, "isolate": bool, "time_budget": float,
                   "allow_download": bool}  # fmt: skip
 
@@ -108,7 +111,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "config") -> BenchSpec:
         if key in _SCALAR_FIELDS and isinstance(value, list):
             problems.append(f"{source}: {key}: expected {_KIND[want]}, got a list")
             continue
-        if key == "layers" and value is None:
+        if key in ("layers", "dilation") and value is None:
             values[key] = None
             continue
         converted = []

@@ -97,6 +97,10 @@ class Classification:
             del fields["passages"]
         return {"schema_version": SCHEMA_VERSION, key: self.id, **fields}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record `longdoc classify --format jsonl` writes, keyed by ``id``."""
+        return self.to_record("id")
+
 
 def preset_names() -> list[str]:
     """The label presets shipped with longdoc (``--labels @NAME``)."""
@@ -257,6 +261,24 @@ class Classifier:
         self.stride = window_overlap("--stride", stride, (self.window - 2) // 2, strict_stride)
         if self.zero_shot and not strict_stride:  # passages are read one after the other
             self.stride = 0
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_dir: str | Path = "default", labels: Sequence[str] | str | None = None, **options: Any
+    ) -> Classifier:
+        """The classifier `longdoc classify -m NAME_OR_DIR` runs: the model's ``longdoc.yaml`` (or
+        ``config=``), ``overrides=["section.key=value"]`` as ``--set``, then config keys as keywords
+        (``top_k=5``, ``aggregate="max"``, ``device="cuda:1"``; see
+        :func:`longdoc_cli.api.from_pretrained`). ``labels``: zero-shot labels, as ``--labels``."""
+        from ..api import from_pretrained
+
+        return from_pretrained("classify", name_or_dir, labels, dict(options))
+
+    def __call__(self, documents: str | Sequence[str]) -> Classification | list[Classification]:
+        """Classify one document (a Classification) or a list of them (ids "0", "1", ...)."""
+        if isinstance(documents, str):
+            return self.classify([("0", documents)])[0]
+        return self.classify([(str(i), text) for i, text in enumerate(documents)])
 
     @property
     def zero_shot(self) -> bool:

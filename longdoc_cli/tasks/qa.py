@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,6 +86,10 @@ class QAResult:
             record["answers"] = [asdict(a) for a in self.answers]
         return record
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record `longdoc qa --format jsonl` writes, keyed by ``id``."""
+        return self.to_record("id")
+
 
 class QuestionAnswerer:
     """Answers questions over one document at a time with ``tm`` (QA head or zero-shot encoder)."""
@@ -119,6 +124,31 @@ class QuestionAnswerer:
         self.scoring = scoring or SentenceScoring()
         self._sentences: SentenceIndex | None = None
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path = "default", **options: Any) -> QuestionAnswerer:
+        """The answerer `longdoc qa -m NAME_OR_DIR` runs: the model's ``longdoc.yaml`` (or
+        ``config=``), ``overrides=["section.key=value"]`` as ``--set``, then config keys as keywords
+        (``top_k=3`` answers per question, ``device="cuda:1"``, ``stride=128``; see
+        :func:`longdoc_cli.api.from_pretrained`)."""
+        from ..api import from_pretrained
+
+        return from_pretrained("qa", name_or_dir, None, dict(options))
+
+    def __call__(
+        self, documents: str | Sequence[str], questions: str | Sequence[str]
+    ) -> QAResult | list[QAResult] | list[QAResult | list[QAResult]]:
+        """Answer ``questions`` over ``documents``: one document and one question -> a QAResult;
+        several questions -> a list, one per question; a list of documents -> a list over them
+        (ids "0", "1", ...)."""
+        one_doc, one_q = isinstance(documents, str), isinstance(questions, str)
+        docs = [documents] if one_doc else list(documents)
+        asked = [questions] if one_q else list(questions)
+        out: list[Any] = []
+        for i, text in enumerate(docs):
+            results = self.answer(str(i), text, asked)
+            out.append(results[0] if one_q else results)
+        return out[0] if one_doc else out
+
     def answer(self, doc_id: str, text: str, questions: Sequence[str]) -> list[QAResult]:
         """One result per question; each result's ``seconds`` is its own time plus an even share of
         encoding the document."""
@@ -140,7 +170,7 @@ class QuestionAnswerer:
         tok = self.tm.tokenizer
         # Consecutive windows share at most half of the context part of a window (this question's).
         budget = tok.context_budget(question, self.tm.max_length, self.max_question_length)
-        stride = window_overlap("--doc-stride", self.doc_stride, max(0, budget // 2), self.strict_stride)
+        stride = window_overlap("--stride", self.doc_stride, max(0, budget // 2), self.strict_stride)
         windows = tok.question_windows(question, enc, self.tm.max_length, stride, self.max_question_length)
         if self.tm.head == "qa":
             answers = self._spans(text, windows)

@@ -41,7 +41,7 @@ class TaskModel:
 
 
 def load_task_model(
-    model_dir: Path,
+    model_dir: str | Path,
     *,
     task: str,
     device: str = "auto",
@@ -50,6 +50,7 @@ def load_task_model(
     max_length: int | None = None,
     max_length_cap: int | None = None,
     attention_window: int | None = None,
+    attention_dilation: int | list[Any] | None = None,
 ) -> TaskModel:
     """Load ``model_dir`` for ``task`` ("classify" or "qa"); a checkpoint with the other task's head
     is refused, one without a head runs zero-shot with its encoder.
@@ -58,7 +59,9 @@ def load_task_model(
     lowered to ``max_length_cap`` (a config's value, which may exceed a small model's limit)."""
     if task not in ("classify", "qa"):
         raise UsageError(f"task must be 'classify' or 'qa', not {task!r}")
+    model_dir = Path(model_dir)
     config = load_hf_config(model_dir).with_attention_window(attention_window)
+    config = config.with_attention_dilation(attention_dilation)
     head = config.head
     wanted = {"classify": "classification", "qa": "qa"}[task]
     if head not in ("encoder", wanted):
