@@ -204,7 +204,9 @@ def test_a_hub_id_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LongdocError, match="HF_HUB_OFFLINE"):
         resolve_model("someone/not-here", allow_download=True)  # honoured: no network call
-    r = run("classify", "-m", "someone/not-here", "x.txt",
+    doc = tmp_path / "x.txt"
+    doc.write_text("A document.")
+    r = run("classify", "-m", "someone/not-here", str(doc),
             env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.exit_code == 1 and "HF_HUB_OFFLINE" in r.stderr and r.stderr.count("\n") == 1
 

@@ -216,12 +216,12 @@ def test_one_bad_file_among_many(encoder_dir, docs, tmp_path):
 
 
 def test_a_missing_path_fails_before_the_model_loads(tmp_path, monkeypatch):
-    import longdoc_cli.cli as cli
+    import longdoc_cli.api as api
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "_task_setup", no_model)
+    monkeypatch.setattr(api, "resolve", no_model)
     good = tmp_path / "a.txt"
     good.write_text(SPORT_DOC)
     for command in (["classify"], ["qa", "-Q", QUESTION]):

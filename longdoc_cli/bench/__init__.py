@@ -40,7 +40,7 @@ models, inputs, memory meters, the child process), run.py (the gate and the swee
 
 from __future__ import annotations
 
-from .child import PRESETS, MatmulPeak, full_attention_config, matmul_peak, preset_config
+from .child import PRESETS, MatmulPeak, full_attention_config, matmul_peak, preset_config, with_dilation
 from .flops import attention_flops, band_pairs, encoder_flops, flops_of
 from .run import BenchReport, Check, Measurement, ratios, run_bench
 from .spec import DTYPES, IMPLS, MODES, BenchSpec, load_spec, parse_lengths, spec_from_dict
@@ -67,4 +67,5 @@ __all__ = [
     "ratios",
     "run_bench",
     "spec_from_dict",
+    "with_dilation",
 ]
