@@ -78,34 +78,43 @@ def load_for_run(run: Run, task: str, max_length: int | None = None) -> TaskMode
     )  # fmt: skip
 
 
+def labels_for_run(
+    run: Run, labels: Sequence[str] | Sequence[Label] | str | None = None, labels_file: str | None = None
+) -> list[Label] | None:
+    """The zero-shot labels `longdoc classify` uses: ``labels`` (names, ``@PRESET``, ``@FILE``, a
+    comma-separated string, or Label objects) else ``labels_file``, else the config's
+    ``inference.labels`` / ``labels_file``; None when none is given (the model's own labels, or
+    @topics). Read before the model loads, so that a bad label fails at once."""
+    from .tasks.classify import Label, load_labels
+
+    inf = run.config.inference
+    if isinstance(labels, str):
+        if not labels.strip(" ,"):
+            raise UsageError("--labels: no labels given (a comma-separated list)")
+        labels = labels.split(",")
+    if labels and all(isinstance(x, Label) for x in labels):
+        return list(labels)  # type: ignore[arg-type]
+    names = list(labels) if labels else list(inf.labels) or None
+    file = labels_file or inf.labels_file
+    return load_labels(names, file) if names or file else None  # type: ignore[arg-type]
+
+
 def classifier_for_run(
     run: Run,
-    labels: Sequence[str] | Sequence[Label] | str | None = None,
-    labels_file: str | None = None,
+    labels: list[Label] | None = None,
     *,
     max_length: int | None = None,
     strict_stride: bool = False,
     tm: TaskModel | None = None,
 ) -> Classifier:
-    """The Classifier `longdoc classify` runs: ``labels`` (names, ``@PRESET``, ``@FILE``, a
-    comma-separated string, or Label objects) else ``labels_file``, else the config's
-    ``inference.labels`` / ``labels_file``; None of them = the model's own labels, or @topics."""
-    from .tasks.classify import Classifier, Label, load_labels
+    """The Classifier `longdoc classify` runs over ``labels`` (:func:`labels_for_run`), with ``tm``
+    or the model the run names."""
+    from .tasks.classify import Classifier
 
     inf, tk = run.config.inference, run.config.tokenization
-    if isinstance(labels, str):
-        if not labels.strip(" ,"):
-            raise UsageError("--labels: no labels given (a comma-separated list)")
-        labels = labels.split(",")
-    if labels is not None and all(isinstance(x, Label) for x in labels) and labels:
-        chosen: list[Label] | None = list(labels)  # type: ignore[arg-type]
-    else:
-        names = list(labels) if labels else list(inf.labels) or None
-        file = labels_file or inf.labels_file
-        chosen = load_labels(names, file) if names or file else None  # type: ignore[arg-type]
     tm = tm or load_for_run(run, "classify", max_length)
     return Classifier(
-        tm, chosen, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
+        tm, labels, aggregate=inf.aggregate, top_k=inf.top_k, threshold=inf.threshold,
         explain=inf.explain, batch_size=inf.batch_size, stride=tk.stride, strict_stride=strict_stride,
     )  # fmt: skip
 
@@ -146,7 +155,8 @@ def from_pretrained(task: str, name_or_dir: str | Path | None, labels: Any, opti
     )  # fmt: skip
     strict = "tokenization.stride" in flags
     if task == "classify":
-        return classifier_for_run(run, labels, max_length=load.get("max_length"), strict_stride=strict)
+        chosen = labels_for_run(run, labels)
+        return classifier_for_run(run, chosen, max_length=load.get("max_length"), strict_stride=strict)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise UsageError(f"top_k {top_k!r}: must be an integer of at least 1")
     return answerer_for_run(run, top_k=top_k or 1, max_length=load.get("max_length"), strict_stride=strict)

