@@ -82,7 +82,7 @@ class BenchSpec:
     models: tuple[str, ...] = ("base",)  # base | large | tiny | a model path or name
     seq_lens: tuple[int, ...] = (4096,)
     batch_sizes: tuple[int, ...] = (1,)
-    dtypes: tuple[str, ...] = ("auto",)  # auto = fp32 on CPU, bf16 on CUDA
+    dtypes: tuple[str, ...] = ("auto",)  # auto = bf16 on CUDA and on CPUs with native bf16, else fp32
     modes: tuple[str, ...] = ("infer",)  # train = forward + backward
     impls: tuple[str, ...] = ("longdoc", "hf", "full")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -335,9 +335,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
+def resolve_dtype(dtype: str, device: str, quantize: str = "none") -> str:
+    if dtype == "auto":  # what the commands run: bf16 on a GPU and on a CPU with native bf16; int8: fp32
+        from .runtime import auto_dtype
+
+        return auto_dtype("cuda" if device.startswith("cuda") else "cpu", quantize=quantize)[0]
     return dtype
 
 
@@ -776,8 +778,9 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     say = progress or (lambda _msg: None)
     device = resolve_device(spec.device)
     notes: list[str] = []
-    dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in spec.dtypes))
     impls = list(dict.fromkeys(spec.impls))
+    int8 = "int8" if "longdoc-int8" in impls else "none"
+    dtypes = list(dict.fromkeys(resolve_dtype(d, device, int8) for d in spec.dtypes))
     if "longdoc-int8" in impls and (device != "cpu" or dtypes != ["fp32"] or "train" in spec.modes):
         bad = device if device != "cpu" else ("train mode" if "train" in spec.modes else "non-fp32 dtypes")
         notes.append(f"longdoc-int8 runs fp32 inference on the CPU only: its rows are skipped for {bad}")

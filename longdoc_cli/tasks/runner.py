@@ -24,6 +24,7 @@ from ..model import (
     load_config,
 )
 from ..models import pooling_of
+from ..runtime import auto_dtype
 from ..tokenize import DocumentTokenizer, Window
 
 HEADS = {
@@ -57,12 +58,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+def pick_dtype(
+    name: str, device: torch.device, task: str | None = None, quantize: str = "none"
+) -> torch.dtype:
+    """``--dtype``'s value as a torch dtype; ``auto``: :func:`runtime.auto_dtype` (bf16 on a CPU that
+    computes it natively, for a task that passed the quality gate; fp32 elsewhere)."""
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return table[auto_dtype(device.type, task, quantize)[0]]
     if name not in table:
         raise LongdocError(f"--dtype must be auto, fp32, bf16 or fp16, not {name!r}", exit_code=2)
     if device.type == "cpu" and name == "fp16":
@@ -113,7 +116,7 @@ def load_task_model(
            "qa": LongformerForQuestionAnswering}[head]  # fmt: skip
     model = cls.from_pretrained(model_dir, config=config)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev, task, quantize)
     model = model.to(device=dev, dtype=dt).eval()
     if quantize == "int8":
         from ..quantize import quantize_int8
