@@ -1,7 +1,8 @@
 """The quality gate of `--dtype auto` choosing bf16 on a CPU (issue 18): zero-shot top labels vs fp32.
 
 Every document of ../shared/data/{sotu,pydocs}.jsonl (``--every 1``: all 719; cut to
-``--max-chars``) is read zero-shot by the default model once per precision mode; the passage
+``--max-chars``, 3,000 by default: about 650 tokens, 3 passages of 256 tokens, so that the fp32 pass fits
+a busy shared machine) is read zero-shot by the default model once per precision mode; the passage
 embeddings of one pass are scored against two label sets, each embedded in the same mode:
 
 - ``plain``: the six plain labels of README.md ("politics and government,computer programming and
@@ -14,7 +15,7 @@ matmuls, fp32 LayerNorm/softmax/residual stream). For each mode and label set: t
 with fp32, the mean absolute change of fp32's top score, and the time of the pass. The gate (issue 18):
 agreement >= 99% on both label sets. The QA side: ``benchmarks/eval_qa.py --dtype bf16``.
 
-    OMP_NUM_THREADS=1 python benchmarks/eval_dtype.py [--every 1] [--max-chars 20000] [--modes fp32,bf16]
+    OMP_NUM_THREADS=1 python benchmarks/eval_dtype.py [--every 1] [--max-chars 3000] [--modes fp32,bf16]
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run_mode(model_dir: Path, mode: str, docs: list[tuple[str, str]], label_sets
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every", type=int, default=1, help="take every k-th record of each file")
-    ap.add_argument("--max-chars", type=int, default=20000, help="cut documents to this many characters")
+    ap.add_argument("--max-chars", type=int, default=3000, help="cut documents to this many characters")
     ap.add_argument("--modes", default="fp32,bf16,autocast", help="fp32 first, then any of bf16, autocast")
     args = ap.parse_args()
     modes = args.modes.split(",")
