@@ -316,7 +316,9 @@ _DEVICE = typer.Option(
     autocompletion=_complete_device,
 )
 _DTYPE = typer.Option(
-    None, "--dtype", help="Weights and activations. [default: auto: fp32 on CPU, bf16 on CUDA]"
+    None,
+    "--dtype",
+    help="Weights and activations. [default: auto: bf16 on a GPU and on a CPU with native bf16, else fp32]",
 )
 _QUANTIZE = typer.Option(
     None, "--quantize", help="int8: CPU, opt-in, faster but less accurate (README). [default: none]"
@@ -407,9 +409,11 @@ def _environment() -> dict[str, Any]:
 
     from .envvars import env
     from .hub import cache_entries, default_model_status, longdoc_home
-    from .runtime import cpu_has_native_bf16
+    from .runtime import auto_dtype, cpu_has_native_bf16, int8_offered
 
     cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    int8, int8_why = int8_offered(device)
     return {
         "default_model": default_model_status(),
         "longdoc_model": env("LONGDOC_MODEL", "default"),
@@ -419,6 +423,11 @@ def _environment() -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),  # AMX or AVX512-BF16: `--dtype bf16` is fast here
+        "auto_dtype": {  # what `--dtype auto` runs, per task, on this machine's device
+            task: dict(zip(("dtype", "reason"), auto_dtype(device, task), strict=True))
+            for task in ("classify", "qa")
+        },
+        "int8_offered": {"offered": int8, "reason": int8_why},
         "versions": {
             "longdoc": __version__,
             "torch": torch.__version__,
@@ -427,6 +436,17 @@ def _environment() -> dict[str, Any]:
             "python": sys.version.split()[0],
         },
     }
+
+
+def _dtype_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
+    """`longdoc models`' rows on `--dtype auto` (per task) and `--quantize int8`."""
+    auto = env["auto_dtype"]
+    if auto["classify"] == auto["qa"]:
+        rows = [("--dtype auto", f"{auto['qa']['dtype']} (classify, qa): {auto['qa']['reason']}")]
+    else:
+        rows = [(f"--dtype auto ({t})", f"{a['dtype']}: {a['reason']}") for t, a in auto.items()]
+    i8 = env["int8_offered"]
+    return [*rows, ("--quantize int8", ("offered: " if i8["offered"] else "not offered: ") + i8["reason"])]
 
 
 @app.command("models", epilog="Examples: `longdoc models` · `longdoc models -m ./my-bert --format json`")
@@ -458,7 +478,7 @@ def models_cmd(
         from rich.table import Table
 
         d = env["default_model"]
-        bf16 = "native (--dtype bf16 is the fast CPU mode)" if env["cpu_native_bf16"] else "emulated (slow)"
+        bf16 = "native" if env["cpu_native_bf16"] else "emulated (slow)"
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
@@ -474,6 +494,7 @@ def models_cmd(
             ("cached models", ", ".join(env["cached_models"]) or "none"),
             ("device", env["device"] + (f" ({env['cuda_device']})" if env["cuda_device"] else "")),
             ("CPU", f"{env['cpu_capability']}, bf16 {bf16}"),
+            *_dtype_rows(env),
             (
                 "label presets",
                 ", ".join(f"@{n}" for n in env["label_presets"]) + f" (default @{DEFAULT_PRESET})",
@@ -512,7 +533,11 @@ def bench(
     ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch."),
     device: str = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
-    dtype: str = typer.Option(None, "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
+    dtype: str = typer.Option(
+        None,
+        "--dtype",
+        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16.",
+    ),
     mode: str = typer.Option(None, "--mode", help="infer, or train (forward + backward)."),
     globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G)."),
     impls: str = typer.Option(
@@ -986,7 +1011,7 @@ def _load(run, task: str, max_length, quiet: bool = False):
     import torch
 
     from .api import load_for_run
-    from .runtime import cpu_has_native_bf16
+    from .runtime import cpu_has_native_bf16, int8_offered
 
     tm = load_for_run(run, task, max_length)
     if tm.device.type == "cpu" and tm.dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
@@ -995,6 +1020,10 @@ def _load(run, task: str, max_length, quiet: bool = False):
             "than fp32 here",
             err=True,
         )
+    if tm.device.type == "cpu" and run.config.model.quantize == "int8" and not quiet:
+        offered, why = int8_offered("cpu")
+        if not offered:
+            typer.echo(f"longdoc: warning: --quantize int8 is {why}; --dtype auto runs bf16", err=True)
     return tm
 
 

@@ -304,7 +304,7 @@ def evaluate_model(
     if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
-    dtype = pick_dtype(cfg.model.dtype, device)  # as `classify` runs it
+    dtype = pick_dtype(cfg.model.dtype, device, "classify")  # as `classify` runs it
     model = LongformerForSequenceClassification.from_pretrained(model_dir, config=config)
     model = model.to(device=device, dtype=dtype)
     cfg.model.max_length = min(cfg.model.max_length, model.config.max_tokens)

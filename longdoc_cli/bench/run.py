@@ -186,8 +186,9 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     say = progress or (lambda _msg: None)
     device = str(pick_device(spec.device))
     notes: list[str] = []
-    dtypes = list(dict.fromkeys(dtype_name(d, device) for d in spec.dtypes))
     impls = list(dict.fromkeys(spec.impls))
+    int8 = "int8" if "longdoc-int8" in impls else "none"  # auto: fp32 then, as the commands run int8
+    dtypes = list(dict.fromkeys(dtype_name(d, device, quantize=int8) for d in spec.dtypes))
     if "longdoc-int8" in impls and (device != "cpu" or dtypes != ["fp32"] or "train" in spec.modes):
         bad = device if device != "cpu" else ("train mode" if "train" in spec.modes else "non-fp32 dtypes")
         notes.append(f"longdoc-int8 runs fp32 inference on the CPU only: its rows are skipped for {bad}")

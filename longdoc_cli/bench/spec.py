@@ -28,7 +28,7 @@ class BenchSpec:
     models: tuple[str, ...] = ("base",)  # base | large | tiny | a model path or name
     seq_lens: tuple[int, ...] = (4096,)
     batch_sizes: tuple[int, ...] = (1,)
-    dtypes: tuple[str, ...] = ("auto",)  # auto = fp32 on CPU, bf16 on CUDA
+    dtypes: tuple[str, ...] = ("auto",)  # auto = bf16 on CUDA and on CPUs with native bf16, else fp32
     modes: tuple[str, ...] = ("infer",)  # train = forward + backward
     impls: tuple[str, ...] = ("longdoc", "hf", "full")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
