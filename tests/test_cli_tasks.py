@@ -17,6 +17,7 @@ from longdoc_cli.model import (
     LongformerForSequenceClassification,
     load_hf_config,
 )
+from longdoc_cli.runtime import dtype_name
 from tests.fixtures_tiny import build_tiny_model
 
 SPORT_DOC = "The team scored a goal in the football match. The player was the best of the match.\n"
@@ -552,7 +553,11 @@ def test_summary_line_and_timings_records(encoder_dir, docs):
         and " windows, " in line
         and " tokens | load " in line
     )
-    assert "compute" in line and "tokens/s" in line and line.endswith("cpu fp32")
+    assert (
+        "compute" in line
+        and "tokens/s" in line
+        and line.endswith(f"cpu {dtype_name('auto', 'cpu', 'classify')}")
+    )
     assert all("seconds" not in x for x in jsonl(r.stdout))
     assert run("classify", "-q", *args).stderr == ""
     r = run("classify", "--timings", *args)
