@@ -160,9 +160,12 @@ def main() -> None:
     n_layers = model.config.num_hidden_layers
     first_trained = n_layers - args.layers
     top = [f"encoder.layer.{i}." for i in range(first_trained, n_layers)]
-    base = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(tuple(top))}
+    # The global projections get no gradient here (no global tokens): apply_delta gives them the
+    # local projections' delta, as the conversion made them copies of the local ones.
+    trained = lambda k: k.startswith(tuple(top)) and "_global." not in k  # noqa: E731
+    base = {k: v.detach().clone() for k, v in model.state_dict().items() if trained(k)}
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(tuple(top))
+        p.requires_grad = trained(name)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 10)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapt_default import pydocs_split  # noqa: E402
+from eval_qa import planted_cases  # noqa: E402
 from eval_zero_shot import EXPECTED, cached_embeddings, heldout_docs  # noqa: E402
 
 from longdoc_cli.convert import convert_checkpoint, sha256_file  # noqa: E402
@@ -87,6 +88,25 @@ def qa(model_dir: Path, data: Path) -> dict[str, tuple[float, float, int]]:
     return {p: (100 * c["hit1"] / c["n"], 100 * c["hit5"] / c["n"], c["n"]) for p, c in st.items()}
 
 
+def planted(model_dir: Path, sotu: Path, n: int) -> tuple[int, int, int, list[float], list[float]]:
+    """eval_qa.py's planted facts (same cases): hit@1, hit@5, n, and the top scores of the answerable
+    questions and of the unanswerable ones (another address's question)."""
+    tm = load_task_model(model_dir, task="qa", device="cpu", dtype="fp32")
+    answerer = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=SentenceScoring())
+    cases = planted_cases(str(sotu), n)
+    hit1 = hit5 = 0
+    answerable, unanswerable = [], []
+    for i, (doc_id, doc, (a, b), question, _, _) in enumerate(cases):
+        other = cases[(i + 1) % len(cases)][3]
+        got, away = answerer.answer(doc_id, doc, [question, other])
+        overlaps = [x.start < b and a < x.end for x in got.answers]
+        hit1 += overlaps[:1] == [True]
+        hit5 += any(overlaps[:5])
+        answerable.append(got.answers[0].score)
+        unanswerable.append(away.answers[0].score)
+    return hit1, hit5, len(cases), answerable, unanswerable
+
+
 def topics(model_dir: Path, corpora: dict, dtype: str, cache: Path) -> dict[str, tuple[str, int, int]]:
     tm = load_task_model(model_dir, task="classify", device="cpu", dtype=dtype)
     out = {}
@@ -116,6 +136,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", help="of the classification runs (QA runs fp32)")
     ap.add_argument("--skip-qa", action="store_true")
     ap.add_argument("--skip-topics", action="store_true")
+    ap.add_argument("--planted", type=int, default=10, help="eval_qa.py's planted facts (0 = skip)")
     ap.add_argument("--no-base", action="store_true", help="skip the unadapted model")
     ap.add_argument("--work", default="/tmp/longdoc-eval-adapt", help="models and embedding cache")
     args = ap.parse_args()
@@ -142,6 +163,12 @@ def main() -> None:
         if not args.skip_qa:
             row["qa"] = qa(model_dir, DATA / "pyfaq_qa.jsonl")
             print(name, "QA", row["qa"], f"{time.perf_counter() - t:.0f} s", flush=True)
+        if args.planted:
+            h1, h5, n, yes, no = planted(model_dir, DATA / "sotu.jsonl", args.planted)
+            row["planted"] = (h1, h5, n)
+            print(f"{name} planted hit@1 {h1}/{n} hit@5 {h5}/{n}; top score answerable min {min(yes):.2f} "
+                  f"median {sorted(yes)[n // 2]:.2f}; unanswerable max {max(no):.2f} median "
+                  f"{sorted(no)[n // 2]:.2f}", flush=True)  # fmt: skip
         if corpora:
             row["topics"] = topics(model_dir, corpora, args.dtype, work / "cache")
             for k, v in row["topics"].items():
@@ -150,10 +177,13 @@ def main() -> None:
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
     print("\n| model | " + " | ".join(
         (["FAQ dev hit@1/5", "FAQ held-out hit@1/5", "FAQ all hit@1/5"] if not args.skip_qa else [])
+        + (["planted hit@1/5"] if args.planted else [])
         + (list(rows[0]["topics"]) if corpora else [])) + " |")  # fmt: skip
     for row in rows:
         cells = [f"{v[0]:.1f} / {v[1]:.1f}" for v in (row["qa"][p] for p in ("dev", "held-out", "all"))] \
             if "qa" in row else []  # fmt: skip
+        cells += [f"{row['planted'][0]}/{row['planted'][2]} / {row['planted'][1]}/{row['planted'][2]}"] \
+            if "planted" in row else []  # fmt: skip
         cells += [f"{v[1]}/{v[2]}" for v in row.get("topics", {}).values()]
         print(f"| {row['model']} | " + " | ".join(cells) + " |")
 

@@ -319,8 +319,10 @@ def cache_entries() -> list[str]:
 
 
 def default_model_status() -> dict[str, Any]:
-    """The default model's source, expected sha256, cache path and whether it is converted yet."""
+    """The default model's source, expected sha256, the shipped delta's sha256 (``adapted``, None
+    without one), cache path and whether it is converted yet."""
     status: dict[str, Any] = {"name": "default", "source": DEFAULT_SOURCE, "sha256": DEFAULT_SHA256}
+    status["adapted"] = sha256_file(DEFAULT_DELTA) if DEFAULT_DELTA.is_file() else None
     try:
         status["package_dir"] = str(default_source_dir())
     except LongdocError as e:
