@@ -256,11 +256,12 @@ _FACTS: list[Callable[[random.Random], tuple[str, str]]] = [
 ]  # fmt: skip
 
 
-def planted(args, tm) -> None:
-    with open(args.sotu, encoding="utf-8") as f:
+def planted_cases(sotu: str, n: int) -> list[tuple[str, str, tuple[int, int], str, int, float]]:
+    """(id, document, planted span, question, words, depth) for ``n`` long addresses (seed 12)."""
+    with open(sotu, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     long_ones = [r for r in records if len(r["text"].split()) >= 5000]
-    chosen = long_ones[:: max(1, len(long_ones) // args.planted)][: args.planted]
+    chosen = long_ones[:: max(1, len(long_ones) // n)][:n]
     rng = random.Random(12)
     cases = []
     for r in chosen:
@@ -271,6 +272,11 @@ def planted(args, tm) -> None:
         cut = spans[at][0]
         doc = text[:cut] + fact + " " + text[cut:]
         cases.append((r["id"], doc, (cut, cut + len(fact)), question, len(text.split()), at / len(spans)))
+    return cases
+
+
+def planted(args, tm) -> None:
+    cases = planted_cases(args.sotu, args.planted)
     depth = statistics.mean(c[5] for c in cases)
     print(f"\n## Planted facts: {len(cases)} long addresses of {args.sotu} (>= 5000 words, median "
           f"{statistics.median(c[4] for c in cases):.0f}), one generated fact each at a random sentence "

