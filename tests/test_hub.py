@@ -316,11 +316,11 @@ def test_apply_delta_that_does_not_fit_is_a_clear_error(bert_dir, tmp_path, bad)
 
 
 def test_default_cache_key_follows_the_shipped_delta(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_DELTA", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(hub, "DEFAULT_DELTA", tmp_path / "absent.safetensors")
     plain = hub._default_key()
     assert plain == f"default-{hub.DEFAULT_SHA256[:12]}-p4096-w512"  # the key before any delta
     delta = tmp_path / "delta.safetensors"
-    monkeypatch.setattr(models, "DEFAULT_DELTA", delta)
+    monkeypatch.setattr(hub, "DEFAULT_DELTA", delta)
     delta.write_bytes(b"one")
     one = hub._default_key()
     delta.write_bytes(b"two")
