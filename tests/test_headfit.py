@@ -161,8 +161,9 @@ def test_frozen_model_predicts_exactly_the_fitted_head(tiny, tiny_model_dir, tmp
     from longdoc_cli.train import train
 
     data = tiny.classification_data(tmp_path / "c.jsonl", n=16)
-    sets = tiny.overrides(tiny_model_dir, data, **{"train.freeze_encoder": "true", "data.dev_fraction": 0.0,
-                                                   "train.head_l2": 0.01, "train.head_features": "window"})  # fmt: skip
+    extra = {"train.freeze_encoder": "true", "data.dev_fraction": 0.0, "train.head_l2": 0.01,
+             "train.head_features": "window"}  # fmt: skip
+    sets = tiny.overrides(tiny_model_dir, data, **extra)
     cfg = load_config(None, sets)
     train(cfg, tmp_path / "out")
     model = LongformerForSequenceClassification.from_pretrained(tmp_path / "out" / "best")
