@@ -309,6 +309,7 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
     """The task model for the source directory: its encoder (and its head when it is the same task
     with the same labels), a fresh head otherwise; ``cfg.model.attention_window`` applied."""
     from .model import (
+        DOC_LINEAR,
         MEAN_LINEAR,
         LongformerEncoder,
         LongformerForQuestionAnswering,
@@ -336,10 +337,17 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         hf.id2label, hf.num_labels, hf.problem_type = None, 2, None
         cls = LongformerForQuestionAnswering
     hf.extra.pop("architectures", None)
-    if cfg.task == "classify" and cfg.frozen:  # a linear head on mean-pooled windows (headfit.py)
-        hf.extra["longdoc"] = {**(hf.extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
-                               "token_features": cfg.train.token_features}  # fmt: skip
-        same_head = same_head and classifier_kind(hf) == MEAN_LINEAR
+    source_kind = classifier_kind(hf)
+    if cfg.task == "classify":  # the head kind is this run's, whatever the source's (model.py)
+        extra = {k: v for k, v in (hf.extra.get("longdoc") or {}).items()
+                 if k not in ("classifier", "token_features", "doc_features")}  # fmt: skip
+        if cfg.frozen:  # a linear head on mean-pooled windows (headfit.py; doc features: replaced later)
+            extra.update(classifier=MEAN_LINEAR, token_features=cfg.train.token_features)
+        if extra:
+            hf.extra["longdoc"] = extra
+        else:
+            hf.extra.pop("longdoc", None)
+        same_head = same_head and classifier_kind(hf) == source_kind and source_kind != DOC_LINEAR
     hf.__post_init__()
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(

@@ -141,6 +141,13 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
     r = CliRunner().invoke(app, ["evaluate", str(data), "-m", str(out / "best"), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["classification"]["per_label"]["music"]["recall"] > 0
+    # the fitted model is a starting point for whole-model fine-tuning (a fresh window head)
+    whole = tiny.overrides(tiny_model_dir, data)
+    args = ["-o", str(tmp_path / "whole"), "-m", str(out / "best"), *[x for s in whole for x in ("--set", s)]]
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify.yaml"), *args])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "whole" / "best" / "config.json").read_text())
+    assert "classifier" not in saved.get("longdoc", {})
 
 
 def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):
