@@ -1,12 +1,26 @@
-"""Fitting a classification head on a frozen encoder (``train.freeze_encoder``): the fast recipe.
+"""Fitting a classification head on a frozen encoder (``train.freeze_encoder``).
 
-Every window of every training document goes through the encoder once (no gradients); a window's
-embedding is the mean of its token states, the pooling the default sentence model was trained with.
-A linear head is then fitted on them: a class-weighted, L2-regularised logistic regression,
-full-batch L-BFGS in float64 on standardised features, its L2 strength picked by stratified k-fold
-cross-validation on the training documents (macro-F1) when ``train.head_l2`` is ``auto``.
+Two heads. The default (``train.head_features`` auto or a list of feature sets, :func:`fit_doc_head`)
+is linear on whole-document feature blocks (docfeatures.py: first-window embeddings at 256 / 512
+tokens, the mean of the window embeddings, word 1-2-gram TF-IDF). Each block is scaled to unit mean
+squared norm (dense ones standardised first), so a concatenation weighs its blocks alike, and its
+Gram matrix is computed once; a candidate set's kernel is the sum of its blocks'. A class-weighted,
+L2-regularised logistic regression on a set's features equals one on the kernel's eigen-coordinates
+(phi = U sqrt(S), K = phi phi^T; the representer theorem), so every (set, L2) candidate of the
+stratified k-fold cross-validation on the training documents is a small n-dimensional fit, however
+many TF-IDF columns there are; the winner is refitted on all of them and folded back onto each
+block's raw features (exact: tests/test_docfeatures.py). The candidates contain each practitioner's
+baseline (TF-IDF + LR, first-window embedding + LR, mean of chunk embeddings + LR), so the pick can
+only lose to one of them by the noise of the cross-validation.
 
-Exactness: `classify` scores a document by the token-weighted mean of its windows' logits
+The per-window head (``head_features: window``): every window of every training document goes
+through the encoder once (no gradients); a window's embedding is the mean of its token states,
+the pooling the default sentence model was trained with. A linear head is then fitted on them: a
+class-weighted, L2-regularised logistic regression, full-batch L-BFGS in float64 on standardised
+features, its L2 strength picked by stratified k-fold cross-validation on the training documents
+(macro-F1) when ``train.head_l2`` is ``auto``.
+
+Exactness (window head): `classify` scores a document by the token-weighted mean of its windows' logits
 (``inference.aggregate: mean``). For a linear head on mean-pooled windows that equals the head
 applied to the token-weighted mean of the window embeddings, which is the feature fitted here, so
 the saved model (``longdoc.classifier: mean-linear`` in config.json, see model.py) predicts exactly
@@ -28,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .docfeatures import set_name
 from .tokenize import Window
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # candidates for head_l2: auto (penalty per unit of mean loss)
@@ -583,7 +598,3 @@ def fit_doc_head(
             weights[b] = w.float()
             bias = bias - w @ sc.mu
     return DocHeadFit(tuple(chosen), float(v), weights, bias.float(), scores, mode)
-
-
-def set_name(blocks: Sequence[str]) -> str:
-    return "+".join(blocks)
