@@ -450,8 +450,10 @@ def fit_head(
 # Document-level head: a feature set picked by cross-validation (``train.head_features``)
 
 # L2 candidates of the document-level head (penalty per unit of mean loss on blocks scaled to unit
-# mean squared norm): scikit-learn's C from ~0.02 to ~300 at 300 documents, the range its baselines pick.
-DOC_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# mean squared norm). scikit-learn's C (0.01 to 100 in the baselines) is l2 = 1 / (2 C n) on unit-norm
+# TF-IDF rows but 1 / (2 C n d) on a d-dimensional standardised embedding scaled by 1 / sqrt(d): at
+# n = 300, d = 384 the two ranges are 1.7e-5..0.17 and 4e-8..4e-4, so the grid spans both.
+DOC_L2_GRID = (1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 @dataclass(frozen=True)
