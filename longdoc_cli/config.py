@@ -77,7 +77,9 @@ class TokenizationSection:
 class DataSection:
     train: str | None = _f(None, "training file (JSONL or CSV)")
     dev: str | None = _f(None, "dev file; null = a seeded dev_fraction of train")
-    dev_fraction: float = _f(0.1, "share of train held out (seeded by train.seed) when dev is null")
+    dev_fraction: Union[float, Literal["auto"]] = _f(  # noqa: UP007
+        "auto", "share of train held out (seeded by train.seed) when dev is null; auto = 0.1, 0 if frozen"
+    )
     format: Literal["auto", "jsonl", "csv"] = _f("auto", "auto (from the extension) | jsonl | csv")
     text_key: str = _f("text", "classification: the document text")
     label_key: str = _f("label", "classification: a string label, or a list of labels (multi-label)")
@@ -134,11 +136,16 @@ class TrainSection:
     )
     max_windows: int | None = _f(None, "classify: windows per training document, evenly spread (null = all)")
     token_features: bool = _f(
-        True, "frozen encoder: the head also sees each window's TF-IDF over the model's tokens"
+        True, "head_features window: the head also sees each window's TF-IDF over the model's tokens"
     )
     head_l2: Union[float, Literal["auto"]] = _f(  # noqa: UP007
         "auto", "frozen encoder: L2 penalty of the linear head; auto = picked by 5-fold CV on train"
     )
+    head_features: str = _f(
+        "auto",
+        "frozen encoder: document feature sets the head picks from by CV (README; window = per window)",
+    )
+    feature_window: int = _f(256, "frozen encoder: tokens per window of the 'mean' feature block")
 
 
 @dataclass
@@ -155,6 +162,13 @@ class LongdocConfig:
         """Whether `train` fits only the head on frozen window embeddings (``train.freeze_encoder``)."""
         f = self.train.freeze_encoder
         return self.task == "classify" if f == "auto" else bool(f)
+
+    @property
+    def dev_fraction(self) -> float:
+        """``data.dev_fraction`` resolved: auto = 0 for the frozen-encoder fit (it picks its settings by
+        cross-validation on the training documents, so a dev split only takes data from it), else 0.1."""
+        f = self.data.dev_fraction
+        return (0.0 if self.frozen else 0.1) if f == "auto" else float(f)
 
     @property
     def metric(self) -> str:
@@ -446,7 +460,9 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
             "tokenization.max_question_length",
             f"leaves no room for the context in model.max_length {m.max_length}",
         )
-    need(0.0 <= d.dev_fraction < 1.0, "data.dev_fraction", f"must be in [0, 1), got {d.dev_fraction}")
+    if d.dev_fraction != "auto":
+        bad = f"must be in [0, 1) or auto, got {d.dev_fraction}"
+        need(0.0 <= d.dev_fraction < 1.0, "data.dev_fraction", bad)
     for name in ("batch_size", "top_k", "n_best", "max_answer_length"):
         need(getattr(i, name) >= 1, f"inference.{name}", f"must be >= 1, got {getattr(i, name)}")
     need(i.explain >= 0, "inference.explain", f"must be >= 0, got {i.explain}")
@@ -466,6 +482,14 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
         need(tr.max_windows >= 1, "train.max_windows", f"must be >= 1 or null, got {tr.max_windows}")
     if tr.head_l2 != "auto":
         need(tr.head_l2 >= 0, "train.head_l2", f"must be >= 0 or auto, got {tr.head_l2}")
+    if tr.head_features != "window":
+        from .docfeatures import parse_feature_sets
+
+        try:
+            parse_feature_sets(tr.head_features)
+        except ValueError as e:
+            need(False, "train.head_features", str(e))
+    need(tr.feature_window >= 8, "train.feature_window", f"must be >= 8, got {tr.feature_window}")
     if cfg.task == "qa":
         need(tr.freeze_encoder is not True, "train.freeze_encoder",
              "a frozen encoder is for classification only (QA trains the whole model)")  # fmt: skip

@@ -1,12 +1,26 @@
-"""Fitting a classification head on a frozen encoder (``train.freeze_encoder``): the fast recipe.
+"""Fitting a classification head on a frozen encoder (``train.freeze_encoder``).
 
-Every window of every training document goes through the encoder once (no gradients); a window's
-embedding is the mean of its token states, the pooling the default sentence model was trained with.
-A linear head is then fitted on them: a class-weighted, L2-regularised logistic regression,
-full-batch L-BFGS in float64 on standardised features, its L2 strength picked by stratified k-fold
-cross-validation on the training documents (macro-F1) when ``train.head_l2`` is ``auto``.
+Two heads. The default (``train.head_features`` auto or a list of feature sets, :func:`fit_doc_head`)
+is linear on whole-document feature blocks (docfeatures.py: first-window embeddings at 256 / 512
+tokens, the mean of the window embeddings, word 1-2-gram TF-IDF). Each block is scaled to unit mean
+squared norm (dense ones standardised first), so a concatenation weighs its blocks alike, and its
+Gram matrix is computed once; a candidate set's kernel is the sum of its blocks'. A class-weighted,
+L2-regularised logistic regression on a set's features equals one on the kernel's eigen-coordinates
+(phi = U sqrt(S), K = phi phi^T; the representer theorem), so every (set, L2) candidate of the
+stratified k-fold cross-validation on the training documents is a small n-dimensional fit, however
+many TF-IDF columns there are; the winner is refitted on all of them and folded back onto each
+block's raw features (exact: tests/test_docfeatures.py). The candidates contain each practitioner's
+baseline (TF-IDF + LR, first-window embedding + LR, mean of chunk embeddings + LR), so the pick can
+only lose to one of them by the noise of the cross-validation.
 
-Exactness: `classify` scores a document by the token-weighted mean of its windows' logits
+The per-window head (``head_features: window``): every window of every training document goes
+through the encoder once (no gradients); a window's embedding is the mean of its token states,
+the pooling the default sentence model was trained with. A linear head is then fitted on them: a
+class-weighted, L2-regularised logistic regression, full-batch L-BFGS in float64 on standardised
+features, its L2 strength picked by stratified k-fold cross-validation on the training documents
+(macro-F1) when ``train.head_l2`` is ``auto``.
+
+Exactness (window head): `classify` scores a document by the token-weighted mean of its windows' logits
 (``inference.aggregate: mean``). For a linear head on mean-pooled windows that equals the head
 applied to the token-weighted mean of the window embeddings, which is the feature fitted here, so
 the saved model (``longdoc.classifier: mean-linear`` in config.json, see model.py) predicts exactly
@@ -19,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .docfeatures import set_name
 from .tokenize import Window
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # candidates for head_l2: auto (penalty per unit of mean loss)
@@ -210,15 +226,20 @@ def fit_logistic(
     tokens: Tensor | None = None,
     token_scale: float = 1.0,
     max_iter: int = 100,
+    standardize: bool = True,
 ) -> LinearHead:
     """Multinomial (or, ``multi``, one-vs-rest sigmoid) logistic regression minimising
     weighted-mean loss + ``l2`` * ||W||^2 on standardised features (and ``tokens`` TF-IDF columns
     times ``token_scale``, which sets how much less their weights are penalised); returned folded back
     onto the raw features. ``y``: label indices (n,), or multi-hot (n, n_labels) with ``multi``.
     Single-label: ``label_weights`` weight each document by its label; multi-label: they scale the
-    positive terms."""
+    positive terms. ``standardize`` False: the features as given (the penalty is then on their own
+    scale)."""
     x = x.double()
-    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    if standardize:
+        mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    else:
+        mu, sd = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
     z = (x - mu) / sd
     if tokens is not None:
         z = torch.cat([z, tokens.double() * token_scale], dim=1)
@@ -423,3 +444,159 @@ def fit_head(
                         tokens=tokens, token_scale=scale)  # fmt: skip
     return HeadFitResult(head, float(l2), scale if token_features else None, scores, mode, len(flat),
                          t1 - t0, time.perf_counter() - t1, idf, columns)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Document-level head: a feature set picked by cross-validation (``train.head_features``)
+
+# L2 candidates of the document-level head (penalty per unit of mean loss on blocks scaled to unit
+# mean squared norm). scikit-learn's C (0.01 to 100 in the baselines) is l2 = 1 / (2 C n) on unit-norm
+# TF-IDF rows but 1 / (2 C n d) on a d-dimensional standardised embedding scaled by 1 / sqrt(d): at
+# n = 300, d = 384 the two ranges are 1.7e-5..0.17 and 4e-8..4e-4, so the grid spans both.
+DOC_L2_GRID = (1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class BlockScale:
+    """How a block enters the kernel: dense blocks standardised ((x - mu) / sd) and divided by
+    sqrt(d), sparse (words) rows as they are (unit norm): every block has mean squared norm ~1, so
+    concatenating blocks weighs them alike."""
+
+    mu: Tensor | None
+    sd: Tensor | None
+    factor: float
+
+
+def scale_block(x: Tensor) -> tuple[Tensor, BlockScale]:
+    """(The scaled block, its :class:`BlockScale`) from the training documents' rows."""
+    if x.is_sparse:
+        return x.coalesce().double(), BlockScale(None, None, 1.0)
+    x = x.double()
+    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    factor = 1.0 / math.sqrt(x.shape[1])
+    return (x - mu) / sd * factor, BlockScale(mu, sd, factor)
+
+
+def block_kernel(z: Tensor) -> Tensor:
+    """(n, n) float64 Gram matrix of a scaled block (dense or sparse rows)."""
+    if z.is_sparse:
+        with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse.mm(z, z.t()).to_dense().double()
+    return z @ z.T
+
+
+@dataclass
+class _Span:
+    """The training rows' kernel in eigen-coordinates: phi = U sqrt(S) (n, r) reproduces K = phi phi^T,
+    so a logistic regression on phi with penalty l2 * ||w||^2 is the one on the blocks' features."""
+
+    u: Tensor  # (n, r)
+    s: Tensor  # (r,)
+
+    @classmethod
+    def of(cls, k: Tensor) -> _Span:
+        s, u = torch.linalg.eigh(k)
+        keep = s > max(float(s.max()), 1e-30) * 1e-10
+        return cls(u[:, keep], s[keep])
+
+    @property
+    def phi(self) -> Tensor:
+        return self.u * self.s.sqrt()
+
+    def project(self, k_other_train: Tensor) -> Tensor:
+        """Other documents' phi coordinates from their kernel rows against the training documents."""
+        return k_other_train @ self.u / self.s.sqrt()
+
+    def dual(self, w: Tensor) -> Tensor:
+        """(n, n_labels): A with logits = K A + b for phi-space weights ``w`` (n_labels, r)."""
+        return (self.u / self.s.sqrt()) @ w.T
+
+
+@dataclass
+class DocHeadFit:
+    blocks: tuple[str, ...]  # the feature set picked
+    l2: float
+    weights: dict[str, Tensor]  # block -> (n_labels, d) on the raw block features (words: columns)
+    bias: Tensor  # (n_labels,)
+    cv_scores: dict[tuple[str, float], float]  # (feature set name, l2) -> CV macro-F1
+    class_weight: str  # "balanced" or "none", after auto
+
+    def logits(self, feats: dict[str, Tensor]) -> Tensor:
+        """(n_docs, n_labels) from the raw blocks (``words``: sparse rows over the fitted columns)."""
+        out = self.bias.double().clone()
+        for b, w in self.weights.items():
+            x, w = feats[b].double(), w.double()
+            out = out + (torch.sparse.mm(x, w.T) if x.is_sparse else x @ w.T)
+        return out.float()
+
+
+def fit_doc_head(
+    feats: dict[str, Tensor],
+    targets: Sequence[Any],
+    n_labels: int,
+    *,
+    sets: Sequence[tuple[str, ...]],
+    multi: bool,
+    class_weight: str,
+    l2: float | str,
+    threshold: float,
+    seed: int,
+) -> DocHeadFit:
+    """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) with the best
+    k-fold cross-validated macro-F1 on the training documents (ties: fewer blocks, then the stronger
+    penalty), then fit it on all of them. ``feats``: block -> (n_docs, d) dense, or sparse rows."""
+    names = sorted({b for s in sets for b in s})
+    scaled, scales, kernels = {}, {}, {}
+    for b in names:
+        scaled[b], scales[b] = scale_block(feats[b])
+        kernels[b] = block_kernel(scaled[b])
+    counts = label_counts(targets, n_labels)
+    mode = resolve_class_weight(class_weight, counts)
+    balanced = mode == "balanced"
+    y = _as_tensor(targets, multi)
+    gold = [_gold(t) for t in targets]
+    grid = list(DOC_L2_GRID) if l2 == "auto" else [float(l2)]
+    parts = folds(targets, min(CV_FOLDS, len(targets)), seed)
+    scores: dict[tuple[str, float], float] = {}
+    if len(sets) * len(grid) > 1 and len(parts) >= 2:
+        for s in sets:
+            k = sum(kernels[b] for b in s)
+            preds = {v: [()] * len(targets) for v in grid}
+            for part in parts:
+                held = set(part)
+                tr = [i for i in range(len(targets)) if i not in held]
+                span = _Span.of(k[tr][:, tr])
+                phi, phi_part = span.phi, span.project(k[part][:, tr])
+                tr_counts = label_counts([targets[i] for i in tr], n_labels)
+                lw = _label_weights(tr_counts, balanced, multi, len(tr))
+                for v in grid:
+                    head = fit_logistic(phi, y[tr], n_labels, l2=v, label_weights=lw, multi=multi,
+                                        standardize=False)  # fmt: skip
+                    for i, p in zip(part, predict(head, phi_part, multi, threshold), strict=True):
+                        preds[v][i] = p
+            for v in grid:
+                scores[(set_name(s), v)] = macro_f1(gold, preds[v], n_labels)
+        best = max(scores.values())
+        order = {set_name(s): (len(s), i) for i, s in enumerate(sets)}
+        name, v = min((key for key, f in scores.items() if f >= best - 1e-12),
+                      key=lambda key: (order[key[0]], -key[1]))  # fmt: skip
+        chosen = next(s for s in sets if set_name(s) == name)
+    else:
+        chosen, v = sets[0], grid[len(grid) // 2]
+    k = sum(kernels[b] for b in chosen)
+    span = _Span.of(k)
+    lw = _label_weights(counts, balanced, multi, len(targets))
+    head = fit_logistic(span.phi, y, n_labels, l2=v, label_weights=lw, multi=multi, standardize=False)
+    a = span.dual(head.weight.double())  # (n, n_labels)
+    weights: dict[str, Tensor] = {}
+    bias = head.bias.double().clone()
+    for b in chosen:
+        z, sc = scaled[b], scales[b]
+        if z.is_sparse:
+            weights[b] = torch.sparse.mm(z.t(), a).T.float()  # (n_labels, n_cols)
+        else:
+            w = (a.T @ z) * sc.factor / sc.sd  # on the raw features
+            weights[b] = w.float()
+            bias = bias - w @ sc.mu
+    return DocHeadFit(tuple(chosen), float(v), weights, bias.float(), scores, mode)

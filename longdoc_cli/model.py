@@ -169,8 +169,9 @@ class LongformerConfig:
 
     @property
     def classifier(self) -> str:
-        """The classification head's kind: "mean-linear" for a head fitted on a frozen encoder
-        (headfit.py), else "cls" (HF's head)."""
+        """The classification head's kind: "mean-linear" for a head fitted on mean-pooled windows of
+        a frozen encoder, "doc-linear" for one fitted on whole-document features (headfit.py,
+        docfeatures.py), else "cls" (HF's head)."""
         return (self.extra.get("longdoc") or {}).get("classifier", "cls")
 
     @property
@@ -540,6 +541,7 @@ class LongformerEncoder(_PretrainedMixin):
 
 
 MEAN_LINEAR = "mean-linear"  # config.json longdoc.classifier of a head fitted on a frozen encoder
+DOC_LINEAR = "doc-linear"  # ... of one fitted on whole-document features (docfeatures.py)
 
 
 class LongformerClassificationHead(nn.Module):
@@ -562,10 +564,36 @@ class LongformerClassificationHead(nn.Module):
         if self.mean_linear and (config.extra.get("longdoc") or {}).get("token_features"):
             self.token_proj = nn.Linear(config.vocab_size, config.num_labels, bias=False)
             self.token_idf = nn.Parameter(torch.zeros(config.vocab_size), requires_grad=False)
+        self.doc_linear = config.classifier == DOC_LINEAR
+        if self.doc_linear:
+            # Linear on whole-document feature blocks (docfeatures.py): one weight matrix per block,
+            # the bias in out_proj.bias; words: the hashed n-gram columns, their idf and weights.
+            spec = (config.extra.get("longdoc") or {}).get("doc_features") or {}
+            blocks = [b for b in spec.get("blocks", []) if b != "words"]
+            self.doc_blocks = nn.ModuleDict(
+                {b: nn.Linear(config.hidden_size, config.num_labels, bias=False) for b in blocks}
+            )
+            n_cols = int(spec.get("word_columns", 0))
+            self.word_proj = nn.Linear(n_cols, config.num_labels, bias=False) if n_cols else None
+            if n_cols:
+                self.register_buffer("word_columns", torch.zeros(n_cols, dtype=torch.long))
+                self.register_buffer("word_idf", torch.zeros(n_cols))
+
+    def doc_logits(self, feats: dict[str, Tensor]) -> Tensor:
+        """Doc-linear head: (n_docs, num_labels) from the document blocks (docfeatures.py; ``words``
+        as sparse rows over ``word_columns``)."""
+        out = self.out_proj.bias.float().expand(next(iter(feats.values())).shape[0], -1).clone()
+        for name, proj in self.doc_blocks.items():
+            out = out + feats[name].float() @ proj.weight.float().T
+        if self.word_proj is not None:
+            out = out + torch.sparse.mm(feats["words"].float(), self.word_proj.weight.float().T)
+        return out
 
     def forward(
         self, hidden: Tensor, attention_mask: Tensor | None = None, input_ids: Tensor | None = None
     ) -> Tensor:
+        if self.doc_linear:
+            raise LongdocError("this classifier's head scores whole documents (doc_logits), not windows")
         if self.mean_linear:
             logits = self.out_proj(self.dropout(masked_mean(hidden, attention_mask)))
             if self.token_proj is not None:

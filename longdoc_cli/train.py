@@ -188,7 +188,7 @@ def load_datasets(cfg: LongdocConfig):
         dev = load_classification(d.dev, d) if d.dev else None
         notes += [f"skipped {s}" for s in tr.skipped + (dev.skipped if dev else [])]
         if dev is None:
-            train_items, dev_items = split_dev(tr.docs, d.dev_fraction, cfg.train.seed)
+            train_items, dev_items = split_dev(tr.docs, cfg.dev_fraction, cfg.train.seed)
         else:
             train_items, dev_items = tr.docs, dev.docs
         labels = sorted(set(tr.labels) | set(dev.labels if dev else []))
@@ -207,7 +207,7 @@ def load_datasets(cfg: LongdocConfig):
             notes.append(f"{q.realigned} answer_start offsets did not match their text and were realigned")
     if dev is None:
         train_items, dev_items = split_dev(
-            tr.examples, d.dev_fraction, cfg.train.seed, group=lambda e: e.group
+            tr.examples, cfg.dev_fraction, cfg.train.seed, group=lambda e: e.group
         )
     else:
         train_items, dev_items = tr.examples, dev.examples
@@ -219,6 +219,7 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
     """The task model for the source directory: its encoder (and its head when it is the same task
     with the same labels), a fresh head otherwise; ``cfg.model.attention_window`` applied."""
     from .model import (
+        DOC_LINEAR,
         MEAN_LINEAR,
         LongformerEncoder,
         LongformerForQuestionAnswering,
@@ -228,6 +229,7 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
 
     hf = load_hf_config(source_dir)
     source_arch = (hf.extra.get("architectures") or [""])[0]
+    source_kind = hf.classifier
     extra = {k: v for k, v in hf.extra.items() if k != "architectures"}
     if cfg.task == "classify":
         labels = dict(enumerate(info["labels"]))
@@ -239,13 +241,19 @@ def build_model(cfg: LongdocConfig, source_dir: Path, info: dict[str, Any]):
         same_head = source_arch == "LongformerForQuestionAnswering"
         head = {"id2label": None, "num_labels": 2, "problem_type": None}
         cls = LongformerForQuestionAnswering
-    if cfg.task == "classify" and cfg.frozen:  # a linear head on mean-pooled windows (headfit.py)
-        extra["longdoc"] = {**(extra.get("longdoc") or {}), "classifier": MEAN_LINEAR,
-                            "token_features": cfg.train.token_features}  # fmt: skip
+    if cfg.task == "classify":  # the head kind is this run's, whatever the source's (model.py)
+        ours = {k: v for k, v in (extra.get("longdoc") or {}).items()
+                if k not in ("classifier", "token_features", "doc_features")}  # fmt: skip
+        if cfg.frozen:  # a linear head on mean-pooled windows (headfit.py; doc features: replaced later)
+            ours.update(classifier=MEAN_LINEAR, token_features=cfg.train.token_features)
+        if ours:
+            extra["longdoc"] = ours
+        else:
+            extra.pop("longdoc", None)
     hf = dataclasses.replace(hf, **head, extra=extra).with_attention_window(cfg.model.attention_window)
     hf = hf.with_attention_dilation(cfg.model.attention_dilation)
-    if cfg.task == "classify" and cfg.frozen:
-        same_head = same_head and hf.classifier == MEAN_LINEAR
+    if cfg.task == "classify":
+        same_head = same_head and hf.classifier == source_kind and source_kind != DOC_LINEAR
     if cfg.model.max_length > hf.max_tokens:
         raise ConfigError(
             f"model.max_length: {cfg.model.max_length} exceeds the {hf.max_tokens} tokens the model's "
@@ -342,13 +350,17 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     best/ and last/ hold the same model (there are no steps to resume)."""
     import torch
 
-    from .evaluate import classification_metrics, predict_classification
     from .headfit import fit_head
 
     if _dist_info()[1] > 1:
         raise ConfigError(
             "train.freeze_encoder: the frozen-encoder fit runs in one process; run it without torchrun"
         )
+    if cfg.train.head_features != "window":
+        model, record = _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_targets,
+                                           device, emit)  # fmt: skip
+        return _finish_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items, info, record,
+                              emit)  # fmt: skip
     if cfg.train.windows == "first" and cfg.inference.aggregate != "first":
         info["notes"].append(
             f"train.windows is first but inference.aggregate is {cfg.inference.aggregate}: the head is "
@@ -387,6 +399,95 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
               "cv_macro_f1": {f"l2={k[0]:g},token_scale={k[1]:g}": v for k, v in fit.cv_scores.items()},
               "embed_s": round(fit.embed_seconds, 3), "fit_s": round(fit.fit_seconds, 3),
               "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return _finish_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items, info, record, emit)
+
+
+def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_targets, device, emit):
+    """``train.head_features``: the head on whole-document feature blocks (docfeatures.py), the set
+    and its L2 picked by cross-validation on the training documents (headfit.fit_doc_head). Returns
+    the classification model with that head and the fit's log record."""
+    import copy
+
+    import torch
+
+    from .docfeatures import FeatureSpec, embedding_blocks, fit_word_vocab, parse_feature_sets, word_rows
+    from .docfeatures import word_counts as count_words
+    from .headfit import embed_windows, fit_doc_head, set_name
+    from .model import DOC_LINEAR, LongformerForSequenceClassification
+
+    sets = parse_feature_sets(cfg.train.head_features)
+    blocks = tuple(sorted({b for s in sets for b in s}, key=["first256", "first512", "mean", "words"].index))
+    spec = FeatureSpec(blocks, cfg.train.feature_window)
+    limit = min(tokenizer.max_tokens, model.config.max_tokens)
+    bs, bf16 = cfg.inference.batch_size, _use_bf16(cfg, device)
+    t0 = time.perf_counter()
+    started = False
+
+    def start(n_windows: int) -> None:
+        nonlocal started
+        started = True
+        emit({"event": "start", "total_steps": max(1, math.ceil(n_windows / bs)), "step": 0,
+              "n_train": len(train_items), "n_dev": len(dev_items), "n_features": n_windows,
+              "device": str(device), "bf16": bf16, "world_size": 1, "notes": info["notes"],
+              "frozen": True})  # fmt: skip
+
+    def on_batch(done: int, n: int) -> None:
+        emit({"event": "embed", "step": done, "total_steps": n, "elapsed_s": time.perf_counter() - t0})
+
+    def embed(windows):
+        start(len(windows))
+        return embed_windows(model.longformer, tokenizer, windows, bs, bf16=bf16, on_batch=on_batch)
+
+    texts = [d.text for d in train_items]
+    feats, _, n_windows = embedding_blocks(embed, tokenizer, texts, spec, limit)
+    if not started:
+        start(0)
+    vocab = None
+    if "words" in blocks:
+        counts = [count_words(t) for t in texts]
+        vocab = fit_word_vocab(counts)
+        feats["words"] = word_rows(counts, vocab.columns, vocab.idf)
+    t1 = time.perf_counter()
+    fit = fit_doc_head(
+        feats, doc_targets, len(info["labels"]), sets=sets, multi=bool(info.get("multi_label")),
+        class_weight=cfg.train.class_weight, l2=cfg.train.head_l2, threshold=cfg.inference.threshold,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    # The model with exactly the picked blocks (its head's shapes follow config.json's spec).
+    chosen = FeatureSpec(fit.blocks, spec.mean_window)
+    hf = copy.deepcopy(model.config)
+    extra = dict(hf.extra.get("longdoc") or {})
+    extra.pop("token_features", None)
+    n_cols = len(vocab.columns) if vocab is not None and "words" in fit.blocks else 0
+    hf.extra["longdoc"] = {**extra, "classifier": DOC_LINEAR, "doc_features": {**chosen.to_dict(),
+                           "word_columns": n_cols}}  # fmt: skip
+    fitted = LongformerForSequenceClassification(hf)
+    fitted.longformer.load_state_dict(model.longformer.state_dict())
+    head = fitted.classifier
+    with torch.no_grad():
+        head.out_proj.weight.zero_()
+        head.out_proj.bias.copy_(fit.bias)
+        for b, proj in head.doc_blocks.items():
+            proj.weight.copy_(fit.weights[b])
+        if n_cols:
+            head.word_proj.weight.copy_(fit.weights["words"])
+            head.word_columns.copy_(vocab.columns)
+            head.word_idf.copy_(vocab.idf)
+    fitted.to(device).eval()
+    record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": sum(n_windows),
+              "class_weight": fit.class_weight, "head_features": set_name(fit.blocks), "head_l2": fit.l2,
+              "feature_window": spec.mean_window,
+              "cv_macro_f1": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_scores.items()},
+              "embed_s": round(t1 - t0, 3), "fit_s": round(time.perf_counter() - t1, 3),
+              "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return fitted, record
+
+
+def _finish_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items, info, record,
+                   emit) -> TrainResult:  # fmt: skip
+    """The frozen fit's dev evaluation, log and checkpoints (best/ and last/ are the same model)."""
+    from .evaluate import classification_metrics, predict_classification
+
     history: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     if dev_items:
@@ -403,7 +504,8 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
         emit({"event": "eval", "metric": cfg.metric, "value": value, "best": value, **history[0]})
     card = {"base": cfg.model.name, "n_train": len(train_items), "n_dev": len(dev_items), "total_steps": 1,
             "labels": info.get("labels"), "step": 1, "metrics": metrics, "licence": licence_of(source_dir),
-            "n_features": n_windows, "device": str(device), "train_s": time.perf_counter() - t0,
+            "n_features": record.get("n_windows"), "device": str(next(model.parameters()).device),
+            "train_s": record.get("elapsed_s"),
             "steps_run": 1}  # fmt: skip
     save_checkpoint(model, cfg, source_dir, out / "best", {**card, "name": f"{out.name}/best"})
     save_checkpoint(

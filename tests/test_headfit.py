@@ -112,7 +112,7 @@ def test_shipped_recipes_load():
     expected.data.train = recipe.data.train
     assert recipe == expected  # the shipped recipe is what `config init --task classify` writes
     fast = load_config(CONFIGS / "classify-fast.yaml")
-    assert fast.frozen and fast.train.windows == "first" and fast.model.max_length <= 512
+    assert fast.frozen and fast.model.max_length <= 512
 
 
 def _skewed_data(path: Path, tiny) -> Path:
@@ -128,7 +128,9 @@ def _skewed_data(path: Path, tiny) -> Path:
 def test_frozen_fit_saves_a_model_that_classify_and_evaluate_load(tiny, tiny_model_dir, tmp_path):
     data = _skewed_data(tmp_path / "skewed.jsonl", tiny)
     out = tmp_path / "out"
-    sets = tiny.overrides(tiny_model_dir, data, **{"train.freeze_encoder": "true", "data.dev_fraction": 0.2})
+    sets = tiny.overrides(tiny_model_dir, data, **{"train.freeze_encoder": "true", "data.dev_fraction": 0.2,
+                                                   "train.head_features": "window", "train.windows": "first",
+                                                   "inference.aggregate": "first"})  # fmt: skip
     r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
                                  *[x for s in sets for x in ("--set", s)]])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -159,8 +161,9 @@ def test_frozen_model_predicts_exactly_the_fitted_head(tiny, tiny_model_dir, tmp
     from longdoc_cli.train import train
 
     data = tiny.classification_data(tmp_path / "c.jsonl", n=16)
-    sets = tiny.overrides(tiny_model_dir, data, **{"train.freeze_encoder": "true", "data.dev_fraction": 0.0,
-                                                   "train.head_l2": 0.01})  # fmt: skip
+    extra = {"train.freeze_encoder": "true", "data.dev_fraction": 0.0, "train.head_l2": 0.01,
+             "train.head_features": "window"}  # fmt: skip
+    sets = tiny.overrides(tiny_model_dir, data, **extra)
     cfg = load_config(None, sets)
     train(cfg, tmp_path / "out")
     model = LongformerForSequenceClassification.from_pretrained(tmp_path / "out" / "best")

@@ -248,7 +248,10 @@ class Classifier:
             self.multi_label = tm.config.problem_type == "multi_label_classification"
             self.label_embeddings = None
             self.window = tm.max_length
+            extra = tm.config.extra.get("longdoc") or {}
+            self.doc_spec = extra.get("doc_features") if extra.get("classifier") == "doc-linear" else None
         else:
+            self.doc_spec = None
             labels = labels or default_labels()
             self.names = [label.name for label in labels]
             self.label_embeddings = label_embeddings(tm, labels, prompts, batch_size)  # (L, d)
@@ -286,6 +289,8 @@ class Classifier:
 
     def classify(self, docs: Sequence[tuple[str, str]]) -> list[Classification]:
         """Classify (id, text) documents; all their windows are batched together by length."""
+        if self.doc_spec is not None:
+            return self._classify_documents(docs)
         results = []
         for (doc_id, text), run in zip(docs, self._run(docs), strict=True):
             probs = self._aggregate(run.outputs)
@@ -300,6 +305,12 @@ class Classifier:
         documents are still batched together), a longer document runs alone and is not held back
         behind the next ones. Each result's ``seconds`` is its tokenization plus its share (by
         tokens) of the passes it took part in."""
+        if self.doc_spec is not None:  # a doc-linear head: whole-document features, a document at a time
+            for doc in docs:
+                t0 = time.perf_counter()
+                (result,) = self._classify_documents([doc])
+                yield dataclasses.replace(result, seconds=time.perf_counter() - t0)
+            return
         pending: list[tuple[str, str, _Run, list[Window], float]] = []
         n_pending = 0
         for doc_id, text in docs:
@@ -348,6 +359,38 @@ class Classifier:
         return self._aggregate(list(zip(weights.tolist(), embeddings, strict=True)))
 
     # -- scoring ---------------------------------------------------------------------------------
+
+    def _document_probabilities(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """A doc-linear head (docfeatures.py): per text its probabilities, token count and windows read."""
+        from ..docfeatures import FeatureSpec, embedding_blocks, word_counts, word_rows
+        from ..headfit import embed_windows
+
+        spec = FeatureSpec.from_dict(self.doc_spec)
+        tm, head = self.tm, self.tm.model.classifier
+        limit = min(tm.tokenizer.max_tokens, tm.config.max_tokens)
+
+        def embed(windows: list[Window]) -> torch.Tensor:
+            return embed_windows(tm.model.longformer, tm.tokenizer, windows, self.batch_size)
+
+        feats, n_tokens, n_windows = embedding_blocks(embed, tm.tokenizer, texts, spec, limit)
+        if "words" in spec.blocks:
+            feats["words"] = word_rows([word_counts(t) for t in texts], head.word_columns, head.word_idf)
+        with torch.inference_mode():
+            logits = head.doc_logits(feats)
+        return self._probabilities(logits), n_tokens, n_windows
+
+    def _classify_documents(self, docs: Sequence[tuple[str, str]]) -> list[Classification]:
+        probs, n_tokens, n_windows = self._document_probabilities([t for _, t in docs])
+        blocks = self.doc_spec["blocks"]
+        whole = "mean" in blocks or "words" in blocks  # else only the first window(s) are read
+        read = max((int(b[5:]) for b in blocks if b.startswith("first")), default=0)
+        read = min(read, self.tm.tokenizer.max_tokens, self.tm.config.max_tokens) - 2
+        tok = self.tm.tokenizer
+        return [
+            self._result(doc_id, text, p, n, w, not whole and n > read, tok.unknown_share(text, enc))
+            for (doc_id, text), p, n, w in zip(docs, probs, n_tokens, n_windows, strict=True)
+            for enc in [tok.encode(text)]
+        ]
 
     def _prepare(self, text: str) -> tuple[_Run, list[Window]]:
         """A document's windows, and its run to be filled with their outputs."""
@@ -432,6 +475,8 @@ class Classifier:
         if self.zero_shot:
             cos = embed_texts(self.tm, texts, self.batch_size) @ self.label_embeddings.T - self.bias
             scores = torch.softmax(SCALE * cos, dim=-1)[:, label]
+        elif self.doc_spec is not None:  # each passage scored as a document of its own
+            scores = self._document_probabilities(texts)[0][:, label]
         else:
             tok = self.tm.tokenizer
             windows = [tok.document_windows(tok.encode(t), self.tm.max_length, self.stride)[0] for t in texts]

@@ -1,0 +1,174 @@
+"""The document-level frozen head (train.head_features): feature blocks, the kernel fit and its
+selection by cross-validation, and a run on the tiny model whose saved model records the pick and
+predicts exactly what was fitted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from longdoc_cli import docfeatures, headfit
+from longdoc_cli.cli import app
+from longdoc_cli.config import ConfigError, load_config
+
+pytest_plugins = ["fixtures_tiny"]  # tiny_model_dir, tiny
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_feature_sets_parse_and_bad_ones_are_config_errors():
+    assert docfeatures.parse_feature_sets("auto") == list(docfeatures.AUTO_SETS)
+    assert docfeatures.parse_feature_sets("words+first256, mean,first256+words") == [
+        ("first256", "words"),
+        ("mean",),
+    ]
+    with pytest.raises(ValueError, match="unknown feature block 'bert'"):
+        docfeatures.parse_feature_sets("first256+bert")
+    with pytest.raises(ConfigError, match="train.head_features: unknown feature block"):
+        load_config(None, ["train.head_features=first9"])
+    with pytest.raises(ConfigError, match="train.feature_window: must be >= 8"):
+        load_config(None, ["train.feature_window=4"])
+    assert load_config(None, ["train.head_features=window"]).train.head_features == "window"
+
+
+def test_word_rows_are_scikit_learns_tfidf():
+    sklearn = pytest.importorskip("sklearn.feature_extraction.text")
+    texts = [
+        "The cat sat on the mat. The cat purred.",
+        "A dog sat on the log; the dog barked at the cat.",
+        "Cats and dogs: the cat, the dog, the mat and the log.",
+        "Nothing in common here at all, x y z.",
+    ]
+    counts = [docfeatures.word_counts(t) for t in texts]
+    vocab = docfeatures.fit_word_vocab(counts)
+    ours = docfeatures.word_rows(counts, vocab.columns, vocab.idf).to_dense()
+    vec = sklearn.TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    ref = torch.tensor(vec.fit_transform(texts).toarray(), dtype=torch.float32)
+    assert ours.shape == ref.shape  # no hash collisions among these n-grams
+    for a, b in zip(ours, ref, strict=True):  # columns in another order: compare each row's values
+        assert torch.allclose(a.sort().values, b.sort().values, atol=1e-6)
+    assert torch.allclose(ours @ ours.T, ref @ ref.T, atol=1e-6)
+
+
+def _toy(n: int = 60, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    signal = torch.nn.functional.one_hot(y, 16).float() * 3 + torch.randn(n, 16, generator=g) + 7
+    noise = torch.randn(n, 16, generator=g) * 5
+    return y, {"first256": noise, "first512": signal}
+
+
+def test_doc_head_fit_is_the_primal_logistic_regression_on_the_scaled_blocks():
+    y, feats = _toy()
+    fit = headfit.fit_doc_head(feats, y.tolist(), 3, sets=[("first256", "first512")], multi=False,
+                               class_weight="none", l2=1e-2, threshold=0.5, seed=0)  # fmt: skip
+    z = torch.cat([headfit.scale_block(feats[b])[0] for b in fit.blocks], dim=1)
+    primal = headfit.fit_logistic(z, y, 3, l2=1e-2, standardize=False, max_iter=500)
+    assert torch.allclose(fit.logits(feats), primal.logits(z.float()), atol=1e-3)
+
+
+def test_inner_cv_picks_the_informative_block_and_reports_every_candidate():
+    y, feats = _toy()
+    sets = [("first256",), ("first512",), ("first256", "first512")]
+    fit = headfit.fit_doc_head(feats, y.tolist(), 3, sets=sets, multi=False, class_weight="auto", l2="auto",
+                               threshold=0.5, seed=0)  # fmt: skip
+    assert fit.blocks == ("first512",)  # the noise block alone loses; with it, no better than without
+    assert len(fit.cv_scores) == len(sets) * len(headfit.DOC_L2_GRID)
+    assert fit.cv_scores[("first512", fit.l2)] == max(fit.cv_scores.values())
+    assert max(v for (s, _), v in fit.cv_scores.items() if s == "first256") < 0.7
+
+
+def _skewed(path: Path, tiny) -> Path:
+    rows = [
+        json.loads(x)
+        for x in tiny.classification_data(path.with_suffix(".src"), n=40).read_text().splitlines()
+    ]
+    keep = [r for r in rows if r["label"] == "sport"] + [r for r in rows if r["label"] == "music"][:5]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return path
+
+
+def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tiny_model_dir, tmp_path):
+    from longdoc_cli.docfeatures import FeatureSpec, embedding_blocks, word_counts, word_rows
+    from longdoc_cli.model import LongformerForSequenceClassification
+    from longdoc_cli.tokenize import DocumentTokenizer
+
+    data = _skewed(tmp_path / "skewed.jsonl", tiny)
+    out = tmp_path / "out"
+    extra = {"data.dev_fraction": 0.2, "train.feature_window": 64, "train.freeze_encoder": "true",
+             "train.head_features": "auto"}  # fmt: skip
+    sets = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify.yaml"), "-o", str(out),
+                                 *[x for s in sets for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning: skewed labels" in r.stderr and "fitting a head on the frozen encoder" in r.stderr
+    fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    conf = json.loads((out / "best" / "config.json").read_text())["longdoc"]
+    assert conf["classifier"] == "doc-linear" and fit["class_weight"] == "balanced"
+    assert "+".join(conf["doc_features"]["blocks"]) == fit["head_features"]
+    assert len(fit["cv_macro_f1"]) == len(docfeatures.AUTO_SETS) * len(headfit.DOC_L2_GRID)
+    best = max(fit["cv_macro_f1"].values())
+    assert fit["cv_macro_f1"][f"{fit['head_features']},l2={fit['head_l2']:g}"] == best
+
+    # classify = the saved head on the document features computed independently
+    model = LongformerForSequenceClassification.from_pretrained(out / "best").eval()
+    tok = DocumentTokenizer.from_dir(out / "best")
+    spec = FeatureSpec.from_dict(conf["doc_features"])
+    texts = [json.loads(x)["text"] for x in data.read_text().splitlines()]
+
+    def embed(ws):
+        return headfit.embed_windows(model.longformer, tok, ws, 3)
+
+    feats, _, _ = embedding_blocks(embed, tok, texts, spec, 512)
+    if "words" in spec.blocks:
+        feats["words"] = word_rows([word_counts(t) for t in texts], model.classifier.word_columns,
+                                   model.classifier.word_idf)  # fmt: skip
+    probs = torch.softmax(model.classifier.doc_logits(feats), dim=-1)
+    names = [model.config.id2label[i] for i in range(2)]
+    r = CliRunner().invoke(app, ["classify", "-m", str(out / "best"), str(data), "--format", "jsonl",
+                                 "--top-k", "2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(recs) == 25
+    for rec, p in zip(recs, probs, strict=True):
+        for i, name in enumerate(names):
+            assert rec["scores"][name] == pytest.approx(float(p[i].detach()), abs=1e-5)
+    assert "music" in [rec["label"] for rec in recs]  # the 5-document class is predicted
+    r = CliRunner().invoke(app, ["evaluate", str(data), "-m", str(out / "best"), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["classification"]["per_label"]["music"]["recall"] > 0
+    # the fitted model is a starting point for whole-model fine-tuning (a fresh window head)
+    whole = tiny.overrides(tiny_model_dir, data)
+    args = ["-o", str(tmp_path / "whole"), "-m", str(out / "best"), *[x for s in whole for x in ("--set", s)]]
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify.yaml"), *args])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "whole" / "best" / "config.json").read_text())
+    assert "classifier" not in saved.get("longdoc", {})
+
+
+def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):
+    fast = load_config(CONFIGS / "classify-fast.yaml")
+    sets = docfeatures.parse_feature_sets(fast.train.head_features)
+    assert fast.frozen and sets and all("mean" not in s for s in sets)
+    data = tiny.classification_data(tmp_path / "c.jsonl", n=16)
+    words = {"sport": "goal match team", "music": "guitar song band"}
+    long = [{"id": f"long-{k}", "text": " ".join([w] * 200), "label": k} for k, w in words.items()]
+    data.write_text(data.read_text() + "".join(json.dumps(r) + "\n" for r in long))
+    out = tmp_path / "out"
+    extra = {"data.dev_fraction": 0.0, "train.head_features": "first256", "train.freeze_encoder": "true",
+             "train.head_l2": 0.01}  # fmt: skip
+    over = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
+                                 *[x for s in over for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert fit["head_features"] == "first256" and fit["head_l2"] == 0.01 and fit["n_windows"] == 18
+    r = CliRunner().invoke(app, ["classify", "-m", str(out / "best"), str(data), "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert all(rec["n_windows"] == 1 for rec in recs)
+    assert [rec["truncated"] for rec in recs] == [False] * 16 + [True] * 2  # read: the first 256 tokens
