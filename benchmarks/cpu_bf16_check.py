@@ -17,7 +17,8 @@ the matching peak, and `longdoc classify` of a 1 MB document in fp32, bf16, auto
    change of any label's score against fp32.
 
 The machine may be shared: the figures that matter are ratios measured in the same run; the load
-average says how quiet it was. About 5 minutes on 2 idle cores with the defaults.
+average says how quiet it was. About 4–5 minutes on 2 idle cores with the defaults (estimated from
+the issue's times, not yet timed on an idle machine).
 
     python benchmarks/cpu_bf16_check.py [--rounds 2] [--repeats 5] [--json out.json]
 """

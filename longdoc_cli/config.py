@@ -63,7 +63,9 @@ class ModelSection:
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto | fp32 | bf16 | fp16 (inference)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "auto (bf16 on a GPU or a CPU with native bf16, else fp32) | fp32 | bf16 | fp16 (inference)"
+    )
     quantize: Literal["none", "int8"] = _f("none", "none | int8 (CPU inference only)")
 
 
@@ -92,7 +94,7 @@ class DataSection:
 
 @dataclass
 class InferenceSection:
-    batch_size: int = _f(4, "windows per forward pass")
+    batch_size: int = _f(4, "windows per forward pass (more short ones, up to 4096 tokens)")
     top_k: int = _f(3, "labels reported per document")
     aggregate: Literal["mean", "max", "first"] = _f(
         "mean", "mean | max over a document's windows | first (only the first window: truncation)"

@@ -115,9 +115,9 @@ def auto_dtype(device_type: str, task: str | None = None, quantize: str = "none"
 
 def int8_offered(device_type: str) -> tuple[bool, str]:
     """Whether ``--quantize int8`` is offered as the faster mode here, and why. Its dynamic int8
-    linear layers run on the CPU only; on a CPU with native bf16 the bf16 path was faster (the 1 MB
-    document of benchmarks/README.md: bf16 20.1 s against int8 28.1 s, fp32 34.9 s), elsewhere
-    int8 is faster than fp32."""
+    linear layers run on the CPU only; on a CPU with native bf16 the bf16 path was faster (issue 18's
+    1 MB document, 2 threads: bf16 20.1 s, int8 28.1 s, fp32 34.9 s; benchmarks/README.md, a 100 K
+    character one, one thread: 8.8, 11.0, 13.2 CPU s), elsewhere int8 is faster than fp32."""
     if device_type != "cpu":
         return False, "int8 runs on the CPU only"
     if cpu_has_native_bf16():
