@@ -273,6 +273,7 @@ ReportFormat = Literal["table", "json", "jsonl"]
 Aggregate = Literal["mean", "max", "first"]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8"]
+BenchMode = Literal["infer", "train"]
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "mps")
 
 
@@ -505,23 +506,38 @@ def env_cmd(
     "`longdoc bench -m base -n 4096 --device cuda --dtype bf16 --dilation 2`"
 )
 def bench(
-    seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens."),
+    seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens. [default: 4096]"),
     seq_lens: str = typer.Option(None, "--seq-lens", help="Comma-separated lengths, e.g. 1024,4096,16384."),
     model: str = typer.Option(
-        None, "--model", "-m", help="base | large | tiny (random weights, published sizes) or a model PATH."
+        None,
+        "--model",
+        "-m",
+        help="base | large | tiny (random weights, published sizes) or a model PATH. [default: base]",
     ),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch."),
-    device: str = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
-    dtype: str = typer.Option(None, "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
-    mode: str = typer.Option(None, "--mode", help="infer, or train (forward + backward)."),
-    globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch. [default: 1]"),
+    device: str = typer.Option(
+        None,
+        "--device",
+        help="auto (CUDA if available), cpu, cuda, cuda:N or mps. [default: auto]",
+        autocompletion=_complete_device,
+    ),
+    dtype: Dtype | None = typer.Option(
+        None, "--dtype", help="auto: fp32 on CPU, bf16 on CUDA. [default: auto]"
+    ),
+    mode: BenchMode | None = typer.Option(
+        None, "--mode", help="infer, or train (forward + backward). [default: infer]"
+    ),
+    globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G). [default: 1]"),
     impls: str = typer.Option(
         None,
         "--impls",
-        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn.",
+        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn. "
+        "[default: longdoc,hf,full]",
     ),
-    quantize: str = typer.Option(
-        None, "--quantize", help="int8: also time longdoc with int8 dynamic quantization (CPU)."
+    quantize: Quantize | None = typer.Option(
+        None,
+        "--quantize",
+        help="int8: also time longdoc with int8 dynamic quantization (CPU). [default: none]",
     ),
     layers: int = typer.Option(None, "--layers", help="Use only the first N layers (time is linear in N)."),
     dilation: int = typer.Option(

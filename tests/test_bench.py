@@ -171,9 +171,9 @@ def test_path_model(tmp_path):
         (["--seq-len", "0"], "--seq-len"),
         (["--seq-lens", "128,-3"], "--seq-lens"),
         (["--seq-lens", "12x"], "--seq-lens"),
-        (["--dtype", "fp8"], "dtypes"),
+        (["--dtype", "fp8"], "--dtype"),
         (["--impls", "longdoc,flash"], "impls"),
-        (["--mode", "fit"], "modes"),
+        (["--mode", "fit"], "--mode"),
         (["--quantize", "int4"], "--quantize"),
         (["--format", "tsv"], "--format"),
         (["--config", "/nonexistent/bench.yaml"], "bench.yaml"),
@@ -229,6 +229,33 @@ def test_pool_of_rounds():
 def test_cuda_without_a_gpu_is_a_usage_error():
     res = invoke(*FAST, "--seq-len", "16", "--device", "cuda")
     assert res.exit_code == 2 and "CUDA" in res.stderr
+
+
+def test_device_names_are_those_of_every_command():
+    """The sweep accepts every device the other commands take (cuda:N and mps too) and refuses the
+    rest naming them; a device this machine lacks is a usage error, not a traceback."""
+    for name in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert bench.spec_from_dict({"device": name}).device == name
+    with pytest.raises(LongdocError, match="cuda:N or mps"):
+        bench.spec_from_dict({"device": "tpu"})
+    res = invoke(*FAST, "--seq-len", "16", "--device", "tpu")
+    assert res.exit_code == 2 and "cuda:N or mps" in res.stderr
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        res = invoke(*FAST, "--seq-len", "16", "--device", "mps")
+        assert res.exit_code == 2 and "MPS" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_shows_choices_and_defaults():
+    res = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for shown in (
+        "<auto|fp32|bf16|fp16>",
+        "<infer|train>",
+        "<none|int8>",
+        "cuda:N or mps",
+        "[default: base]",
+    ):
+        assert shown in res.stdout, shown
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import convert_value
+from ..config import DEVICE_PATTERN, convert_value
 from ..errors import LongdocError, UsageError
 
 IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
@@ -31,7 +31,7 @@ class BenchSpec:
     dtypes: tuple[str, ...] = ("auto",)  # auto = fp32 on CPU, bf16 on CUDA
     modes: tuple[str, ...] = ("infer",)  # train = forward + backward
     impls: tuple[str, ...] = ("longdoc", "hf", "full")
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     globals: int = 1  # the first G tokens of every row are global
     layers: int | None = None  # override the depth (time is linear in layers)
     dilation: int | None = None  # every layer's and head's attention dilation (None: the model's)
@@ -77,8 +77,8 @@ class BenchSpec:
             problems.append(f"check_len: {self.check_len} is too short")
         if self.time_budget <= 0:
             problems.append(f"time_budget: {self.time_budget} is not a positive number of seconds")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            problems.append(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            problems.append(f"device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
         if problems:
             raise UsageError("; ".join(problems))
         return self
