@@ -369,6 +369,7 @@ def convert(
     force: bool = typer.Option(
         False, "--force", help="Write into a non-empty OUT (replaces same-named files, keeps the rest)."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr unless it fails."),
 ) -> None:
     """Turn a short-context BERT/RoBERTa checkpoint into a Longformer (positions copied, global
     projections from the local ones, tokenizer length raised)."""
@@ -381,8 +382,9 @@ def convert(
         watch = Stopwatch()
         dil = None if dilation is None else parse_dilation(dilation)
         path = convert_checkpoint(src, out, max_positions, attention_window, force=force, dilation=dil)
-        typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
-        _summary(stderr_console(), _convert_stats(path, watch.seconds))
+        if not quiet:
+            typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
+            _summary(stderr_console(), _convert_stats(path, watch.seconds))
 
 
 def _convert_stats(path, seconds: float):
@@ -735,7 +737,12 @@ def config_validate(
     "`longdoc train my.yaml --device cuda:1 --seed 7 --set train.epochs=5`",
 )
 def train_cmd(
-    config: str = typer.Argument(..., help="YAML config (see `longdoc config init`)."),
+    config: str | None = typer.Argument(
+        None, help="YAML config (see `longdoc config init`); or give it with --config/-c.", show_default=False
+    ),
+    config_opt: str | None = typer.Option(
+        None, "--config", "-c", help="YAML config, as the other commands take it (same as the argument)."
+    ),
     output: str = typer.Option(
         "runs/longdoc", "--output", "-o", help="Output directory (best/, last/, log)."
     ),
@@ -759,6 +766,11 @@ def train_cmd(
     from .config import resolve_run
 
     with errors():
+        if config is not None and config_opt is not None:
+            raise UsageError("give the config as the argument or with --config/-c, not both")
+        config = config if config is not None else config_opt
+        if config is None:
+            raise UsageError("train needs a YAML config: longdoc train my.yaml (see longdoc config init)")
         flags = {
             "model.name": ("--model", model),
             "data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None),

@@ -305,6 +305,30 @@ def test_train_takes_device_and_seed(tmp_path, monkeypatch):
     assert seen[0].model.device == "cpu" and seen[0].train.seed == 7
 
 
+def test_train_takes_its_config_with_dash_c_too(tmp_path, monkeypatch):
+    """`--config/-c` on every command that reads the config: train takes it as the argument or as -c."""
+    from longdoc_cli import train as train_module
+
+    seen = []
+
+    def fake_train(cfg, output, **kwargs):
+        seen.append(cfg)
+        raise LongdocError("stopped by the test")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    config = tmp_path / "c.yaml"
+    config.write_text("task: classify\ndata: {train: x.jsonl}\ntrain: {seed: 5}\n")
+    for flag in ("-c", "--config"):
+        r = run("train", flag, str(config), "-o", str(tmp_path / "out"))
+        assert r.exit_code == 1 and "stopped by the test" in r.stderr
+        assert seen[-1].train.seed == 5 and seen[-1].data.train == "x.jsonl"
+    r = run("train", str(config), "-c", str(config))
+    assert r.exit_code == 2 and "not both" in r.stderr
+    r = run("train")
+    assert r.exit_code == 2 and "needs a YAML config" in r.stderr
+    assert len(seen) == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # Per-head dilation without editing JSON
 
