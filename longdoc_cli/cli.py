@@ -274,6 +274,7 @@ Aggregate = Literal["mean", "max", "first"]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8"]
 BenchMode = Literal["infer", "train"]
+InputFormat = Literal["auto", "text", "lines", "jsonl"]  # tasks.inputs.INPUT_FORMATS
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "mps")
 
 
@@ -332,7 +333,7 @@ _MAX_BYTES = typer.Option(
 _INPUT_FORMAT = typer.Option(
     "auto",
     "--input-format",
-    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
+    help="text: a document per file; lines: a document per line; auto: .jsonl files "
     "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
 )
 _SKIP_BAD = typer.Option(
@@ -1329,7 +1330,7 @@ def classify(
     fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
-    input_format: str = _INPUT_FORMAT,
+    input_format: InputFormat = _INPUT_FORMAT,
     skip_bad_lines: bool = _SKIP_BAD,
     timings: bool = _TIMINGS,
 ) -> None:
@@ -1462,7 +1463,7 @@ def qa(
     fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
-    input_format: str = _INPUT_FORMAT,
+    input_format: InputFormat = _INPUT_FORMAT,
     skip_bad_lines: bool = _SKIP_BAD,
     timings: bool = _TIMINGS,
 ) -> None:

@@ -225,6 +225,13 @@ def test_help_lists_the_main_jobs_first_with_choices_defaults_and_examples():
         assert h.exit_code == 0 and "<bool>" not in h.stdout and "Example" in h.stdout, command
     text = " ".join(run("classify", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "<mean|max|first>" in text and "<table|jsonl|json|tsv>" in text and "<auto|fp32|bf16|fp16>" in text
+    assert "<auto|text|lines|jsonl>" in text  # --input-format
+    from typing import get_args
+
+    from longdoc_cli.cli import InputFormat
+    from longdoc_cli.tasks.inputs import INPUT_FORMATS
+
+    assert get_args(InputFormat) == INPUT_FORMATS
     assert (
         "[default: 3, config inference.top_k]" in text
         and "[default: 256, config tokenization.stride]" in text
