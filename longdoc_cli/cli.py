@@ -326,7 +326,7 @@ _QUANTIZE = typer.Option(
 _SHARD = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K.")
 _FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else jsonl]")
 _REPORT_FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else JSON]")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress, summary line or warnings on stderr.")
 _MAX_BYTES = typer.Option(
     None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G. [default: 64M]"
 )
@@ -760,7 +760,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last exactly."),
     force: bool = typer.Option(False, "--force", help="Replace best/, last/ and the log in OUTPUT."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, step lines or summary on stderr."),
 ) -> None:
     """Fine-tune a classification or QA head (and the encoder) on your data; writes OUTPUT/best and
     OUTPUT/last as Hugging Face-format model directories that `classify`/`qa` load with -m."""
@@ -943,7 +943,9 @@ def evaluate_cmd(
     batch_size: int | None = _BATCH_SIZE,
     fmt: ReportFormat | None = _REPORT_FMT,
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress, summary line or warnings on stderr."
+    ),
 ) -> None:
     """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
     buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
