@@ -1341,8 +1341,6 @@ def classify(
     with errors():
         from .api import classifier_for_run, labels_for_run, resolve
         from .hub import display_name
-        from .tasks.classify import SCHEMA_VERSION
-        from .tasks.runner import batched
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
@@ -1357,6 +1355,10 @@ def classify(
         total = Stopwatch()
         stats = RunStats("classify")
         sources = _checked_sources(paths, input_format)
+        # torch comes in with the tasks: after the paths are checked, so a missing file fails at once
+        from .tasks.classify import SCHEMA_VERSION
+        from .tasks.runner import batched
+
         with timed(stats, "load_s"):
             run = resolve("classify", model, config=config, overrides=overrides, flags=flags,
                           allow_download=allow_download)  # fmt: skip
@@ -1474,7 +1476,6 @@ def qa(
     with errors():
         from .api import answerer_for_run, resolve
         from .hub import display_name
-        from .tasks.qa import SCHEMA_VERSION
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
@@ -1513,6 +1514,8 @@ def qa(
         if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
             raise UsageError(f"--top-k {top_k}: must be at least 1")
         sources = _checked_sources(paths, input_format)
+        from .tasks.qa import SCHEMA_VERSION  # torch: after the paths are checked (fail at once)
+
         with timed(stats, "load_s"):
             run = resolve("qa", model, config=config, overrides=overrides, flags=flags,
                           allow_download=allow_download)  # fmt: skip

@@ -676,3 +676,35 @@ def test_progress_on_a_terminal_counts_documents_with_a_total(encoder_dir, docs,
     r = run("classify", "-m", str(encoder_dir), "--labels", "sport,music", "-r", str(docs))
     assert r.exit_code == 0, r.stderr
     assert "2/2" in err.getvalue() and "ETA" in err.getvalue()  # documents done / total
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["classify", "--labels", "a,b"],
+        ["qa", "-Q", "Who?"],
+        ["qa", "--questions", "{missing}"],
+    ],
+)
+def test_a_missing_input_fails_before_torch_is_imported(args, tmp_path):
+    """A missing input file fails at once: before the tasks bring in torch (seconds), let alone
+    the model."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing.txt")
+    doc = tmp_path / "d.txt"
+    doc.write_text("A document.")
+    argv = [a.replace("{missing}", missing) for a in args] + (
+        [str(doc)] if "{missing}" in args else [missing]
+    )
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom longdoc_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, {argv!r})\n"
+        "print(r.exit_code, 'torch' in sys.modules, r.stderr.strip())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
+    assert rc in ("1", "2") and "missing.txt" in message and "no such file" in message, out
+    assert torch_loaded == "False", out
