@@ -245,6 +245,15 @@ def test_device_names_are_those_of_every_command():
         assert res.exit_code == 2 and "MPS" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_timers_wait_for_an_mps_device(monkeypatch):
+    """MPS runs asynchronously like CUDA: a measurement waits for it before reading the clock."""
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    child._sync("mps")
+    child._sync("cpu")
+    assert waited == ["mps"]
+
+
 def test_help_shows_choices_and_defaults():
     res = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
