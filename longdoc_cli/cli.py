@@ -982,27 +982,32 @@ def evaluate_cmd(
 
 
 def _render_eval(report: Any) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
+
+    from .hub import display_name
+
+    def right(*names: str) -> list[Column]:  # numbers right-aligned, as in classify's and qa's tables
+        return [Column(x, justify="right") for x in names]
 
     console = stdout_console()
-    console.print(f"{report.task} · {report.model} · {report.data} · n = {report.n}")
-    table = Table("metric", "value")
+    console.print(f"{report.task} · {display_name(report.model)} · {report.data} · n = {report.n}")
+    table = Table("metric", *right("value"))
     for k, v in report.metrics.items():
         table.add_row(k, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
     console.print(table)
     m = report.classification
     if m is None:
         return
-    per = Table("label", "precision", "recall", "f1", "support", title="per label")
+    per = Table("label", *right("precision", "recall", "f1", "support"), title="per label")
     for label, s in m.per_label.items():
         per.add_row(label, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.support))
     console.print(per)
     if m.confusion is not None:
-        conf = Table("gold \\ predicted", *m.labels, title="confusion matrix")
+        conf = Table("gold \\ predicted", *right(*m.labels), title="confusion matrix")
         for label, row in zip(m.labels, m.confusion, strict=True):
             conf.add_row(label, *map(str, row))
         console.print(conf)
-    buckets = Table("tokens", "n", "accuracy", "macro_f1", title="by document length")
+    buckets = Table("tokens", *right("n", "accuracy", "macro_f1"), title="by document length")
     for name, b in m.by_length.items():
         buckets.add_row(name, str(b["n"]), f"{b['accuracy']:.3f}", f"{b['macro_f1']:.3f}")
     console.print(buckets)
