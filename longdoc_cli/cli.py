@@ -779,6 +779,11 @@ def train_cmd(
             "train.seed": ("--seed", seed),
         }
         cfg = resolve_run(config=config, overrides=overrides, flags=flags, find_model=False).config
+        from .data import check_data_file
+
+        for path in (cfg.data.train, cfg.data.dev):  # at once: before torch and the model load
+            if path:
+                check_data_file(path)
         from .train import _dist_info, train
 
         console = stderr_console(quiet=quiet or _dist_info()[0] != 0)

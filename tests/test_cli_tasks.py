@@ -708,3 +708,27 @@ def test_a_missing_input_fails_before_torch_is_imported(args, tmp_path):
     rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
     assert rc in ("1", "2") and "missing.txt" in message and "no such file" in message, out
     assert torch_loaded == "False", out
+
+
+@pytest.mark.parametrize("key", ["train", "dev"])
+def test_train_checks_its_data_files_before_torch_is_imported(key, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a goal", "label": "sport"}\n')
+    missing = tmp_path / "missing.jsonl"
+    paths = {"train": missing if key == "train" else data, "dev": missing if key == "dev" else data}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"task: classify\ndata: {{train: '{paths['train']}', dev: '{paths['dev']}'}}\n")
+    argv = ["train", str(config), "-o", str(tmp_path / "out")]
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom longdoc_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, {argv!r})\n"
+        "print(r.exit_code, 'torch' in sys.modules, r.stderr.strip())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
+    assert rc == "1" and message == f"longdoc: error: {missing}: no such file", out
+    assert torch_loaded == "False" and not (tmp_path / "out").exists(), out
