@@ -561,7 +561,12 @@ def bench(
         None, "--time-budget", help="Seconds per measurement; slower baselines are skipped (default 300)."
     ),
     config: str = typer.Option(
-        None, "--config", "-c", help="YAML sweep (configs/bench.yaml); flags override it."
+        None, "--config", "-c", help="YAML sweep (configs/bench.yaml); --set and flags override it."
+    ),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a sweep key: key=value (repeatable), e.g. check_len=64 or seq_lens='[1024, 4096]'.",
     ),
     fmt: ReportFormat | None = _REPORT_FMT,
 ) -> None:
@@ -573,7 +578,9 @@ def bench(
         kind = output_format(fmt, REPORT_FORMATS)
         import dataclasses
 
-        data = dataclasses.asdict(load_spec(config)) if config else {}
+        from .bench.spec import apply_overrides
+
+        data = apply_overrides(dataclasses.asdict(load_spec(config)) if config else {}, overrides)
         if seq_len is not None and seq_lens is not None:
             raise UsageError("give --seq-len or --seq-lens, not both")
         if seq_len is not None:

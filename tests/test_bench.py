@@ -107,12 +107,28 @@ def test_config_file_loads_and_flags_override_it():
     spec = bench.load_spec(ROOT / "configs" / "bench.yaml")
     assert spec.models == ("base",) and 4096 in spec.seq_lens and "hf" in spec.impls
     res = invoke("--config", str(ROOT / "configs" / "bench.yaml"), *FAST, "--seq-len", "24", "--layers", "1",
-                 "--impls", "longdoc,full", "--format", "json")  # fmt: skip
+                 "--impls", "longdoc,full", "--format", "json",
+                 "--set", "check_len=20", "--set", "seq_lens=[32, 64]")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["spec"]["seq_lens"] == [24] and report["spec"]["models"] == ["tiny"]
+    assert report["spec"]["seq_lens"] == [24] and report["spec"]["models"] == ["tiny"]  # flags win over --set
+    assert report["spec"]["check_len"] == 20  # --set reaches a key no flag sets
     assert report["spec"]["layers"] == 1 and report["spec"]["time_budget"] == 120
     assert len(report["measurements"]) == 2
+
+
+def test_set_overrides_the_sweep_and_names_bad_keys():
+    from longdoc_cli.bench.spec import apply_overrides
+
+    data = apply_overrides({"iters": 5}, ["iters=2", "seq_lens=[128, 256]", "dilation=null", "device=cuda:1"])
+    spec = bench.spec_from_dict(data)
+    assert (
+        spec.iters == 2 and spec.seq_lens == (128, 256) and spec.dilation is None and spec.device == "cuda:1"
+    )
+    for args, needle in ((["--set", "iters"], "expected KEY=VALUE"), (["--set", "chek_len=4"], "check_len"),
+                         (["--set", "globals=many"], "globals")):  # fmt: skip
+        res = invoke(*FAST, "--seq-len", "16", *args)
+        assert res.exit_code == 2 and needle in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -5,6 +5,7 @@ reported at once naming its key."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,21 @@ def spec_from_dict(data: dict[str, Any], source: str = "config") -> BenchSpec:
     if problems:
         raise UsageError("; ".join(problems))
     return spec
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The sweep's data with ``key=value`` pairs (``bench --set``) applied, each value read as YAML
+    as config.py reads ``--set`` (``seq_lens=[1024, 4096]``); validated with the rest by
+    :func:`spec_from_dict`."""
+    from ..config import _parse_scalar
+
+    out = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, for example check_len=64")
+        key, text = item.split("=", 1)
+        out[key.strip().removeprefix("--")] = _parse_scalar(text)
+    return out
 
 
 def load_spec(path: str | Path) -> BenchSpec:
