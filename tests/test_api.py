@@ -305,8 +305,9 @@ def test_train_takes_device_and_seed(tmp_path, monkeypatch):
         raise LongdocError("stopped by the test")
 
     monkeypatch.setattr(train_module, "train", fake_train)
-    config = tmp_path / "c.yaml"
-    config.write_text("task: classify\ndata: {train: x.jsonl}\n")
+    config, data = tmp_path / "c.yaml", tmp_path / "x.jsonl"  # the data is checked before train runs
+    data.write_text('{"text": "a", "label": "b"}\n')
+    config.write_text(f"task: classify\ndata: {{train: '{data}'}}\n")
     r = run("train", str(config), "--device", "cpu", "--seed", "7", "-o", str(tmp_path / "out"))
     assert r.exit_code == 1 and "stopped by the test" in r.stderr
     assert seen[0].model.device == "cpu" and seen[0].train.seed == 7
@@ -323,12 +324,13 @@ def test_train_takes_its_config_with_dash_c_too(tmp_path, monkeypatch):
         raise LongdocError("stopped by the test")
 
     monkeypatch.setattr(train_module, "train", fake_train)
-    config = tmp_path / "c.yaml"
-    config.write_text("task: classify\ndata: {train: x.jsonl}\ntrain: {seed: 5}\n")
+    config, data = tmp_path / "c.yaml", tmp_path / "x.jsonl"
+    data.write_text('{"text": "a", "label": "b"}\n')
+    config.write_text(f"task: classify\ndata: {{train: '{data}'}}\ntrain: {{seed: 5}}\n")
     for flag in ("-c", "--config"):
         r = run("train", flag, str(config), "-o", str(tmp_path / "out"))
         assert r.exit_code == 1 and "stopped by the test" in r.stderr
-        assert seen[-1].train.seed == 5 and seen[-1].data.train == "x.jsonl"
+        assert seen[-1].train.seed == 5 and seen[-1].data.train == str(data)
     r = run("train", str(config), "-c", str(config))
     assert r.exit_code == 2 and "not both" in r.stderr
     r = run("train")
