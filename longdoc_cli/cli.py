@@ -273,6 +273,8 @@ ReportFormat = Literal["table", "json", "jsonl"]
 Aggregate = Literal["mean", "max", "first"]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8"]
+BenchMode = Literal["infer", "train"]
+InputFormat = Literal["auto", "text", "lines", "jsonl"]  # tasks.inputs.INPUT_FORMATS
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "mps")
 
 
@@ -326,14 +328,14 @@ _QUANTIZE = typer.Option(
 _SHARD = typer.Option(None, "--shard", help="K/N: process every N-th document starting at K.")
 _FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else jsonl]")
 _REPORT_FMT = typer.Option(None, "--format", "-f", help="[default: table on a TTY, else JSON]")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or warnings on stderr.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress, summary line or warnings on stderr.")
 _MAX_BYTES = typer.Option(
     None, "--max-bytes", help="Largest document (or JSON-lines record) read, e.g. 64M or 1G. [default: 64M]"
 )
 _INPUT_FORMAT = typer.Option(
     "auto",
     "--input-format",
-    help="auto, text (a document per file), lines (a document per line) or jsonl. auto: .jsonl files "
+    help="text: a document per file; lines: a document per line; auto: .jsonl files "
     "and stdin starting with '{' (or with --text-key) are JSON lines, the rest text.",
 )
 _SKIP_BAD = typer.Option(
@@ -370,6 +372,7 @@ def convert(
     force: bool = typer.Option(
         False, "--force", help="Write into a non-empty OUT (replaces same-named files, keeps the rest)."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr unless it fails."),
 ) -> None:
     """Turn a short-context BERT/RoBERTa checkpoint into a Longformer (positions copied, global
     projections from the local ones, tokenizer length raised)."""
@@ -382,8 +385,9 @@ def convert(
         watch = Stopwatch()
         dil = None if dilation is None else parse_dilation(dilation)
         path = convert_checkpoint(src, out, max_positions, attention_window, force=force, dilation=dil)
-        typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
-        _summary(stderr_console(), _convert_stats(path, watch.seconds))
+        if not quiet:
+            typer.echo(f"longdoc: wrote a Longformer to {path}", err=True)
+            _summary(stderr_console(), _convert_stats(path, watch.seconds))
 
 
 def _convert_stats(path, seconds: float):
@@ -526,27 +530,38 @@ def env_cmd(
     "`longdoc bench -m base -n 4096 --device cuda --dtype bf16 --dilation 2`"
 )
 def bench(
-    seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens."),
+    seq_len: int = typer.Option(None, "--seq-len", "-n", help="One input length in tokens. [default: 4096]"),
     seq_lens: str = typer.Option(None, "--seq-lens", help="Comma-separated lengths, e.g. 1024,4096,16384."),
     model: str = typer.Option(
-        None, "--model", "-m", help="base | large | tiny (random weights, published sizes) or a model PATH."
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch."),
-    device: str = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
-    dtype: str = typer.Option(
         None,
-        "--dtype",
-        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16.",
+        "--model",
+        "-m",
+        help="base | large | tiny (random weights, published sizes) or a model PATH. [default: base]",
     ),
-    mode: str = typer.Option(None, "--mode", help="infer, or train (forward + backward)."),
-    globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Rows per batch. [default: 1]"),
+    device: str = typer.Option(
+        None,
+        "--device",
+        help="auto (CUDA if available), cpu, cuda, cuda:N or mps. [default: auto]",
+        autocompletion=_complete_device,
+    ),
+    dtype: Dtype | None = typer.Option(
+        None, "--dtype", help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32. [default: auto]"
+    ),
+    mode: BenchMode | None = typer.Option(
+        None, "--mode", help="infer, or train (forward + backward). [default: infer]"
+    ),
+    globals_: int = typer.Option(None, "--globals", help="Global tokens per row (the first G). [default: 1]"),
     impls: str = typer.Option(
         None,
         "--impls",
-        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn.",
+        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn. "
+        "[default: longdoc,hf,full]",
     ),
-    quantize: str = typer.Option(
-        None, "--quantize", help="int8: also time longdoc with int8 dynamic quantization (CPU)."
+    quantize: Quantize | None = typer.Option(
+        None,
+        "--quantize",
+        help="int8: also time longdoc with int8 dynamic quantization (CPU). [default: none]",
     ),
     layers: int = typer.Option(None, "--layers", help="Use only the first N layers (time is linear in N)."),
     dilation: int = typer.Option(
@@ -567,7 +582,12 @@ def bench(
         None, "--time-budget", help="Seconds per measurement; slower baselines are skipped (default 300)."
     ),
     config: str = typer.Option(
-        None, "--config", "-c", help="YAML sweep (configs/bench.yaml); flags override it."
+        None, "--config", "-c", help="YAML sweep (configs/bench.yaml); --set and flags override it."
+    ),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a sweep key: key=value (repeatable), e.g. check_len=64 or seq_lens='[1024, 4096]'.",
     ),
     fmt: ReportFormat | None = _REPORT_FMT,
 ) -> None:
@@ -579,7 +599,9 @@ def bench(
         kind = output_format(fmt, REPORT_FORMATS)
         import dataclasses
 
-        data = dataclasses.asdict(load_spec(config)) if config else {}
+        from .bench.spec import apply_overrides
+
+        data = apply_overrides(dataclasses.asdict(load_spec(config)) if config else {}, overrides)
         if seq_len is not None and seq_lens is not None:
             raise UsageError("give --seq-len or --seq-lens, not both")
         if seq_len is not None:
@@ -744,7 +766,12 @@ def config_validate(
     "`longdoc train my.yaml --device cuda:1 --seed 7 --set train.epochs=5`",
 )
 def train_cmd(
-    config: str = typer.Argument(..., help="YAML config (see `longdoc config init`)."),
+    config: str | None = typer.Argument(
+        None, help="YAML config (see `longdoc config init`); or give it with --config/-c.", show_default=False
+    ),
+    config_opt: str | None = typer.Option(
+        None, "--config", "-c", help="YAML config, as the other commands take it (same as the argument)."
+    ),
     output: str = typer.Option(
         "runs/longdoc", "--output", "-o", help="Output directory (best/, last/, log)."
     ),
@@ -761,13 +788,18 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last exactly."),
     force: bool = typer.Option(False, "--force", help="Replace best/, last/ and the log in OUTPUT."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, step lines or summary on stderr."),
 ) -> None:
     """Fine-tune a classification or QA head (and the encoder) on your data; writes OUTPUT/best and
     OUTPUT/last as Hugging Face-format model directories that `classify`/`qa` load with -m."""
     from .config import resolve_run
 
     with errors():
+        if config is not None and config_opt is not None:
+            raise UsageError("give the config as the argument or with --config/-c, not both")
+        config = config if config is not None else config_opt
+        if config is None:
+            raise UsageError("train needs a YAML config: longdoc train my.yaml (see longdoc config init)")
         flags = {
             "model.name": ("--model", model),
             "data.skip_bad_lines": ("--skip-bad-lines", skip_bad_lines or None),
@@ -775,6 +807,11 @@ def train_cmd(
             "train.seed": ("--seed", seed),
         }
         cfg = resolve_run(config=config, overrides=overrides, flags=flags, find_model=False).config
+        from .data import check_data_file
+
+        for path in (cfg.data.train, cfg.data.dev):  # at once: before torch and the model load
+            if path:
+                check_data_file(path)
         from .train import _dist_info, train
 
         console = stderr_console(quiet=quiet or _dist_info()[0] != 0)
@@ -939,7 +976,9 @@ def evaluate_cmd(
     batch_size: int | None = _BATCH_SIZE,
     fmt: ReportFormat | None = _REPORT_FMT,
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed records (counted)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress, summary line or warnings on stderr."
+    ),
 ) -> None:
     """Score a fine-tuned model: accuracy, macro-F1, per-label P/R/F1, confusion matrix and length
     buckets (classification); SQuAD EM/F1, also for answers beyond the first 512 tokens (QA)."""
@@ -976,27 +1015,32 @@ def evaluate_cmd(
 
 
 def _render_eval(report: Any) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
+
+    from .hub import display_name
+
+    def right(*names: str) -> list[Column]:  # numbers right-aligned, as in classify's and qa's tables
+        return [Column(x, justify="right") for x in names]
 
     console = stdout_console()
-    console.print(f"{report.task} · {report.model} · {report.data} · n = {report.n}")
-    table = Table("metric", "value")
+    console.print(f"{report.task} · {display_name(report.model)} · {report.data} · n = {report.n}")
+    table = Table("metric", *right("value"))
     for k, v in report.metrics.items():
         table.add_row(k, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
     console.print(table)
     m = report.classification
     if m is None:
         return
-    per = Table("label", "precision", "recall", "f1", "support", title="per label")
+    per = Table("label", *right("precision", "recall", "f1", "support"), title="per label")
     for label, s in m.per_label.items():
         per.add_row(label, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.support))
     console.print(per)
     if m.confusion is not None:
-        conf = Table("gold \\ predicted", *m.labels, title="confusion matrix")
+        conf = Table("gold \\ predicted", *right(*m.labels), title="confusion matrix")
         for label, row in zip(m.labels, m.confusion, strict=True):
             conf.add_row(label, *map(str, row))
         console.print(conf)
-    buckets = Table("tokens", "n", "accuracy", "macro_f1", title="by document length")
+    buckets = Table("tokens", *right("n", "accuracy", "macro_f1"), title="by document length")
     for name, b in m.by_length.items():
         buckets.add_row(name, str(b["n"]), f"{b['accuracy']:.3f}", f"{b['macro_f1']:.3f}")
     console.print(buckets)
@@ -1330,7 +1374,7 @@ def classify(
     fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
-    input_format: str = _INPUT_FORMAT,
+    input_format: InputFormat = _INPUT_FORMAT,
     skip_bad_lines: bool = _SKIP_BAD,
     timings: bool = _TIMINGS,
 ) -> None:
@@ -1339,8 +1383,6 @@ def classify(
     with errors():
         from .api import classifier_for_run, labels_for_run, resolve
         from .hub import display_name
-        from .tasks.classify import SCHEMA_VERSION
-        from .tasks.runner import batched
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
@@ -1355,6 +1397,10 @@ def classify(
         total = Stopwatch()
         stats = RunStats("classify")
         sources = _checked_sources(paths, input_format)
+        # torch comes in with the tasks: after the paths are checked, so a missing file fails at once
+        from .tasks.classify import SCHEMA_VERSION
+        from .tasks.runner import batched
+
         with timed(stats, "load_s"):
             run = resolve("classify", model, config=config, overrides=overrides, flags=flags,
                           allow_download=allow_download)  # fmt: skip
@@ -1463,7 +1509,7 @@ def qa(
     fmt: Format | None = _FMT,
     quiet: bool = _QUIET,
     max_bytes: str | None = _MAX_BYTES,
-    input_format: str = _INPUT_FORMAT,
+    input_format: InputFormat = _INPUT_FORMAT,
     skip_bad_lines: bool = _SKIP_BAD,
     timings: bool = _TIMINGS,
 ) -> None:
@@ -1472,7 +1518,6 @@ def qa(
     with errors():
         from .api import answerer_for_run, resolve
         from .hub import display_name
-        from .tasks.qa import SCHEMA_VERSION
         from .timing import RunStats, Stopwatch, dtype_name, timed
 
         fmt = output_format(fmt)
@@ -1511,6 +1556,8 @@ def qa(
         if top_k is not None and top_k < 1:  # answers per question: not the config's inference.top_k
             raise UsageError(f"--top-k {top_k}: must be at least 1")
         sources = _checked_sources(paths, input_format)
+        from .tasks.qa import SCHEMA_VERSION  # torch: after the paths are checked (fail at once)
+
         with timed(stats, "load_s"):
             run = resolve("qa", model, config=config, overrides=overrides, flags=flags,
                           allow_download=allow_download)  # fmt: skip

@@ -80,14 +80,20 @@ def _format(path: str, fmt: str) -> str:
     return "csv" if Path(path).suffix.lower() in (".csv", ".tsv") else "jsonl"
 
 
-def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, row)`` per record; a malformed line raises LongdocError naming ``file:line``,
-    or is appended to ``skipped`` when that list is given."""
+def check_data_file(path: str) -> Path:
+    """``path`` as a Path when it is a regular file, else the one-line error naming it."""
     p = Path(path)
     if p.is_dir():
         raise LongdocError(f"{path}: is a directory, not a data file")
     if not p.is_file():
         raise LongdocError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
+    return p
+
+
+def iter_rows(path: str, fmt: str = "auto", skipped: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, row)`` per record; a malformed line raises LongdocError naming ``file:line``,
+    or is appended to ``skipped`` when that list is given."""
+    p = check_data_file(path)
     with p.open("rb") as f:
         kind = container_kind(f.read(16))
     if kind is not None:

@@ -342,13 +342,11 @@ def display_name(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     if model_dir.parent != cache_dir():
         return str(model_dir)
+    from .model import read_config_json
+
     try:
-        source = (
-            json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-            .get("longdoc", {})
-            .get("source")
-        )
-    except (OSError, ValueError, AttributeError):
+        source = read_config_json(model_dir, required=False).get("longdoc", {}).get("source")
+    except (LongdocError, AttributeError):
         source = None
     if model_dir.name == _default_key():
         return f"default ({source or DEFAULT_SOURCE})"

@@ -722,7 +722,7 @@ def test_killed_while_last_links_best_leaves_best_whole(tmp_path, tiny_dir):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("task: classify\n")
     argv = ["train", str(cfg), "-o", str(out), *[f"--set={s}" for s in tiny_overrides(tiny_dir, data)]]
-    p = subprocess.run([sys.executable, "-c", _die_in("longdoc_cli.train", "link_files", argv)],
+    p = subprocess.run([sys.executable, "-c", _die_in("longdoc_cli.checkpoint", "link_files", argv)],
                        cwd=ROOT, env=_env(), capture_output=True)  # fmt: skip
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert _temporaries(out) and not (out / "last").exists()

@@ -225,6 +225,13 @@ def test_help_lists_the_main_jobs_first_with_choices_defaults_and_examples():
         assert h.exit_code == 0 and "<bool>" not in h.stdout and "Example" in h.stdout, command
     text = " ".join(run("classify", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "<mean|max|first>" in text and "<table|jsonl|json|tsv>" in text and "<auto|fp32|bf16|fp16>" in text
+    assert "<auto|text|lines|jsonl>" in text  # --input-format
+    from typing import get_args
+
+    from longdoc_cli.cli import InputFormat
+    from longdoc_cli.tasks.inputs import INPUT_FORMATS
+
+    assert get_args(InputFormat) == INPUT_FORMATS
     assert (
         "[default: 3, config inference.top_k]" in text
         and "[default: 256, config tokenization.stride]" in text
@@ -298,11 +305,37 @@ def test_train_takes_device_and_seed(tmp_path, monkeypatch):
         raise LongdocError("stopped by the test")
 
     monkeypatch.setattr(train_module, "train", fake_train)
-    config = tmp_path / "c.yaml"
-    config.write_text("task: classify\ndata: {train: x.jsonl}\n")
+    config, data = tmp_path / "c.yaml", tmp_path / "x.jsonl"  # the data is checked before train runs
+    data.write_text('{"text": "a", "label": "b"}\n')
+    config.write_text(f"task: classify\ndata: {{train: '{data}'}}\n")
     r = run("train", str(config), "--device", "cpu", "--seed", "7", "-o", str(tmp_path / "out"))
     assert r.exit_code == 1 and "stopped by the test" in r.stderr
     assert seen[0].model.device == "cpu" and seen[0].train.seed == 7
+
+
+def test_train_takes_its_config_with_dash_c_too(tmp_path, monkeypatch):
+    """`--config/-c` on every command that reads the config: train takes it as the argument or as -c."""
+    from longdoc_cli import train as train_module
+
+    seen = []
+
+    def fake_train(cfg, output, **kwargs):
+        seen.append(cfg)
+        raise LongdocError("stopped by the test")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    config, data = tmp_path / "c.yaml", tmp_path / "x.jsonl"
+    data.write_text('{"text": "a", "label": "b"}\n')
+    config.write_text(f"task: classify\ndata: {{train: '{data}'}}\ntrain: {{seed: 5}}\n")
+    for flag in ("-c", "--config"):
+        r = run("train", flag, str(config), "-o", str(tmp_path / "out"))
+        assert r.exit_code == 1 and "stopped by the test" in r.stderr
+        assert seen[-1].train.seed == 5 and seen[-1].data.train == str(data)
+    r = run("train", str(config), "-c", str(config))
+    assert r.exit_code == 2 and "not both" in r.stderr
+    r = run("train")
+    assert r.exit_code == 2 and "needs a YAML config" in r.stderr
+    assert len(seen) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,12 +110,28 @@ def test_config_file_loads_and_flags_override_it():
     spec = bench.load_spec(ROOT / "configs" / "bench.yaml")
     assert spec.models == ("base",) and 4096 in spec.seq_lens and "hf" in spec.impls
     res = invoke("--config", str(ROOT / "configs" / "bench.yaml"), *FAST, "--seq-len", "24", "--layers", "1",
-                 "--impls", "longdoc,full", "--format", "json")  # fmt: skip
+                 "--impls", "longdoc,full", "--format", "json",
+                 "--set", "check_len=20", "--set", "seq_lens=[32, 64]")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["spec"]["seq_lens"] == [24] and report["spec"]["models"] == ["tiny"]
+    assert report["spec"]["seq_lens"] == [24] and report["spec"]["models"] == ["tiny"]  # flags win over --set
+    assert report["spec"]["check_len"] == 20  # --set reaches a key no flag sets
     assert report["spec"]["layers"] == 1 and report["spec"]["time_budget"] == 120
     assert len(report["measurements"]) == 2
+
+
+def test_set_overrides_the_sweep_and_names_bad_keys():
+    from longdoc_cli.bench.spec import apply_overrides
+
+    data = apply_overrides({"iters": 5}, ["iters=2", "seq_lens=[128, 256]", "dilation=null", "device=cuda:1"])
+    spec = bench.spec_from_dict(data)
+    assert (
+        spec.iters == 2 and spec.seq_lens == (128, 256) and spec.dilation is None and spec.device == "cuda:1"
+    )
+    for args, needle in ((["--set", "iters"], "expected KEY=VALUE"), (["--set", "chek_len=4"], "check_len"),
+                         (["--set", "globals=many"], "globals")):  # fmt: skip
+        res = invoke(*FAST, "--seq-len", "16", *args)
+        assert res.exit_code == 2 and needle in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -174,9 +190,9 @@ def test_path_model(tmp_path):
         (["--seq-len", "0"], "--seq-len"),
         (["--seq-lens", "128,-3"], "--seq-lens"),
         (["--seq-lens", "12x"], "--seq-lens"),
-        (["--dtype", "fp8"], "dtypes"),
+        (["--dtype", "fp8"], "--dtype"),
         (["--impls", "longdoc,flash"], "impls"),
-        (["--mode", "fit"], "modes"),
+        (["--mode", "fit"], "--mode"),
         (["--quantize", "int4"], "--quantize"),
         (["--format", "tsv"], "--format"),
         (["--config", "/nonexistent/bench.yaml"], "bench.yaml"),
@@ -232,6 +248,42 @@ def test_pool_of_rounds():
 def test_cuda_without_a_gpu_is_a_usage_error():
     res = invoke(*FAST, "--seq-len", "16", "--device", "cuda")
     assert res.exit_code == 2 and "CUDA" in res.stderr
+
+
+def test_device_names_are_those_of_every_command():
+    """The sweep accepts every device the other commands take (cuda:N and mps too) and refuses the
+    rest naming them; a device this machine lacks is a usage error, not a traceback."""
+    for name in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert bench.spec_from_dict({"device": name}).device == name
+    with pytest.raises(LongdocError, match="cuda:N or mps"):
+        bench.spec_from_dict({"device": "tpu"})
+    res = invoke(*FAST, "--seq-len", "16", "--device", "tpu")
+    assert res.exit_code == 2 and "cuda:N or mps" in res.stderr
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        res = invoke(*FAST, "--seq-len", "16", "--device", "mps")
+        assert res.exit_code == 2 and "MPS" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_timers_wait_for_an_mps_device(monkeypatch):
+    """MPS runs asynchronously like CUDA: a measurement waits for it before reading the clock."""
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    child._sync("mps")
+    child._sync("cpu")
+    assert waited == ["mps"]
+
+
+def test_help_shows_choices_and_defaults():
+    res = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for shown in (
+        "<auto|fp32|bf16|fp16>",
+        "<infer|train>",
+        "<none|int8>",
+        "cuda:N or mps",
+        "[default: base]",
+    ):
+        assert shown in res.stdout, shown
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")

@@ -163,3 +163,7 @@ def test_convert_prints_a_summary(bert_dir, tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("longdoc: convert: compute ") and "total " in line
     assert "max tokens 256" in line and "weights MiB" in line and line.endswith("cpu fp32")
+    quiet = CliRunner().invoke(
+        app, ["convert", str(bert_dir), str(tmp_path / "q"), "--max-positions", "256", "-q"]
+    )
+    assert quiet.exit_code == 0 and quiet.stderr == "" and (tmp_path / "q" / "config.json").is_file()

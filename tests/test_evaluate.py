@@ -68,3 +68,33 @@ def test_decode_spans_respects_context_length_and_null():
     scored = [(_Window(offsets), start, end), other]
     assert decode_spans(text, scored, **{**args, "null_threshold": -10.0}) == []  # 2 - 11 > -10
     assert decode_spans(text, scored, **{**args, "null_threshold": 0.0})  # 2 - 11 < 0: answered
+
+
+def test_the_evaluate_table_names_the_model_and_right_aligns_numbers(tmp_path, monkeypatch, capsys):
+    """The table shows the model's name, not its cache key, and numbers right-aligned (as in the
+    classify/qa table)."""
+    from types import SimpleNamespace
+
+    from longdoc_cli import hub
+    from longdoc_cli.cli import _render_eval
+
+    monkeypatch.setenv("LONGDOC_HOME", str(tmp_path / "home"))
+    stat = SimpleNamespace(precision=1.0, recall=0.5, f1=0.6667, support=12)
+    report = SimpleNamespace(
+        task="classify", model=str(hub.cache_dir() / hub._default_key()), data="d.jsonl", n=13,
+        metrics={"accuracy": 0.5, "macro_f1": 0.25},
+        classification=SimpleNamespace(
+            per_label={"sport": stat, "music": stat}, labels=["sport", "music"], confusion=[[1, 11], [0, 1]],
+            by_length={"<=512": {"n": 13, "accuracy": 0.5, "macro_f1": 0.25}},
+        ),
+    )  # fmt: skip
+    _render_eval(report)
+    out = capsys.readouterr().out
+    assert (
+        out.splitlines()[0]
+        == "classify · default (sentence-transformers/all-MiniLM-L6-v2) · d.jsonl · n = 13"
+    )
+    assert "default-" not in out
+    assert "│ sport │     1.000 │  0.500 │ 0.667 │      12 │" in out  # per label
+    assert "│ sport            │     1 │    11 │" in out  # confusion matrix
+    assert "│ <=512  │ 13 │    0.500 │    0.250 │" in out  # by length

@@ -326,3 +326,23 @@ def test_default_cache_key_follows_the_shipped_delta(tmp_path, monkeypatch):
     delta.write_bytes(b"two")
     two = hub._default_key()
     assert len({plain, one, two}) == 3 and one.startswith("default-") and "-a" in one
+
+
+def test_display_name_reads_config_json_through_the_one_reader(tmp_path, monkeypatch):
+    """A cache entry is shown by the source it was converted from (its config.json's longdoc.source),
+    read by model.read_config_json like every config.json; unreadable, the name without its hash."""
+    import longdoc_cli.model as model_module
+
+    monkeypatch.setenv("LONGDOC_HOME", str(tmp_path / "home"))
+    entry = hub.cache_dir() / "my-bert-0123456789ab"
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text(json.dumps({"longdoc": {"source": "org/my-bert"}}))
+    read = []
+    real = model_module.read_config_json
+    monkeypatch.setattr(model_module, "read_config_json", lambda p, **kw: read.append(p) or real(p, **kw))
+    assert hub.display_name(entry) == "org/my-bert" and read == [entry]
+    (entry / "config.json").write_text("{not json")
+    assert hub.display_name(entry) == "my-bert (converted)"
+    (entry / "config.json").unlink()
+    assert hub.display_name(entry) == "my-bert (converted)"
+    assert hub.display_name(tmp_path / "runs" / "x") == str(tmp_path / "runs" / "x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -280,6 +281,10 @@ def test_model_card_and_shared_best_last(tiny, tiny_model_dir, cls_data, tmp_pat
     card = (best / "README.md").read_text()
     assert "license: apache-2.0" in card and "## Hyperparameters" in card and "| lr | 0.001 |" in card
     assert "18 examples" in card and "## Training time" in card and "2 steps in this run" in card
+    assert f"- base model: `{tiny_model_dir}`; licence: apache-2.0" in card
+    dev_rows = card.split("| dev metric | value |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert dev_rows and all(re.fullmatch(r"\| \w+ \| -?\d+\.\d{4} \|", x) for x in dev_rows), dev_rows
+    assert re.search(r"- dev: `[^`]+`, [1-9]\d* examples", card)
     assert os.stat(best / "model.safetensors").st_ino == os.stat(last / "model.safetensors").st_ino
     assert (last / "trainer_state.pt").is_file() and not (best / "trainer_state.pt").exists()
     assert "# out/last" in (last / "README.md").read_text()

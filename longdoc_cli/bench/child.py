@@ -70,10 +70,15 @@ def matmul_peak(
 
 
 def _sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA and MPS run asynchronously), so a timer sees it."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize(device)
+    elif device == "mps":
+        import torch
+
+        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ reported at once naming its key."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import convert_value
+from ..config import DEVICE_PATTERN, convert_value
 from ..errors import LongdocError, UsageError
 
 IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
@@ -31,7 +32,7 @@ class BenchSpec:
     dtypes: tuple[str, ...] = ("auto",)  # auto = bf16 on CUDA and on CPUs with native bf16, else fp32
     modes: tuple[str, ...] = ("infer",)  # train = forward + backward
     impls: tuple[str, ...] = ("longdoc", "hf", "full")
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     globals: int = 1  # the first G tokens of every row are global
     layers: int | None = None  # override the depth (time is linear in layers)
     dilation: int | None = None  # every layer's and head's attention dilation (None: the model's)
@@ -77,8 +78,8 @@ class BenchSpec:
             problems.append(f"check_len: {self.check_len} is too short")
         if self.time_budget <= 0:
             problems.append(f"time_budget: {self.time_budget} is not a positive number of seconds")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            problems.append(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            problems.append(f"device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
         if problems:
             raise UsageError("; ".join(problems))
         return self
@@ -129,6 +130,21 @@ def spec_from_dict(data: dict[str, Any], source: str = "config") -> BenchSpec:
     if problems:
         raise UsageError("; ".join(problems))
     return spec
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The sweep's data with ``key=value`` pairs (``bench --set``) applied, each value read as YAML
+    as config.py reads ``--set`` (``seq_lens=[1024, 4096]``); validated with the rest by
+    :func:`spec_from_dict`."""
+    from ..config import _parse_scalar
+
+    out = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, for example check_len=64")
+        key, text = item.split("=", 1)
+        out[key.strip().removeprefix("--")] = _parse_scalar(text)
+    return out
 
 
 def load_spec(path: str | Path) -> BenchSpec:
