@@ -26,11 +26,12 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads with the functions that compute: parsing a spec (config checks) stays light
+    from torch import Tensor
 
-from .tokenize import DocumentTokenizer, Window
+    from .tokenize import DocumentTokenizer, Window
 
 FIRST_BLOCKS = {"first256": 256, "first512": 512}
 BLOCKS = (*FIRST_BLOCKS, "mean", "words")
@@ -91,6 +92,8 @@ class WordVocab:
 def fit_word_vocab(counts: Sequence[Counter[int]]) -> WordVocab:
     """The columns (buckets in >= :data:`WORDS_MIN_DF` documents, the :data:`WORDS_MAX_COLUMNS` most
     frequent) and their smoothed idf, ln((1 + n) / (1 + df)) + 1."""
+    import torch
+
     df: Counter[int] = Counter()
     total: Counter[int] = Counter()
     for c in counts:
@@ -108,6 +111,8 @@ def fit_word_vocab(counts: Sequence[Counter[int]]) -> WordVocab:
 def word_rows(counts: Sequence[Counter[int]], columns: Tensor, idf: Tensor) -> Tensor:
     """Sparse (n_docs, n_cols) float32 COO: each document's (1 + ln tf) * idf over ``columns``,
     L2-normalised (a document with none of the columns: a zero row)."""
+    import torch
+
     rows, cols, vals = [], [], []
     col_list = columns.tolist()
     index = {b: i for i, b in enumerate(col_list)}
@@ -162,6 +167,8 @@ def embedding_blocks(
     count and how many windows were embedded. ``embed`` maps windows to (n, d) pooled embeddings;
     ``limit`` caps every window (the model's positions). A window needed by two blocks (the first
     256 tokens are also the mean block's first window when it is 256 tokens long) is embedded once."""
+    import torch
+
     wanted = [b for b in spec.blocks if b != "words"]
     unique: dict[tuple[int, int, int, int], int] = {}
     flat: list[Window] = []
