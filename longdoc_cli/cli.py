@@ -1383,7 +1383,7 @@ def classify(
     with errors():
         from .api import classifier_for_run, labels_for_run, resolve
         from .hub import display_name
-        from .timing import RunStats, Stopwatch, dtype_name, timed
+        from .timing import RunStats, Stopwatch, dtype_label, timed
 
         fmt = output_format(fmt)
         flags = {
@@ -1408,7 +1408,7 @@ def classify(
             tm = _load(run, "classify", max_length, quiet)
             clf = classifier_for_run(run, chosen, strict_stride=stride is not None, tm=tm)
         bs, cfg = clf.batch_size, run.config
-        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
+        stats.device, stats.dtype = str(tm.device), dtype_label(tm.dtype)
         console = stderr_console(quiet)
         bar = console.is_terminal and not quiet
         items, n_docs = _inputs(cfg, sources, recursive, text_key, shard, max_bytes, input_format, bar)
@@ -1518,7 +1518,7 @@ def qa(
     with errors():
         from .api import answerer_for_run, resolve
         from .hub import display_name
-        from .timing import RunStats, Stopwatch, dtype_name, timed
+        from .timing import RunStats, Stopwatch, dtype_label, timed
 
         fmt = output_format(fmt)
         total = Stopwatch()
@@ -1564,7 +1564,7 @@ def qa(
             cfg = run.config
             tm = _load(run, "qa", max_length, quiet)
             answerer = answerer_for_run(run, top_k=_pick(top_k, 1), strict_stride=stride is not None, tm=tm)
-        stats.device, stats.dtype = str(tm.device), dtype_name(tm.dtype)
+        stats.device, stats.dtype = str(tm.device), dtype_label(tm.dtype)
         console = stderr_console(quiet)
         bar = console.is_terminal and not quiet
         items, n_docs = _inputs(cfg, sources, recursive, text_key, shard, max_bytes, input_format, bar)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Flags, LongdocConfig, resolve_run
+from .config import Flags, LongdocConfig, Run, resolve_run
 from .errors import LongdocError
-from .timing import RunStats, Stopwatch, dtype_name
+from .timing import RunStats, Stopwatch, dtype_label
 
 if TYPE_CHECKING:
     from .data import LabelledDoc, QAExample
@@ -300,7 +300,7 @@ def evaluate_model(
     config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
     config = config.with_attention_dilation(cfg.model.attention_dilation)
     if config.head == "encoder":  # the default model: zero-shot over the data's own labels
-        return _evaluate_zero_shot(model_dir, data_path, cfg, stats, watch, on_progress)
+        return _evaluate_zero_shot(run, data_path, stats, watch, on_progress)
     if config.head != "classification":
         raise LongdocError(f"{model_dir}: has no classification head; fine-tune one with `longdoc train`")
     device = pick_device(cfg.model.device)
@@ -316,7 +316,7 @@ def evaluate_model(
         raise LongdocError(
             f"{data_path}: labels the model does not know: {', '.join(map(repr, unknown[:5]))}"
         )
-    stats.load_s, stats.device, stats.dtype = watch.restart(), str(device), dtype_name(dtype)
+    stats.load_s, stats.device, stats.dtype = watch.restart(), str(device), dtype_label(dtype)
 
     def progress(done: int, total: int, result: Any) -> None:
         stats.documents, stats.windows, stats.tokens = (
@@ -337,31 +337,27 @@ def evaluate_model(
 
 
 def _evaluate_zero_shot(
-    model_dir: Path,
+    resolved: Run,
     data_path: str,
-    cfg: LongdocConfig,
     run: RunStats,
     watch: Stopwatch,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
-    """A plain encoder scored as `longdoc classify --labels ...` runs it, the labels being the
-    data's own label set (sorted): the zero-shot baseline to measure before training."""
+    """A plain encoder scored as `longdoc classify --labels ...` runs it (api.classifier_for_run),
+    the labels being the data's own label set (sorted): the zero-shot baseline to measure before
+    training."""
+    from .api import classifier_for_run
     from .data import load_classification
-    from .tasks.classify import Classifier, Label
-    from .tasks.runner import load_task_model
+    from .tasks.classify import Label
 
+    cfg, model_dir = resolved.config, resolved.model_dir
     data = load_classification(data_path, cfg.data)
     names = sorted({x for d in data.docs for x in d.labels})
     if len(names) < 2:
         raise LongdocError(f"{data_path}: zero-shot evaluation needs at least two labels in the data")
-    m_cfg, inf = cfg.model, cfg.inference
-    tm = load_task_model(model_dir, task="classify", device=m_cfg.device, dtype=m_cfg.dtype,
-                         quantize=m_cfg.quantize, max_length_cap=m_cfg.max_length,
-                         attention_window=m_cfg.attention_window,
-                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
-    classifier = Classifier(tm, [Label(x) for x in names], aggregate=inf.aggregate, threshold=inf.threshold,
-                            batch_size=inf.batch_size, stride=cfg.tokenization.stride)  # fmt: skip
-    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_name(tm.dtype)
+    classifier = classifier_for_run(resolved, [Label(x) for x in names])
+    tm = classifier.tm
+    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_label(tm.dtype)
     results = []
     for result in classifier.classify_iter((str(i), doc.text) for i, doc in enumerate(data.docs)):
         results.append(result)
@@ -408,7 +404,7 @@ def _evaluate_qa(
     for i, ex in enumerate(qa.examples):
         by_context.setdefault(ex.context, []).append(i)
     predictions, cache = [""] * len(qa.examples), {}
-    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_name(tm.dtype)
+    run.load_s, run.device, run.dtype = watch.restart(), str(tm.device), dtype_label(tm.dtype)
     for context, idx in by_context.items():
         results = answerer.answer(qa.examples[idx[0]].id, context, [qa.examples[i].question for i in idx])
         for i, result in zip(idx, results, strict=True):

@@ -19,7 +19,7 @@ from typing import Any
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
-def dtype_name(dtype: Any) -> str:
+def dtype_label(dtype: Any) -> str:
     """'fp32', 'bf16', 'fp16' for a torch dtype (its str otherwise)."""
     return DTYPE_NAMES.get(str(dtype), str(dtype))
 
