@@ -39,7 +39,7 @@ import torch
 
 from longdoc_cli.bench import encoder_flops
 from longdoc_cli.hub import resolve_model
-from longdoc_cli.model import LongformerEncoder, load_config
+from longdoc_cli.model import LongformerEncoder, load_hf_config
 from longdoc_cli.runtime import auto_dtype, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def _timed(fn) -> float:
 def encoder_shares(batch: int, n: int, repeats: int) -> dict:
     """fp32 and bf16 encoder runs interleaved with both peaks: the fastest of each."""
     model_dir = resolve_model("default")
-    cfg = load_config(model_dir)
+    cfg = load_hf_config(model_dir)
     models = {name: LongformerEncoder.from_pretrained(model_dir).to(dtype=dt).eval()
               for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
     ids = torch.randint(1000, cfg.vocab_size, (batch, n))

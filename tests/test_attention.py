@@ -62,6 +62,7 @@ CASES = {
     "all-padding-row": (2, 2, 23, 3, 1, [0, 23], [[4], [0]], None),
     "window-larger-than-n": (2, 2, 9, 12, 1, [0, 4], [[3], []], None),
     "n-equals-window-plus-1": (2, 2, 9, 8, 1, [0, 2], [[8], []], None),
+    "window-larger-than-n-no-padding": (2, 2, 9, 12, 1, [0, 0], [[0], [3, 5]], None),
     "n-equals-window-plus-2": (2, 2, 10, 8, 1, [1, 0], [[], [9]], None),
     "dilation-mixed": (2, 4, 53, 4, [1, 2, 3, 1], [0, 7], [[0], [3, 30]], None),
     "dilation-2-all-heads": (2, 2, 47, 3, 2, [0, 6], [[1], []], None),
@@ -133,6 +134,23 @@ def test_inference_path_equals_reference(case, monkeypatch):
     assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
     undilated = 1 in ([dilation] if isinstance(dilation, int) else dilation)
     assert bool(calls) == (undilated and n > window + 1)
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 3]], ids=["no-padding", "padding"])
+def test_short_batch_runs_unmasked_without_padding(pads, monkeypatch):
+    """When every key is in band (n <= w + 1), CPU inference without padding runs one unmasked SDPA
+    (no joined global keys); with padding the masked dense path: both equal the reference."""
+    masked = []
+    dense = attention._dense_short
+    monkeypatch.setattr(attention, "_dense_short", lambda *a, **k: masked.append(1) or dense(*a, **k))
+    n, window = 16, 20
+    am, gm = make_masks(n, pads, [[0], [0, 7]])
+    _, tensors = random_inputs(2, 3, n)
+    with torch.no_grad():
+        ref = reference_attention(*tensors, window=window, attention_mask=am, global_mask=gm)
+        out = fast_attention(*tensors, window=window, dilation=1, am=am, gm=gm)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert bool(masked) == any(pads)
 
 
 @pytest.mark.parametrize("pack_bytes", [None, 1], ids=["one-call", "call-per-block"])
