@@ -7,9 +7,11 @@ Weights load from and save to Hugging Face-format directories (``config.json`` +
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -448,7 +450,7 @@ class _PretrainedMixin(nn.Module):
         path = Path(path)
         config = config or load_hf_config(path)
         state = load_state_dict(path)
-        with torch.device("meta"):  # no random init of weights about to be overwritten
+        with torch.device("meta"), _no_random_init():  # weights about to be overwritten: no init at all
             model = cls(config)
         model._load_checked(state, path, init_missing_head)
         return model.eval()
@@ -617,6 +619,30 @@ def token_tfidf(input_ids: Tensor, attention_mask: Tensor | None, idf: Tensor) -
     counts.scatter_add_(1, input_ids, real)  # (B, V)
     x = torch.log1p(counts) * idf.float()
     return F.normalize(x, dim=-1)
+
+
+# torch.nn.init's functions that module constructors call.
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "zeros_",
+                   "ones_", "constant_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Module constructors skip their random init. On the meta device the init functions go through
+    torch._refs, whose first use imports torch._dynamo: 1.5 s of every command's start-up, for
+    weights that are overwritten by the checkpoint's anyway."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, _unchanged)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def _unchanged(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return tensor
 
 
 def masked_mean(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
