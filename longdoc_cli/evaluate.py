@@ -296,7 +296,7 @@ def evaluate_model(
     assert model_dir is not None
     task = cfg.task
     if task == "qa":
-        return _evaluate_qa(model_dir, data_path, cfg, stats, watch, on_progress)
+        return _evaluate_qa(run, data_path, stats, watch, on_progress)
     config = load_hf_config(model_dir).with_attention_window(cfg.model.attention_window)
     config = config.with_attention_dilation(cfg.model.attention_dilation)
     if config.head == "encoder":  # the default model: zero-shot over the data's own labels
@@ -378,27 +378,19 @@ def _evaluate_zero_shot(
 
 
 def _evaluate_qa(
-    model_dir: Path,
+    resolved: Run,
     data_path: str,
-    cfg: LongdocConfig,
     run: RunStats,
     watch: Stopwatch,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
+    """QA scored as `longdoc qa` runs it (api.answerer_for_run: the best answer per question)."""
+    from .api import answerer_for_run
     from .data import load_qa
-    from .tasks.qa import QuestionAnswerer
-    from .tasks.runner import load_task_model
 
-    m_cfg, t_cfg, inf = cfg.model, cfg.tokenization, cfg.inference
-    tm = load_task_model(model_dir, task="qa", device=m_cfg.device, dtype=m_cfg.dtype,
-                         quantize=m_cfg.quantize, attention_window=m_cfg.attention_window,
-                         attention_dilation=m_cfg.attention_dilation)  # fmt: skip
-    tm = dataclasses.replace(tm, max_length=min(m_cfg.max_length, tm.max_length))
-    answerer = QuestionAnswerer(
-        tm, top_k=1, n_best=inf.n_best, max_answer_length=inf.max_answer_length,
-        null_threshold=inf.null_threshold, batch_size=inf.batch_size, doc_stride=t_cfg.stride,
-        max_question_length=t_cfg.max_question_length, min_score=inf.min_score,
-    )  # fmt: skip
+    cfg, model_dir = resolved.config, resolved.model_dir
+    answerer = answerer_for_run(resolved)
+    tm = answerer.tm
     qa = load_qa(data_path, cfg.data)
     by_context: dict[str, list[int]] = {}  # one pass per document: encoded once, all its questions
     for i, ex in enumerate(qa.examples):
