@@ -9,6 +9,7 @@ and a model card), so that a killed run never leaves a half-written model.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from .config import MODEL_CONFIG_NAME, LongdocConfig, save_config
 from .errors import LongdocError, UsageError
-from .modelcard import card_details, link_files
+from .modelcard import model_card
 from .runtime import clean_stale, exclusive_lock, replace_dir, temp_dir
 
 TOKENIZER_FILES = (
@@ -136,7 +137,7 @@ def save_checkpoint(
     (:func:`runtime.replace_dir`): a run killed while saving leaves the previous ``out`` whole, and
     the next run removes the temporary entries (:func:`runtime.clean_stale`). ``same_as``: a
     directory just saved from this same model state (best/ at this step), whose files are
-    hard-linked instead of written again where the filesystem allows (:func:`modelcard.link_files`)."""
+    hard-linked instead of written again where the filesystem allows (:func:`link_files`)."""
     clean_stale(out.parent, out.name)
     tmp = temp_dir(out.parent, out.name)
     try:
@@ -154,33 +155,20 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
-    task = "document classification" if cfg.task == "classify" else "extractive question answering"
-    metrics = card.get("metrics") or {}
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
-    labels = card.get("labels")
-    command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -Q "..." FILE'
-    licence = f"license: {card['licence']}\n" if card.get("licence") else ""
-    return f"""---
-library_name: transformers
-pipeline_tag: {"text-classification" if cfg.task == "classify" else "question-answering"}
-tags: [longformer, longdoc]
-{licence}---
-# {card.get("name", "longdoc model")}
-
-A Longformer fine-tuned by `longdoc train` for {task}, from `{card.get("base")}`.
-Windows of {cfg.model.max_length} tokens (specials included), overlapping by {cfg.tokenization.stride}.
-
-- step {card.get("step")} of {card.get("total_steps")}; dev metric `{cfg.metric}`
-{f"- labels: {', '.join(labels)}" if labels else ""}
-
-| dev metric | value |
-|---|---:|
-{rows}
-
-{card_details(cfg, card)}
-Use it with `{command}`, or with transformers' `Longformer{
-        "ForSequenceClassification" if cfg.task == "classify" else "ForQuestionAnswering"
-    }.from_pretrained(DIR)`.
-The full training config is `{MODEL_CONFIG_NAME}` in this directory.
-"""
+def link_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> bool:
+    """Hard-link every file of ``src`` (but ``skip``) into the new directory ``dst``: a checkpoint
+    saved at the same step as ``src`` then takes no new space. The files are never written in place
+    (every save writes a new temporary directory that replaces the old one), so a later save or a
+    kill during one cannot change what the other directory holds. False (``dst`` emptied) where the
+    filesystem has no hard links; the caller writes the files instead."""
+    made: list[Path] = []
+    try:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.is_symlink() and f.name not in skip:
+                os.link(f, dst / f.name)
+                made.append(dst / f.name)
+    except OSError:
+        for f in made:
+            f.unlink(missing_ok=True)
+        return False
+    return True

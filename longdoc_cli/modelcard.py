@@ -1,14 +1,13 @@
-"""What a trained model's card (README.md) says beyond its metrics: the base model and its licence,
-the data sizes, the hyperparameters and the training time; and sharing the files of two checkpoint
-directories saved from the same step (best/ and last/) with hard links."""
+"""A trained model's card (README.md): its front matter, the dev metrics, the base model and its
+licence, the data sizes, the hyperparameters and the training time."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from .config import MODEL_CONFIG_NAME, LongdocConfig
 from .timing import seconds
 
 # The README front matter's licence line (Hugging Face model cards: `license: apache-2.0`).
@@ -83,20 +82,33 @@ def card_details(cfg: Any, card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def link_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> bool:
-    """Hard-link every file of ``src`` (but ``skip``) into the new directory ``dst``: a checkpoint
-    saved at the same step as ``src`` then takes no new space. The files are never written in place
-    (every save writes a new temporary directory that replaces the old one), so a later save or a
-    kill during one cannot change what the other directory holds. False (``dst`` emptied) where the
-    filesystem has no hard links; the caller writes the files instead."""
-    made: list[Path] = []
-    try:
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.is_symlink() and f.name not in skip:
-                os.link(f, dst / f.name)
-                made.append(dst / f.name)
-    except OSError:
-        for f in made:
-            f.unlink(missing_ok=True)
-        return False
-    return True
+def model_card(cfg: LongdocConfig, card: dict[str, Any]) -> str:
+    task = "document classification" if cfg.task == "classify" else "extractive question answering"
+    metrics = card.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
+    labels = card.get("labels")
+    command = "longdoc classify -m DIR FILE" if cfg.task == "classify" else 'longdoc qa -m DIR -Q "..." FILE'
+    licence = f"license: {card['licence']}\n" if card.get("licence") else ""
+    return f"""---
+library_name: transformers
+pipeline_tag: {"text-classification" if cfg.task == "classify" else "question-answering"}
+tags: [longformer, longdoc]
+{licence}---
+# {card.get("name", "longdoc model")}
+
+A Longformer fine-tuned by `longdoc train` for {task}, from `{card.get("base")}`.
+Windows of {cfg.model.max_length} tokens (specials included), overlapping by {cfg.tokenization.stride}.
+
+- step {card.get("step")} of {card.get("total_steps")}; dev metric `{cfg.metric}`
+{f"- labels: {', '.join(labels)}" if labels else ""}
+
+| dev metric | value |
+|---|---:|
+{rows}
+
+{card_details(cfg, card)}
+Use it with `{command}`, or with transformers' `Longformer{
+        "ForSequenceClassification" if cfg.task == "classify" else "ForQuestionAnswering"
+    }.from_pretrained(DIR)`.
+The full training config is `{MODEL_CONFIG_NAME}` in this directory.
+"""

@@ -311,14 +311,14 @@ def test_model_card_and_shared_best_last(tiny, tiny_model_dir, cls_data, tmp_pat
 
 
 def test_link_files_falls_back_when_links_fail(tmp_path, monkeypatch):
-    from longdoc_cli import modelcard
+    from longdoc_cli import checkpoint
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
     (src / "a.bin").write_bytes(b"1")
     (src / "README.md").write_text("card")
-    assert modelcard.link_files(src, dst, skip=("README.md",)) and [p.name for p in dst.iterdir()] == [
+    assert checkpoint.link_files(src, dst, skip=("README.md",)) and [p.name for p in dst.iterdir()] == [
         "a.bin"
     ]
 
@@ -326,8 +326,8 @@ def test_link_files_falls_back_when_links_fail(tmp_path, monkeypatch):
         raise OSError(1, "Operation not permitted")
 
     (dst / "a.bin").unlink()
-    monkeypatch.setattr(modelcard.os, "link", no_links)
-    assert not modelcard.link_files(src, dst) and list(dst.iterdir()) == []
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    assert not checkpoint.link_files(src, dst) and list(dst.iterdir()) == []
 
 
 def test_evaluate_prints_a_summary_and_progress(tiny_model_dir, qa_data, tmp_path, monkeypatch):
