@@ -291,13 +291,7 @@ class Classifier:
         """Classify (id, text) documents; all their windows are batched together by length."""
         if self.doc_spec is not None:
             return self._classify_documents(docs)
-        results = []
-        for (doc_id, text), run in zip(docs, self._run(docs), strict=True):
-            probs = self._aggregate(run.outputs)
-            results.append(
-                self._result(doc_id, text, probs, run.n_tokens, len(run.outputs), run.truncated, run.unknown)
-            )
-        return results
+        return [self._run_result(d, t, run) for (d, t), run in zip(docs, self._run(docs), strict=True)]
 
     def classify_iter(self, docs: Iterable[tuple[str, str]]) -> Iterator[Classification]:
         """Classify (id, text) documents, yielding each result as soon as the forward passes that
@@ -327,16 +321,8 @@ class Classifier:
 
     def _finish(self, pending: list[tuple[str, str, _Run, list[Window], float]]) -> Iterator[Classification]:
         t0 = time.perf_counter()
-        windows = [w for *_, ws, _ in pending for w in ws]
-        owner = [d for d, (*_, ws, _) in enumerate(pending) for _ in ws]
-        for i, out in run_windows(self.tm, windows, self.batch_size):
-            pending[owner[i]][2].outputs.append((len(windows[i]), self._window_output(out)))
-        results = []
-        for doc_id, text, run, _, _ in pending:
-            probs = self._aggregate(run.outputs)
-            results.append(
-                self._result(doc_id, text, probs, run.n_tokens, len(run.outputs), run.truncated, run.unknown)
-            )
+        self._fill([run for _, _, run, _, _ in pending], [ws for *_, ws, _ in pending])
+        results = [self._run_result(doc_id, text, run) for doc_id, text, run, _, _ in pending]
         shared = time.perf_counter() - t0
         total_tokens = sum(sum(len(w) for w in ws) for *_, ws, _ in pending) or 1
         for result, (*_, ws, prep_s) in zip(results, pending, strict=True):
@@ -403,17 +389,23 @@ class Classifier:
         return _Run(len(enc), tok.unknown_share(text, enc), not covers(spans, len(enc)), []), doc_windows
 
     def _run(self, docs: Sequence[tuple[str, str]]) -> list[_Run]:
-        windows: list[Window] = []
-        owner: list[int] = []
-        runs = []
-        for d, (_, text) in enumerate(docs):
-            run, doc_windows = self._prepare(text)
-            runs.append(run)
-            windows.extend(doc_windows)
-            owner.extend([d] * len(doc_windows))
+        """Every document's run, its windows all batched together by length."""
+        prepared = [self._prepare(text) for _, text in docs]
+        runs = [run for run, _ in prepared]
+        self._fill(runs, [windows for _, windows in prepared])
+        return runs
+
+    def _fill(self, runs: Sequence[_Run], doc_windows: Sequence[Sequence[Window]]) -> None:
+        """Run the documents' windows (one stream, batched by length) into their runs' outputs."""
+        windows = [w for ws in doc_windows for w in ws]
+        owner = [d for d, ws in enumerate(doc_windows) for _ in ws]
         for i, out in run_windows(self.tm, windows, self.batch_size):
             runs[owner[i]].outputs.append((len(windows[i]), self._window_output(out)))
-        return runs
+
+    def _run_result(self, doc_id: str, text: str, run: _Run) -> Classification:
+        """A document's result from its filled run: the windows' outputs aggregated."""
+        probs = self._aggregate(run.outputs)
+        return self._result(doc_id, text, probs, run.n_tokens, len(run.outputs), run.truncated, run.unknown)
 
     def _window_output(self, out: torch.Tensor) -> torch.Tensor:
         """Zero-shot: the window's normalised embedding (d,); head: its logits."""
