@@ -410,13 +410,20 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
 
     import torch
 
-    from .docfeatures import FeatureSpec, embedding_blocks, fit_word_vocab, parse_feature_sets, word_rows
+    from .docfeatures import (
+        BLOCKS,
+        FeatureSpec,
+        embedding_blocks,
+        fit_word_vocab,
+        parse_feature_sets,
+        word_rows,
+    )
     from .docfeatures import word_counts as count_words
     from .headfit import embed_windows, fit_doc_head, set_name
     from .model import DOC_LINEAR, LongformerForSequenceClassification
 
     sets = parse_feature_sets(cfg.train.head_features)
-    blocks = tuple(sorted({b for s in sets for b in s}, key=["first256", "first512", "mean", "words"].index))
+    blocks = tuple(b for b in BLOCKS if any(b in s for s in sets))  # in docfeatures.BLOCKS order
     spec = FeatureSpec(blocks, cfg.train.feature_window)
     limit = min(tokenizer.max_tokens, model.config.max_tokens)
     bs, bf16 = cfg.inference.batch_size, _use_bf16(cfg, device)
