@@ -1283,10 +1283,12 @@ class _InputReport:
             )
 
 
-def _summary(console, stats) -> None:
-    """The run's one summary line on stderr (not with --quiet)."""
-    if not console.quiet:
-        typer.echo(f"longdoc: {stats.line()}", err=True)
+def _summary(console, stats, failed: bool = False) -> None:
+    """The run's one summary line on stderr (not with --quiet; not after a failure that left
+    nothing processed: the error line says all there is, and bad input stays one line)."""
+    if console.quiet or (failed and not (stats.documents or stats.questions)):
+        return
+    typer.echo(f"longdoc: {stats.line()}", err=True)
 
 
 def _report_input(console, item) -> bool:
@@ -1446,7 +1448,7 @@ def classify(
         stats.skipped, stats.total_s = bad_input.skipped, total.seconds
         kind = "zero-shot" if clf.zero_shot else "fine-tuned"
         emit.close(f"longdoc classify · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
-        _summary(console, stats)
+        _summary(console, stats, failed or bad_input.failed)
         if failed or bad_input.failed:
             raise typer.Exit(1)
 
@@ -1623,7 +1625,7 @@ def qa(
         stats.skipped, stats.total_s = bad_input.skipped, total.seconds
         kind = "extractive span" if tm.head == "qa" else "zero-shot sentence"
         emit.close(f"longdoc qa · {display_name(tm.path)} ({kind})", stats.to_dict(), SCHEMA_VERSION)
-        _summary(console, stats)
+        _summary(console, stats, failed or bad_input.failed)
         if failed or bad_input.failed:
             raise typer.Exit(1)
 

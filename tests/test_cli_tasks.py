@@ -536,6 +536,21 @@ def test_evaluate_classification_honours_attention_window(classifier_dir, tmp_pa
 # timings, progress, pipeline inputs, output polish (issue 15)
 
 
+@pytest.mark.parametrize("command", [["classify", "--labels", "sport,music"], ["qa", "-Q", QUESTION]])
+def test_bad_input_alone_is_one_error_line_without_a_summary(encoder_dir, tmp_path, command):
+    """A run whose only input fails prints the error and no 'nothing processed' summary line; a run
+    with a good document beside the bad one keeps its summary."""
+    empty, good = tmp_path / "empty.txt", tmp_path / "good.txt"
+    empty.write_text("")
+    good.write_text(SPORT_DOC)
+    r = run(*command, "-m", str(encoder_dir), str(empty))
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip() == f"longdoc: error: {empty}: the document is empty; nothing to process"
+    r = run(*command, "-m", str(encoder_dir), str(empty), str(good))
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 2 and lines[1].startswith(f"longdoc: {command[0]}: 1 document")
+
+
 def test_summary_line_and_timings_records(encoder_dir, docs):
     args = [
         "-m",
