@@ -3,7 +3,9 @@
 Zero-shot (a checkpoint without a classification head, such as the embedded default): the document
 is read as consecutive passages of PASSAGE_TOKENS tokens (the length a sentence encoder was trained
 on), each embedded with the model's pooling. A label with a description is embedded as
-``name: description``; a bare name as the mean of the name (twice: with no description,
+``name: description``, one vector per description when it has several (a labels file's further
+tab-separated columns: phrasings of the same topic), and its cosine with a passage is the best of
+its vectors' cosines; a bare name as the mean of the name (twice: with no description,
 ``name: description`` is the name) and "This text is about NAME.", and calibrated (Zhao et al.
 2021): its cosine minus its mean cosine with content-free texts, so that a
 short name that is close to any text gains nothing from it. A passage's scores are
@@ -46,24 +48,35 @@ _PRESETS = "resources/labels"  # configs/labels/*.tsv, shipped inside the packag
 
 @dataclass(frozen=True)
 class Label:
+    """A zero-shot label: its name, an optional description and optional ``more`` descriptions
+    (other phrasings of the same topic, each embedded on its own; the label's cosine with a passage
+    is the best of them)."""
+
     name: str
     description: str | None = None
+    more: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
         return f"{self.name}: {self.description}" if self.description else self.name
 
-    def prompts(self, style: str = "auto") -> list[str]:
-        """What is embedded for the label (several prompts: their embeddings averaged): its name;
-        ``name: description``; or several phrasings. ``auto``: ``name: description`` for a label with
-        a description, several phrasings of a bare name."""
+    def prompt_groups(self, style: str = "auto") -> list[list[str]]:
+        """What is embedded for the label: groups of prompts, each group's embeddings averaged into
+        one vector. ``name``: the name; ``description``: ``name: description``, one group per
+        description; ``multi``: one group of several phrasings (the name, ``name: description``,
+        "This text is about NAME."). ``auto``: ``description`` for a label with a description,
+        ``multi`` for a bare name."""
         if style == "auto":
             style = "description" if self.description else "multi"
         if style == "name":
-            return [self.name]
+            return [[self.name]]
         if style == "description":
-            return [self.prompt]
-        return [self.name, self.prompt, f"This text is about {self.name}."]
+            return [[f"{self.name}: {d}"] for d in (self.description, *self.more) if d] or [[self.name]]
+        return [[self.name, self.prompt, f"This text is about {self.name}."]]
+
+    def prompts(self, style: str = "auto") -> list[str]:
+        """Every prompt embedded for the label (:meth:`prompt_groups`, flattened)."""
+        return [p for group in self.prompt_groups(style) for p in group]
 
 
 @dataclass(frozen=True)
@@ -126,13 +139,16 @@ def default_labels() -> list[Label]:
 
 
 def parse_labels(text: str, source: str) -> list[Label]:
-    """One label per line, optionally ``label<TAB>description``; blank lines and # comments skipped."""
+    """One label per line, optionally ``label<TAB>description``, and optionally more descriptions in
+    further tab-separated columns (other phrasings; empty columns skipped); blank lines and
+    # comments skipped."""
     labels = []
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        name, _, description = line.partition("\t")
-        labels.append(Label(name.strip(), description.strip() or None))
+        name, *columns = line.split("\t")
+        descriptions = [c.strip() for c in columns if c.strip()]
+        labels.append(Label(name.strip(), descriptions[0] if descriptions else None, tuple(descriptions[1:])))
     return _checked(labels, source)
 
 
@@ -167,17 +183,33 @@ def _checked(labels: list[Label], source: str) -> list[Label]:
     return labels
 
 
+def label_cosines(
+    embeddings: torch.Tensor, label_embeddings: torch.Tensor, owner: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n, L): each text's cosine with each label, the best of the label's vectors. ``embeddings``
+    (n, d) and ``label_embeddings`` (P, d) are normalised; ``owner`` (P,) says whose each vector is
+    (None: one vector per label, in order)."""
+    cos = embeddings @ label_embeddings.T  # (n, P)
+    if owner is None:
+        return cos
+    n_labels = int(owner.max()) + 1
+    out = torch.full((cos.shape[0], n_labels), float("-inf"), dtype=cos.dtype)
+    return out.scatter_reduce(1, owner.expand(cos.shape[0], -1), cos, "amax")
+
+
 def zero_shot_probabilities(
     embeddings: torch.Tensor,
     weights: torch.Tensor,
     label_embeddings: torch.Tensor,
     bias: torch.Tensor,
     vote: str = "soft",
+    owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Passages -> one probability per label, summing to 1.
 
     ``embeddings`` (n, d) are the L2-normalised passages, ``weights`` (n,) their token counts,
-    ``label_embeddings`` (L, d) normalised, ``bias`` (L,) the labels' calibration cosines. ``soft``:
+    ``label_embeddings`` (P, d) normalised, ``owner`` (P,) the label of each (None: one per label;
+    see :func:`label_cosines`), ``bias`` (L,) the labels' calibration cosines. ``soft``:
     the weighted mean of the passages' softmax(SCALE * (cos - bias)); ``soft-half``: the same over
     the half of the passages (at least one) whose best label is closest, so that passages with no
     clear topic (code, tables, boilerplate) do not vote (measured: not better over all documents);
@@ -185,15 +217,15 @@ def zero_shot_probabilities(
     (cos(mean passage, label) - bias)."""
     w = weights.float()  # (n,)
     if vote == "soft-half":
-        best = (embeddings @ label_embeddings.T - bias).max(dim=-1).values  # (n,)
+        best = (label_cosines(embeddings, label_embeddings, owner) - bias).max(dim=-1).values  # (n,)
         keep = torch.zeros_like(w)
         keep[best.topk(max(1, len(best) // 2)).indices] = 1.0
         w, vote = w * keep, "soft"
     w = w / w.sum()
     if vote == "centroid":
         centre = F.normalize((embeddings * w[:, None]).sum(0), dim=-1)  # (d,)
-        return torch.softmax(SCALE * (label_embeddings @ centre - bias), dim=-1)
-    cos = embeddings @ label_embeddings.T - bias  # (n, L)
+        return torch.softmax(SCALE * (label_cosines(centre[None], label_embeddings, owner)[0] - bias), dim=-1)
+    cos = label_cosines(embeddings, label_embeddings, owner) - bias  # (n, L)
     if vote == "mean":
         return torch.softmax(SCALE * (w @ cos), dim=-1)
     if vote == "soft":
@@ -246,7 +278,7 @@ class Classifier:
             id2label = tm.config.id2label or {i: f"LABEL_{i}" for i in range(tm.config.num_labels)}
             self.names = [id2label[i] for i in range(len(id2label))]
             self.multi_label = tm.config.problem_type == "multi_label_classification"
-            self.label_embeddings = None
+            self.label_embeddings = self.owner = None
             self.window = tm.max_length
             extra = tm.config.extra.get("longdoc") or {}
             self.doc_spec = extra.get("doc_features") if extra.get("classifier") == "doc-linear" else None
@@ -254,12 +286,13 @@ class Classifier:
             self.doc_spec = None
             labels = labels or default_labels()
             self.names = [label.name for label in labels]
-            self.label_embeddings = label_embeddings(tm, labels, prompts, batch_size)  # (L, d)
+            # (P, d): one vector per prompt group; owner (P,): each vector's label
+            self.label_embeddings, self.owner = label_embeddings(tm, labels, prompts, batch_size)
             self.bias = torch.zeros(len(labels))  # (L,)
             if calibrate is None:  # measured: it helps bare names, hurts described labels
                 calibrate = not any(label.description for label in labels)
             if calibrate:
-                self.bias = (embed_texts(tm, NEUTRAL_TEXTS, batch_size) @ self.label_embeddings.T).mean(0)
+                self.bias = self._cosines(embed_texts(tm, NEUTRAL_TEXTS, batch_size)).mean(0)
             self.window = max(8, min(tm.max_length, passage_tokens))
         self.stride = window_overlap("--stride", stride, (self.window - 2) // 2, strict_stride)
         if self.zero_shot and not strict_stride:  # passages are read one after the other
@@ -286,6 +319,10 @@ class Classifier:
     @property
     def zero_shot(self) -> bool:
         return self.label_embeddings is not None
+
+    def _cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Zero-shot: (n, L) normalised embeddings' cosines with the labels (uncalibrated)."""
+        return label_cosines(embeddings, self.label_embeddings, self.owner)
 
     def classify(self, docs: Sequence[tuple[str, str]]) -> list[Classification]:
         """Classify (id, text) documents; all their windows are batched together by length."""
@@ -425,9 +462,11 @@ class Classifier:
         stack = torch.stack([s for _, s in scored])  # (n_windows, d) zero-shot, else (n_windows, L)
         if self.zero_shot:
             if self.aggregate == "max":
-                cos = stack @ self.label_embeddings.T - self.bias  # (n, L)
+                cos = self._cosines(stack) - self.bias  # (n, L)
                 return torch.softmax(SCALE * cos.max(dim=0).values, dim=-1)
-            return zero_shot_probabilities(stack, weights, self.label_embeddings, self.bias, self.vote)
+            return zero_shot_probabilities(
+                stack, weights, self.label_embeddings, self.bias, self.vote, self.owner
+            )
         if self.aggregate == "max":
             agg = stack.max(dim=0).values
         else:
@@ -465,7 +504,7 @@ class Classifier:
             return []
         texts = [text[s:e] for s, e in spans]
         if self.zero_shot:
-            cos = embed_texts(self.tm, texts, self.batch_size) @ self.label_embeddings.T - self.bias
+            cos = self._cosines(embed_texts(self.tm, texts, self.batch_size)) - self.bias
             scores = torch.softmax(SCALE * cos, dim=-1)[:, label]
         elif self.doc_spec is not None:  # each passage scored as a document of its own
             scores = self._document_probabilities(texts)[0][:, label]
@@ -502,9 +541,13 @@ class _Run:
     outputs: list[tuple[int, torch.Tensor]]
 
 
-def label_embeddings(tm: TaskModel, labels: Sequence[Label], style: str, batch_size: int) -> torch.Tensor:
-    """(L, d) normalised: the mean of each label's prompt embeddings."""
-    prompts = [label.prompts(style) for label in labels]
-    flat = embed_texts(tm, [p for ps in prompts for p in ps], batch_size)
-    sizes = [len(ps) for ps in prompts]
-    return F.normalize(torch.stack([chunk.mean(0) for chunk in flat.split(sizes)]), dim=-1)
+def label_embeddings(
+    tm: TaskModel, labels: Sequence[Label], style: str, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, d) normalised, one vector per prompt group of each label (:meth:`Label.prompt_groups`:
+    the mean of the group's prompt embeddings), and (P,) the index of each vector's label."""
+    groups = [(i, group) for i, label in enumerate(labels) for group in label.prompt_groups(style)]
+    flat = embed_texts(tm, [p for _, group in groups for p in group], batch_size)
+    chunks = flat.split([len(group) for _, group in groups])
+    vectors = F.normalize(torch.stack([chunk.mean(0) for chunk in chunks]), dim=-1)
+    return vectors, torch.tensor([i for i, _ in groups])
