@@ -70,3 +70,20 @@ def test_zero_shot_labels_on_addresses_and_docs(default_dir):
     got = clf.classify(speeches + pages)
     assert [g.label for g in got[: len(speeches)]] == ["politics"] * len(speeches)
     assert sum(g.label == "software" for g in got[len(speeches) :]) >= len(pages) - 1
+
+
+def test_default_topics_on_the_sample_documents(default_dir):
+    """With no labels, the sample documents read as what they are (benchmarks/README.md measures the
+    default topics on every address and documentation page)."""
+    from longdoc_cli.tasks.classify import Classifier
+    from longdoc_cli.tasks.runner import load_task_model
+
+    samples = Path(__file__).resolve().parents[1] / "sample_docs"
+    clf = Classifier(load_task_model(default_dir, task="classify"), None, batch_size=8)
+    docs = [(p.name, p.read_text(encoding="utf-8")) for p in sorted(samples.glob("*.txt"))]
+    got = {r.id: r.label for r in clf.classify(docs)}
+    assert got == {
+        "python-design-faq.txt": "computers and software",
+        "python-tutorial-controlflow.rst.txt": "computers and software",
+        "sotu-1962-kennedy.txt": "politics and government",
+    }

@@ -19,7 +19,9 @@ from longdoc_cli.tasks.classify import (
     VOTES,
     Classifier,
     Label,
+    label_cosines,
     load_labels,
+    parse_labels,
     preset_names,
     zero_shot_probabilities,
 )
@@ -68,6 +70,28 @@ def test_presets_load():
         "law and justice",
         "health and medicine",
     } <= names
+
+
+def test_a_labels_file_may_give_several_descriptions():
+    """Further tab-separated columns are more descriptions of the label (empty ones skipped); each is
+    embedded on its own as ``name: description``."""
+    labels = parse_labels("cats\tfelines\tsmall pets that purr\t\ndogs\n\t\nbirds\tfeathers\n", "x")
+    assert labels == [
+        Label("cats", "felines", ("small pets that purr",)),
+        Label("dogs"),
+        Label("birds", "feathers"),
+    ]
+    assert labels[0].prompt_groups() == [["cats: felines"], ["cats: small pets that purr"]]
+    assert labels[0].prompts() == ["cats: felines", "cats: small pets that purr"]
+    assert labels[2].prompt_groups() == [["birds: feathers"]]  # one description: as before
+    assert labels[1].prompt_groups() == [["dogs", "dogs", "This text is about dogs."]]  # a bare name
+
+
+def test_every_default_topic_has_the_same_number_of_phrasings():
+    """A label's cosine is the best of its phrasings', so a label with more of them would gain an
+    edge over the others from that alone: the default topics all have the same number (several)."""
+    counts = {label.name: 1 + len(label.more) for label in load_labels(None, None)}
+    assert len(set(counts.values())) == 1 and min(counts.values()) >= 2, counts
 
 
 def test_preset_from_a_file(tmp_path):
@@ -154,6 +178,40 @@ def test_calibration_removes_what_a_label_gets_from_any_text():
     assert int(zero_shot_probabilities(emb, torch.tensor([5]), LABELS, torch.zeros(3)).argmax()) == 0
     bias = torch.tensor([0.2, 0.0, 0.0])
     assert int(zero_shot_probabilities(emb, torch.tensor([5]), LABELS, bias).argmax()) == 1
+
+
+def test_a_label_with_several_vectors_scores_its_closest_one():
+    """Vectors 0 and 1 are label 0's two descriptions, vector 2 label 1's: a passage on either of label
+    0's descriptions reads as label 0; the probabilities still sum to 1 over the two labels."""
+    vectors = _unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    owner = torch.tensor([0, 0, 1])
+    emb = _unit([0.1, 1, 0.3], [0.2, 0.1, 1])
+    cos = label_cosines(emb, vectors, owner)
+    each = emb @ vectors.T
+    assert torch.allclose(cos, torch.stack([each[:, :2].max(1).values, each[:, 2]], dim=1))
+    for vote in VOTES:
+        first = zero_shot_probabilities(emb[:1], torch.tensor([5]), vectors, torch.zeros(2), vote, owner)
+        assert first.shape == (2,) and int(first.argmax()) == 0 and abs(float(first.sum()) - 1) < 1e-6
+        second = zero_shot_probabilities(emb[1:], torch.tensor([5]), vectors, torch.zeros(2), vote, owner)
+        assert int(second.argmax()) == 1
+    assert torch.equal(label_cosines(emb, vectors), emb @ vectors.T)  # no owner: one vector per label
+
+
+def test_classifier_takes_the_best_of_a_labels_descriptions(encoder_dir):
+    """A label with two descriptions has two vectors; its cosine with any text is the larger of what
+    each description alone gives."""
+    tm = load_task_model(encoder_dir, task="classify", max_length=64)
+    both = Classifier(tm, [Label("sport", "football match", ("tennis player",)), Label("music", "songs")])
+    one = Classifier(tm, [Label("sport", "football match"), Label("music", "songs")])
+    other = Classifier(tm, [Label("sport", "tennis player"), Label("music", "songs")])
+    assert both.label_embeddings.shape[0] == 3 and both.owner.tolist() == [0, 0, 1]
+    emb = F.normalize(
+        torch.randn(4, both.label_embeddings.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    expected = torch.maximum(one._cosines(emb), other._cosines(emb))
+    assert torch.allclose(both._cosines(emb), expected, atol=1e-5)
+    (result,) = both.classify([("doc", SPORT * 4)])
+    assert abs(sum(result.scores.values()) - 1) < 1e-4
 
 
 def test_unknown_vote_is_an_error():
