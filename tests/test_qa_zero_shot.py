@@ -189,7 +189,8 @@ def _index(
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
     return SentenceIndex(
         "", [(i, i + 1) for i in range(n)], torch.tensor(prose), torch.tensor(alone),
-        torch.tensor(local).unsqueeze(0), torch.tensor(block or alone), words, idf, math.log(1 + (n + 0.5) / 0.5),
+        torch.tensor(local).unsqueeze(0), torch.tensor(block or alone), words, idf,
+        math.log(1 + (n + 0.5) / 0.5),
     )  # fmt: skip
 
 
