@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from longdoc_cli.cli import app
 from longdoc_cli.errors import LongdocError
 from longdoc_cli.tasks.qa import (
+    WINDOW_SCORING,
     SentenceIndex,
     SentenceScoring,
     feedback_query,
@@ -171,7 +172,15 @@ def test_min_score_abstains(encoder_dir, doc, tmp_path):
     assert overridden["answer"] in PROSE
 
 
-def _index(texts: list[str], alone: list[list[float]], local: list[list[float]], prose: list[bool]):
+def _index(
+    texts: list[str],
+    alone: list[list[float]],
+    local: list[list[float]],
+    prose: list[bool],
+    block: list[list[float]] | None = None,
+):
+    """An index of one following window per sentence (``local``) and the sentences as their own
+    blocks unless ``block`` is given."""
     from collections import Counter
 
     words = [frozenset(words_of(t)) for t in texts]
@@ -179,8 +188,9 @@ def _index(texts: list[str], alone: list[list[float]], local: list[list[float]],
     df = Counter(w for ws in words for w in ws)
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
     return SentenceIndex(
-        "", [(i, i + 1) for i in range(n)], torch.tensor(prose), torch.tensor(alone), torch.tensor(local),
-        words, idf, math.log(1 + (n + 0.5) / 0.5),
+        "", [(i, i + 1) for i in range(n)], torch.tensor(prose), torch.tensor(alone),
+        torch.tensor(local).unsqueeze(0), torch.tensor(block or alone), words, idf,
+        math.log(1 + (n + 0.5) / 0.5),
     )  # fmt: skip
 
 
@@ -204,16 +214,16 @@ def test_fusion_mixes_dense_and_lexical_and_masks_non_prose():
         local=[[0.6, 0.8], [0.8, 0.6], [0.0, 1.0], [1.0, 0.0]],
         prose=[True, True, True, False],
     )
-    dense_only = score_sentences(index, q, "red apples", SentenceScoring(lexical=0.0))
+    dense_only = score_sentences(index, q, "red apples", WINDOW_SCORING)
     assert dense_only[:3].tolist() == pytest.approx([0.6, 0.9, 0.0])
     assert dense_only[3] == -math.inf  # code is never an answer
-    assert score_sentences(index, q, "red apples", SentenceScoring(lexical=0.0, prose_only=False))[3] == 1.0
-    fused = score_sentences(index, q, "red apples", SentenceScoring(lexical=0.5))
+    assert score_sentences(index, q, "red apples", replace(WINDOW_SCORING, prose_only=False))[3] == 1.0
+    fused = score_sentences(index, q, "red apples", replace(WINDOW_SCORING, lexical=0.5))
     cov = lexical_coverage(index, "red apples")
     assert cov[0] == cov[2] == 1.0 and cov[1] == 0.0
     assert fused[:3].tolist() == pytest.approx([0.8, 0.45, 0.5])
     assert int(torch.argmax(fused)) == 0  # the lexical match wins once the words count
-    weighted = score_sentences(index, q, "x", SentenceScoring(alone=1.0, following=0.0, lexical=0.0))
+    weighted = score_sentences(index, q, "x", SentenceScoring(alone=1.0, following=0.0, block=0.0))
     assert weighted[:3].tolist() == pytest.approx([0.6, 1.0, 0.0])
 
 

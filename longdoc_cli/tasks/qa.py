@@ -8,19 +8,22 @@ character span; the no-answer score is the first token's start + end logits.
 With a plain encoder (the embedded default, no QA head): the answer is the prose sentence of the
 document that best answers the question (headings, adornment lines and code are never answers,
 tasks.text.span_kind). The model was trained to embed sentences and short passages, so each
-sentence is embedded on its own; its dense score is the weighted mean of its cosine with the
-question and the cosine of the mean embedding of it and its two following sentences (its local
-context), equally weighted. A lexical part (the share of the question's informative words,
-idf-weighted, that the sentence holds) can be mixed in (``SentenceScoring.lexical``) but is off:
-on the dev pages it did not help. So is one pseudo-relevance-feedback step
-(``SentenceScoring.feedback_k``, ``feedback_weight``: the question moved towards its best
-candidates, every sentence scored again): it lost hit@1 on the dev pages. The weights were
-chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and are reported on the other
-half (benchmarks/eval_qa.py, benchmarks/README.md).
+sentence is embedded on its own, and so is each paragraph (the sentences between blank lines, cut
+into pieces of at most 128 tokens, the length the model was trained on). A sentence's dense score
+is a weighted mean of cosines with the question: of the sentence alone; of the mean embedding of it
+and its next 1, 2, ..., 5 sentences (a good answer is followed by more of the same answer, at
+whichever length); and of its paragraph's embedding. A lexical part (the share of the
+question's informative words, idf-weighted, that the sentence holds) can be mixed in
+(``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
+pseudo-relevance-feedback step (``SentenceScoring.feedback_k``, ``feedback_weight``: the question
+moved towards its best candidates, every sentence scored again): it lost hit@1 on the dev pages.
+The weights were chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and are reported
+on the other half (benchmarks/eval_qa.py, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import time
@@ -37,7 +40,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..tokenize import Encoding, Window
 from .runner import TaskModel, embed_texts, run_windows, window_overlap
-from .text import context_around, sentence_spans, span_kind
+from .text import context_around, paragraph_blocks, sentence_spans, span_kind
 
 SCHEMA_VERSION = 2  # 2: optional "seconds" and a final {"summary": ...} record (--timings)
 
@@ -212,22 +215,31 @@ class QuestionAnswerer:
     def _index(self, text: str) -> SentenceIndex:
         """The document's sentences, embedded once for all the questions about it."""
         if self._sentences is None or self._sentences.text != text:
-            self._sentences = index_sentences(
-                self.tm, text, max(self.batch_size, 16), self.scoring.following_n
-            )
+            self._sentences = index_sentences(self.tm, text, max(self.batch_size, 16), self.scoring)
         return self._sentences
 
 
 @dataclass(frozen=True)
 class SentenceScoring:
     """How zero-shot QA scores a sentence: ``(1 - lexical) * dense + lexical * coverage``, where
-    dense is the weighted mean of the sentence's cosine with the question (``alone``) and of the
-    cosine of the mean embedding of it and its ``following_n`` next sentences (``following``), and
-    coverage is the idf-weighted share of the question's words the sentence holds (0..1)."""
+    dense is the weighted mean of three cosines with the question: of the sentence (``alone``); of
+    its following context (``following``): with ``following_scales``, the mean of the cosines of the
+    mean embeddings of it and its next 1, 2, ..., ``following_n`` sentences, else the cosine of the
+    mean embedding of it and its ``following_n`` next sentences; and of its paragraph block's
+    embedding (``block``: the sentences between blank lines, cut into pieces of at most
+    ``block_tokens`` tokens; not embedded when ``block`` is 0). Coverage is the idf-weighted share of
+    the question's words the sentence holds (0..1).
+
+    The default weights say: the sentence and each of its five following windows count alike (1 and
+    5), the paragraph half as much as those six together (3). They were chosen on the dev pages of
+    benchmarks/eval_qa.py (benchmarks/README.md), as was 128 tokens against 200."""
 
     alone: float = 1.0
-    following: float = 1.0
-    following_n: int = 2
+    following: float = 5.0
+    following_n: int = 5
+    following_scales: bool = True
+    block: float = 3.0
+    block_tokens: int = 128
     lexical: float = 0.0  # off: on the dev pages it did not help (benchmarks/README.md)
     prose_only: bool = True  # headings, adornment lines and code are never answers
     # One pseudo-relevance-feedback (Rocchio) step, off (0) by default: the question embedding
@@ -240,22 +252,34 @@ class SentenceScoring:
     def __post_init__(self) -> None:
         if self.feedback_k < 0 or self.feedback_weight < 0:
             raise UsageError("feedback_k and feedback_weight must be at least 0")
+        if min(self.alone, self.following, self.block) < 0 or not self.alone + self.following + self.block:
+            raise UsageError("alone, following and block must be at least 0, and one of them above 0")
+        if self.following_n < 0 or self.block_tokens < 1:
+            raise UsageError("following_n must be at least 0 and block_tokens at least 1")
 
 
-# Before issue 12: sentences of every kind, following weighted 0.5, no lexical part (for the benchmark).
-LEGACY_SCORING = SentenceScoring(alone=1.0, following=0.5, lexical=0.0, prose_only=False)
+# Before issue 12: sentences of every kind, one following window of 3 sentences weighted 0.5, no
+# paragraph, no lexical part (for the benchmark).
+LEGACY_SCORING = SentenceScoring(
+    alone=1.0, following=0.5, following_n=2, following_scales=False, block=0.0, prose_only=False
+)
+# The first default of issue 12: prose only, the sentence and one following window of 3 sentences
+# equally weighted, no paragraph (for the benchmark).
+WINDOW_SCORING = SentenceScoring(alone=1.0, following=1.0, following_n=2, following_scales=False, block=0.0)
 
 
 @dataclass(frozen=True)
 class SentenceIndex:
-    """A document's sentences for zero-shot QA: spans, which are candidates, their embeddings alone
-    and with their local context (L2-normalised), and their words with idf weights."""
+    """A document's sentences for zero-shot QA: spans, which are candidates, their embeddings alone,
+    with their following context and of their paragraph block (L2-normalised), and their words with
+    idf weights."""
 
     text: str
     spans: list[tuple[int, int]]
     prose: Tensor  # (n,) bool: the span is prose (tasks.text.span_kind)
     alone: Tensor  # (n, d)
-    local: Tensor  # (n, d): mean of the span and its following_n next spans, normalised
+    local: Tensor  # (k, n, d): following_windows (k windows per span)
+    block: Tensor  # (n, d): the embedding of the span's paragraph block (zeros when not embedded)
     words: list[frozenset[str]]
     idf: dict[str, float]
     unseen_idf: float  # idf of a word that is in no sentence
@@ -268,19 +292,69 @@ def words_of(text: str) -> list[str]:
 _WORD = re.compile(r"\w+")
 
 
-def index_sentences(tm: TaskModel, text: str, batch_size: int, following_n: int) -> SentenceIndex:
+def index_sentences(tm: TaskModel, text: str, batch_size: int, scoring: SentenceScoring) -> SentenceIndex:
+    """Embed ``text``'s sentences (and, when ``scoring.block`` is above 0, its paragraph blocks)."""
     spans = sentence_spans(text)
     n, d = len(spans), tm.config.hidden_size
     if not spans:
         empty = torch.empty(0, d)
-        return SentenceIndex(text, [], torch.zeros(0, dtype=torch.bool), empty, empty, [], {}, 0.0)
+        return SentenceIndex(
+            text, [], torch.zeros(0, dtype=torch.bool), empty, empty.unsqueeze(0), empty, [], {}, 0.0
+        )
     alone = embed_texts(tm, [text[s:e] for s, e in spans], batch_size)  # (n, d)
-    local = F.normalize(torch.stack([alone[i : i + following_n + 1].mean(0) for i in range(n)]), dim=-1)
+    local = following_windows(alone, scoring.following_n, scoring.following_scales)
     prose = torch.tensor([span_kind(text, s, e) == "prose" for s, e in spans])
+    block = torch.zeros_like(alone)
+    if scoring.block:
+        needed = prose if scoring.prose_only else torch.ones_like(prose)
+        block = embed_blocks(tm, text, spans, alone, needed, scoring.block_tokens, batch_size)
     words = [frozenset(words_of(text[s:e])) for s, e in spans]
     df = Counter(w for ws in words for w in ws)
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}  # BM25's idf
-    return SentenceIndex(text, spans, prose, alone, local, words, idf, math.log(1 + (n + 0.5) / 0.5))
+    unseen = math.log(1 + (n + 0.5) / 0.5)
+    return SentenceIndex(text, spans, prose, alone, local, block, words, idf, unseen)
+
+
+def following_windows(alone: Tensor, following_n: int, scales: bool) -> Tensor:
+    """(k, n, d) L2-normalised mean embeddings of each span and its next spans (fewer at the end):
+    with ``scales`` the next 1, 2, ..., ``following_n`` (k = following_n; k = 1 and the span alone
+    when following_n is 0), else only the next ``following_n`` (k = 1). alone (n, d)."""
+    n = len(alone)
+    sums = torch.cat([torch.zeros_like(alone[:1]), alone.cumsum(0)])  # (n + 1, d): sums[i] = rows < i
+    starts = torch.arange(n)
+    lengths = range(1, following_n + 1) if scales and following_n else [following_n]
+    windows = []
+    for m in lengths:
+        ends = (starts + m + 1).clamp(max=n)
+        windows.append(F.normalize(sums[ends] - sums[starts], dim=-1))  # (n, d): the mean's direction
+    return torch.stack(windows)
+
+
+def embed_blocks(
+    tm: TaskModel,
+    text: str,
+    spans: list[tuple[int, int]],
+    alone: Tensor,
+    needed: Tensor,
+    max_tokens: int,
+    batch_size: int,
+) -> Tensor:
+    """(n, d): for each span, the embedding of its paragraph block (tasks.text.paragraph_blocks, cut
+    at ``max_tokens``); a block of one sentence is that sentence, whose embedding ``alone`` holds.
+    Only blocks with a ``needed`` (n,) span are embedded; the others' rows stay ``alone``'s."""
+    enc = tm.tokenizer.encode(text)
+    token_starts = [a for a, _ in enc.offsets]
+    sizes = [bisect.bisect_left(token_starts, e) - bisect.bisect_left(token_starts, s) for s, e in spans]
+    ids = paragraph_blocks(text, spans, sizes, max_tokens)
+    members: dict[int, list[int]] = {}
+    for i, b in enumerate(ids):
+        members.setdefault(b, []).append(i)
+    several = [m for m in members.values() if len(m) > 1 and bool(needed[m].any())]
+    embedded = embed_texts(tm, [text[spans[m[0]][0] : spans[m[-1]][1]] for m in several], batch_size)
+    block = alone.clone()
+    for m, e in zip(several, embedded, strict=True):
+        block[m] = e
+    return block
 
 
 def lexical_coverage(index: SentenceIndex, question: str) -> Tensor:
@@ -310,9 +384,11 @@ def score_sentences(index: SentenceIndex, q: Tensor, question: str, scoring: Sen
 
 
 def _scores(index: SentenceIndex, q: Tensor, coverage: Tensor | None, scoring: SentenceScoring) -> Tensor:
-    dense = (scoring.alone * (index.alone @ q) + scoring.following * (index.local @ q)) / (
-        scoring.alone + scoring.following
-    )
+    dense = (
+        scoring.alone * (index.alone @ q)
+        + scoring.following * (index.local @ q).mean(0)
+        + scoring.block * (index.block @ q)
+    ) / (scoring.alone + scoring.following + scoring.block)
     scores = dense
     if coverage is not None:
         scores = (1 - scoring.lexical) * dense + scoring.lexical * coverage

@@ -85,6 +85,25 @@ def passage_spans(text: str, target_chars: int = 400) -> list[tuple[int, int]]:
     return passages
 
 
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def paragraph_blocks(text: str, spans: list[tuple[int, int]], sizes: list[int], max_size: int) -> list[int]:
+    """The block (0, 1, ...) of each of ``text``'s sentence ``spans``: consecutive sentences with no
+    blank line between them (a paragraph), cut before a sentence that would take the block's summed
+    ``sizes`` (e.g. tokens) beyond ``max_size``; a sentence larger than that is a block of its own."""
+    blocks: list[int] = []
+    size = 0
+    for i, (s, _) in enumerate(spans):
+        if not i or _BLANK_LINE.search(text, spans[i - 1][1], s) or size + sizes[i] > max_size:
+            blocks.append(blocks[-1] + 1 if blocks else 0)
+            size = 0
+        else:
+            blocks.append(blocks[-1])
+        size += sizes[i]
+    return blocks
+
+
 def snippet(text: str, start: int, end: int, max_chars: int = 200) -> str:
     """The span as one line, shortened with an ellipsis."""
     s = " ".join(text[start:end].split())
