@@ -352,6 +352,12 @@ class AttentionMasks:
         return self._block_masks[key]
 
 
+def _weights_key(tensors: list[Tensor]) -> tuple:
+    """Changes whenever one of ``tensors`` is replaced or written to in place (its version counter),
+    or moved: what an inference cache derived from them is keyed by."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+
+
 class LongformerSelfAttention(nn.Module):
     def __init__(self, config: LongformerConfig, layer_id: int) -> None:
         super().__init__()
@@ -363,7 +369,10 @@ class LongformerSelfAttention(nn.Module):
         self.window = config.windows[layer_id] // 2  # one-sided
         self.dilation = config.dilations[layer_id]
         self.dropout = config.attention_probs_dropout_prob
-        self._same_global: tuple[Any, bool] = (None, False)  # see _global_rows_are_local
+        # Inference caches, each keyed by the weights' versions (see _weights_key): whether the global
+        # projections equal the local ones, and the q, k, v weights and biases side by side.
+        self._same_global: tuple[Any, bool] = (None, False)
+        self._qkv: tuple[Any, Tensor | None, Tensor | None] = (None, None, None)
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, H, T, Dh)
         B, T, _ = x.shape
@@ -373,11 +382,12 @@ class LongformerSelfAttention(nn.Module):
         """q, k, v (B, H, T, Dh): in CPU bf16 inference one fused matmul with the three weights
         side by side (q, k, v are then strided views of its output, which the CPU flash kernel reads
         as they are), else three linears."""
-        if type(self.query) is nn.Linear and _fusable(x, self.query.weight):
-            parts = (self.query, self.key, self.value)
-            weight = torch.cat([m.weight for m in parts])
-            bias = torch.cat([m.bias for m in parts])
-            qkv = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        parts = (self.query, self.key, self.value)
+        if all(type(m) is nn.Linear and m.bias is not None for m in parts) and _fusable(x, self.query.weight):
+            key = _weights_key([t for m in parts for t in (m.weight, m.bias)])
+            if self._qkv[0] != key:  # concatenated once per version of the weights, not per pass
+                self._qkv = (key, torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts]))
+            qkv = torch.ops.mkldnn._linear_pointwise(x, self._qkv[1], self._qkv[2], "none", [], "")
             return tuple(self._heads(t) for t in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
         return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
 
@@ -397,8 +407,7 @@ class LongformerSelfAttention(nn.Module):
         tensors = [t for a, b in pairs for m in (a, b) for t in (m.weight, m.bias)]
         if any(not isinstance(t, Tensor) for t in tensors):  # no bias, or a quantized module
             return False
-        # Compared once per version of the weights (0.6 ms per layer), not on every pass.
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = _weights_key(tensors)  # compared once per version of the weights (0.6 ms per layer)
         if self._same_global[0] != key:
             same = all(torch.equal(tensors[i], tensors[i + 2]) for i in (0, 1, 4, 5, 8, 9))
             self._same_global = (key, same)

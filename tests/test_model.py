@@ -492,3 +492,29 @@ def test_bf16_inference_close_to_fp32_with_shared_global_weights(tmp_path):
             low = ours.to(torch.bfloat16)(ids, am, gm).float()
         rel = ((low - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
         assert rel < 1e-2, (window, rel)
+
+
+def test_inference_caches_follow_weight_changes(tmp_path):
+    """The q/k/v weights concatenated for the fused matmul, and the check that the global projections
+    equal the local ones, are redone when a weight changes in place."""
+    hf = hf_model("encoder", seed=11, attention_window=[80, 80, 80])
+    shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ids, am, gm = batch()
+    ref_model = LongformerEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        ref_model.encoder.layer[1].attention.self.value.weight.mul_(0.5)
+        ref = dense_reference_forward(ref_model, ids, am, gm)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = LongformerEncoder.from_pretrained(tmp_path).to(dtype)
+        layer = model.encoder.layer[1].attention.self
+        with torch.inference_mode():
+            model(ids, am, gm)
+            assert layer._global_rows_are_local(ids.shape[1])
+        with torch.no_grad():
+            layer.value.weight.mul_(0.5)
+        with torch.inference_mode():
+            assert not layer._global_rows_are_local(ids.shape[1])
+            got = model(ids, am, gm).float()
+        rel = ((got - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
+        assert rel < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, rel)
