@@ -352,9 +352,12 @@ class AttentionMasks:
         return self._block_masks[key]
 
 
-def _weights_key(tensors: list[Tensor]) -> tuple:
+def _weights_key(tensors: list[Tensor]) -> tuple | None:
     """Changes whenever one of ``tensors`` is replaced or written to in place (its version counter),
-    or moved: what an inference cache derived from them is keyed by."""
+    or moved: what an inference cache derived from them is keyed by. None (never cached) for
+    inference tensors (weights created under ``torch.inference_mode``), which keep no version."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
 
 
@@ -385,7 +388,7 @@ class LongformerSelfAttention(nn.Module):
         parts = (self.query, self.key, self.value)
         if all(type(m) is nn.Linear and m.bias is not None for m in parts) and _fusable(x, self.query.weight):
             key = _weights_key([t for m in parts for t in (m.weight, m.bias)])
-            if self._qkv[0] != key:  # concatenated once per version of the weights, not per pass
+            if key is None or self._qkv[0] != key:  # once per version of the weights, not per pass
                 self._qkv = (key, torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts]))
             qkv = torch.ops.mkldnn._linear_pointwise(x, self._qkv[1], self._qkv[2], "none", [], "")
             return tuple(self._heads(t) for t in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
@@ -408,7 +411,7 @@ class LongformerSelfAttention(nn.Module):
         if any(not isinstance(t, Tensor) for t in tensors):  # no bias, or a quantized module
             return False
         key = _weights_key(tensors)  # compared once per version of the weights (0.6 ms per layer)
-        if self._same_global[0] != key:
+        if key is None or self._same_global[0] != key:
             same = all(torch.equal(tensors[i], tensors[i + 2]) for i in (0, 1, 4, 5, 8, 9))
             self._same_global = (key, same)
         return self._same_global[1]

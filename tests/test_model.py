@@ -518,3 +518,27 @@ def test_inference_caches_follow_weight_changes(tmp_path):
             got = model(ids, am, gm).float()
         rel = ((got - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
         assert rel < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, rel)
+
+
+def test_weights_made_under_inference_mode(tmp_path):
+    """Weights created under inference_mode keep no version counter: nothing is cached for them, and
+    a change in place (allowed there) still counts."""
+    hf = hf_model("encoder", seed=12, attention_window=[80, 80, 80])
+    shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ids, am, gm = batch()
+    ref_model = LongformerEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = dense_reference_forward(ref_model, ids, am, gm)
+        ref_model.encoder.layer[2].attention.self.query.weight.mul_(0.5)
+        changed = dense_reference_forward(ref_model, ids, am, gm)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        with torch.inference_mode():
+            model = LongformerEncoder.from_pretrained(tmp_path).to(dtype)
+            model = model.to(torch.float64).to(dtype)  # inference tensors
+            assert model.encoder.layer[2].attention.self.query.weight.is_inference()
+            for want in (ref, changed):
+                got = model(ids, am, gm).float()
+                rel = ((got - want)[am.bool()].norm() / want[am.bool()].norm()).item()
+                assert rel < tol, (dtype, rel)
+                model.encoder.layer[2].attention.self.query.weight.mul_(0.5)
