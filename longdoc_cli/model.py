@@ -268,12 +268,14 @@ def fused_linear_available() -> bool:
 
 
 def _fusable(x: Tensor, weight: Tensor) -> bool:
-    """Inference on the CPU in bf16, where :data:`FUSED_ACTIVATIONS`' kernel is used."""
+    """Inference on the CPU in bf16, where :data:`FUSED_ACTIVATIONS`' kernel is used (unless oneDNN
+    is switched off: ``torch.backends.mkldnn.enabled = False``)."""
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.enabled
         and fused_linear_available()
     )
 

@@ -476,6 +476,11 @@ def test_fused_linear_only_in_cpu_bf16_inference():
             got = linear(xl, low, act)
             assert got.dtype == torch.bfloat16 and got.shape == want.shape
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02, msg=str(act))
+        enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # the user's switch
+        try:
+            assert torch.equal(linear(xl, low, "gelu"), ACTIVATIONS["gelu"](low(xl)))
+        finally:
+            torch.backends.mkldnn.enabled = enabled
 
 
 def test_bf16_inference_close_to_fp32_with_shared_global_weights(tmp_path):
