@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -21,7 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import FLEX_BLOCK, choose_kernel, global_indices, longformer_attention, longformer_block_mask
+from .attention import (
+    FLEX_BLOCK,
+    choose_kernel,
+    global_indices,
+    local_attention,
+    longformer_attention,
+    longformer_block_mask,
+)
 from .errors import LongdocError, UsageError
 from .runtime import attention_kernel, compiled_flex, flex_options, umask_mode
 from .textio import preview, read_text_file
@@ -227,6 +235,70 @@ IN_PLACE_ACTIVATIONS = {
 }  # fmt: skip
 
 
+# oneDNN's fused linear, torch.ops.mkldnn._linear_pointwise (what inductor calls on the CPU): the bias
+# (and an activation) applied inside the matmul, instead of addmm first copying the bias into its
+# n x out output and a separate activation pass. For CPU inference in bf16 only: one thread, 16 x 256
+# tokens of the default model, the feed-forward's dense + GELU took 11.8 ms against 15.1, a 384 x 384
+# projection 2.2 against 2.6 (benchmarks/README.md, "Fewer passes over memory"); in fp32 it was no
+# faster and its sums differ from addmm's by ~4e-6, which the fp32 parity with transformers forbids.
+FUSED_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
+                     "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}  # fmt: skip
+
+
+@functools.cache
+def fused_linear_available() -> bool:
+    """Whether oneDNN's fused bf16 linear runs here and agrees with ``F.linear`` (checked once on a
+    small input): torch built with oneDNN, a CPU that computes bf16 natively."""
+    from .runtime import cpu_has_native_bf16
+
+    try:
+        if not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()):
+            return False
+        op = torch.ops.mkldnn._linear_pointwise
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen).to(torch.bfloat16) for s in ((3, 5, 16), (8, 16), (8,)))
+        with torch.inference_mode():
+            got = op(x, w, b, "gelu", [], "none")
+            want = F.gelu(F.linear(x, w, b))
+        return got.shape == want.shape and bool(
+            torch.allclose(got.float(), want.float(), atol=0.1, rtol=0.05)
+        )
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _fusable(x: Tensor, weight: Tensor) -> bool:
+    """Inference on the CPU in bf16, where :data:`FUSED_ACTIVATIONS`' kernel is used (unless oneDNN
+    is switched off: ``torch.backends.mkldnn.enabled = False``)."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.enabled
+        and fused_linear_available()
+    )
+
+
+def linear(x: Tensor, module: nn.Module, activation: str | None = None) -> Tensor:
+    """``module(x)`` (then ``activation``, a key of :data:`ACTIVATIONS`, in place without autograd),
+    through oneDNN's fused kernel where :func:`_fusable` (CPU bf16 inference)."""
+    if (
+        type(module) is nn.Linear
+        and (activation is None or activation in FUSED_ACTIVATIONS)
+        and _fusable(x, module.weight)
+    ):
+        attr, algorithm = FUSED_ACTIVATIONS[activation] if activation else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, attr, [], algorithm)
+    y = module(x)
+    if activation is None:
+        return y
+    in_place = IN_PLACE_ACTIVATIONS.get(activation)
+    if not torch.is_grad_enabled() and in_place is not None:  # no second n x f buffer
+        return in_place(y)
+    return ACTIVATIONS[activation](y)
+
+
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 
@@ -282,6 +354,15 @@ class AttentionMasks:
         return self._block_masks[key]
 
 
+def _weights_key(tensors: list[Tensor]) -> tuple | None:
+    """Changes whenever one of ``tensors`` is replaced or written to in place (its version counter),
+    or moved: what an inference cache derived from them is keyed by. None (never cached) for
+    inference tensors (weights created under ``torch.inference_mode``), which keep no version."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+
+
 class LongformerSelfAttention(nn.Module):
     def __init__(self, config: LongformerConfig, layer_id: int) -> None:
         super().__init__()
@@ -293,15 +374,60 @@ class LongformerSelfAttention(nn.Module):
         self.window = config.windows[layer_id] // 2  # one-sided
         self.dilation = config.dilations[layer_id]
         self.dropout = config.attention_probs_dropout_prob
+        # Inference caches, each keyed by the weights' versions (see _weights_key): whether the global
+        # projections equal the local ones, and the q, k, v weights and biases side by side.
+        self._same_global: tuple[Any, bool] = (None, False)
+        self._qkv: tuple[Any, Tensor | None, Tensor | None] = (None, None, None)
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, H, T, Dh)
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, Dh): in CPU bf16 inference one fused matmul with the three weights
+        side by side (q, k, v are then strided views of its output, which the CPU flash kernel reads
+        as they are), else three linears."""
+        parts = (self.query, self.key, self.value)
+        if all(type(m) is nn.Linear and m.bias is not None for m in parts) and _fusable(x, self.query.weight):
+            key = _weights_key([t for m in parts for t in (m.weight, m.bias)])
+            if key is None or self._qkv[0] != key:  # once per version of the weights, not per pass
+                self._qkv = (key, torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts]))
+            qkv = torch.ops.mkldnn._linear_pointwise(x, self._qkv[1], self._qkv[2], "none", [], "")
+            return tuple(self._heads(t) for t in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
+        return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+
+    def _global_rows_are_local(self, T: int) -> bool:
+        """Whether the global rows' attention equals their local one, so that it need not be
+        computed: every key is in every row's band (T <= w + 1, no dilation), so the global rows see
+        the same keys through the local path, and the global projections are the local ones (as in a
+        checkpoint converted from BERT/RoBERTa, the default model included). Inference only: with
+        autograd the global weights must get their own gradients."""
+        if torch.is_grad_enabled() or self.window + 1 < T or max(self.dilation) != 1:
+            return False
+        pairs = (
+            (self.query, self.query_global),
+            (self.key, self.key_global),
+            (self.value, self.value_global),
+        )
+        tensors = [t for a, b in pairs for m in (a, b) for t in (m.weight, m.bias)]
+        if any(not isinstance(t, Tensor) for t in tensors):  # no bias, or a quantized module
+            return False
+        key = _weights_key(tensors)  # compared once per version of the weights (0.6 ms per layer)
+        if key is None or self._same_global[0] != key:
+            same = all(torch.equal(tensors[i], tensors[i + 2]) for i in (0, 1, 4, 5, 8, 9))
+            self._same_global = (key, same)
+        return self._same_global[1]
+
     def forward(self, x: Tensor, masks: AttentionMasks) -> Tensor:
         B, T, d = x.shape
         p = self.dropout if self.training else 0.0
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        q, k, v = self._projections(x)
+        if p == 0.0 and self._global_rows_are_local(T):
+            out = local_attention(
+                q, k, v, window=self.window, dilation=self.dilation, attention_mask=masks.attention,
+                global_index=masks.global_index, global_valid=masks.global_valid, kernel="band",
+            )  # (B, H, T, Dh)  # fmt: skip
+            return out.transpose(1, 2).reshape(B, T, d)
         idx = masks.global_index
         G = idx.shape[1]
         x_g = x.gather(1, idx[:, :, None].expand(B, G, d))  # (B, G, d)
@@ -330,7 +456,7 @@ class LongformerOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        y = self.dropout(self.dense(x))
+        y = self.dropout(linear(x, self.dense))
         # Without autograd, add into the fresh dense output instead of allocating n x d more.
         return self.LayerNorm(y + residual if torch.is_grad_enabled() else y.add_(residual))
 
@@ -349,14 +475,10 @@ class LongformerIntermediate(nn.Module):
     def __init__(self, config: LongformerConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACTIVATIONS[config.hidden_act]
-        self.act_ = IN_PLACE_ACTIVATIONS.get(config.hidden_act)
+        self.activation = config.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.dense(x)
-        if not torch.is_grad_enabled() and self.act_ is not None:  # in place: no second n x f buffer
-            return self.act_(y)
-        return self.act(y)
+        return linear(x, self.dense, self.activation)
 
 
 class LongformerLayer(nn.Module):

@@ -400,3 +400,150 @@ def test_bad_configs_are_longdoc_errors(changes, says):
 def test_from_pretrained_needs_a_path(path):
     with pytest.raises(LongdocError, match="expected a model directory path"):
         LongformerEncoder.from_pretrained(path)
+
+
+def shared_global_weights(model) -> None:
+    """The global projections made equal to the local ones (as in a converted BERT/RoBERTa)."""
+    with torch.no_grad():
+        for att in (layer.attention.self for layer in model.encoder.layer):
+            for name in ("query", "key", "value"):
+                getattr(att, name + "_global").load_state_dict(getattr(att, name).state_dict())
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_global_rows_skipped_when_they_equal_the_local_ones(shared, tmp_path, monkeypatch):
+    """Windows that fit in the band and global projections equal to the local ones: the global rows'
+    own attention is not computed (it equals their local one) and the outputs still equal
+    transformers' (fp32, padding, several globals); with other global weights it is computed."""
+    import longdoc_cli.model as model_module
+
+    hf = hf_model("encoder", seed=7, attention_window=[80, 80, 80])  # one-sided 40 >= 37 - 1
+    if shared:
+        shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ours = LongformerEncoder.from_pretrained(tmp_path)
+    calls = []
+    real = model_module.longformer_attention
+    monkeypatch.setattr(
+        model_module, "longformer_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    ids, am, gm = batch()
+    with torch.no_grad():
+        got = outputs("encoder", ours, ids, am, gm, False)
+        assert len(calls) == (0 if shared else 3)
+        assert_same_on_real(got, outputs("encoder", hf, ids, am, gm, True), am)
+        ref = dense_reference_forward(ours, ids, am, gm)
+    torch.testing.assert_close(got[0][am.bool()], ref[am.bool()], atol=1e-6, rtol=0)
+    calls.clear()
+    ours(ids, am, gm).sum().backward()  # with autograd the global weights get their own gradients
+    assert len(calls) == 3
+    assert ours.encoder.layer[0].attention.self.key_global.weight.grad is not None
+
+
+def test_global_rows_computed_when_the_window_is_shorter_than_the_input(tmp_path):
+    hf = hf_model("encoder", seed=8)  # windows 4, 8, 4 over 37 tokens
+    shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ours = LongformerEncoder.from_pretrained(tmp_path)
+    ids, am, gm = batch()
+    assert not ours.encoder.layer[0].attention.self._global_rows_are_local(ids.shape[1])
+    with torch.no_grad():
+        assert_same_on_real(
+            outputs("encoder", ours, ids, am, gm, False), outputs("encoder", hf, ids, am, gm, True), am
+        )
+
+
+def test_fused_linear_only_in_cpu_bf16_inference():
+    """fp32, or bf16 with autograd: the module itself, bit for bit; CPU bf16 inference: oneDNN's
+    fused kernel where it runs, within bf16 rounding of the unfused path, every activation."""
+    from longdoc_cli.model import FUSED_ACTIVATIONS, fused_linear_available, linear
+
+    torch.manual_seed(9)
+    module = torch.nn.Linear(48, 40)
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        for act in [None, *sorted(ACTIVATIONS)]:
+            want = module(x) if act is None else ACTIVATIONS[act](module(x))
+            assert torch.equal(linear(x, module, act), want), act
+    low, xl = module.to(torch.bfloat16), x.to(torch.bfloat16)
+    y = linear(xl, low, "gelu")  # autograd on: not fused, the plain functions
+    assert torch.equal(y, ACTIVATIONS["gelu"](low(xl)))
+    if not fused_linear_available():
+        pytest.skip("no oneDNN bf16 fused linear on this CPU")
+    with torch.inference_mode():
+        for act in [None, *sorted(FUSED_ACTIVATIONS)]:
+            want = (low(xl) if act is None else ACTIVATIONS[act](low(xl))).float()
+            got = linear(xl, low, act)
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02, msg=str(act))
+        enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # the user's switch
+        try:
+            assert torch.equal(linear(xl, low, "gelu"), ACTIVATIONS["gelu"](low(xl)))
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+
+
+def test_bf16_inference_close_to_fp32_with_shared_global_weights(tmp_path):
+    """CPU bf16 inference (the fused linears and q/k/v in one matmul where oneDNN runs, the global
+    rows skipped) stays within bf16 rounding of fp32, window in band and not."""
+    for window in ([4, 8, 4], [80, 80, 80]):
+        hf = hf_model("encoder", seed=10, attention_window=window)
+        shared_global_weights(hf)
+        hf.save_pretrained(tmp_path / str(window[0]))
+        ours = LongformerEncoder.from_pretrained(tmp_path / str(window[0]))
+        ids, am, gm = batch()
+        with torch.inference_mode():
+            ref = ours(ids, am, gm)
+            low = ours.to(torch.bfloat16)(ids, am, gm).float()
+        rel = ((low - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
+        assert rel < 1e-2, (window, rel)
+
+
+def test_inference_caches_follow_weight_changes(tmp_path):
+    """The q/k/v weights concatenated for the fused matmul, and the check that the global projections
+    equal the local ones, are redone when a weight changes in place."""
+    hf = hf_model("encoder", seed=11, attention_window=[80, 80, 80])
+    shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ids, am, gm = batch()
+    ref_model = LongformerEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        ref_model.encoder.layer[1].attention.self.value.weight.mul_(0.5)
+        ref = dense_reference_forward(ref_model, ids, am, gm)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = LongformerEncoder.from_pretrained(tmp_path).to(dtype)
+        layer = model.encoder.layer[1].attention.self
+        with torch.inference_mode():
+            model(ids, am, gm)
+            assert layer._global_rows_are_local(ids.shape[1])
+        with torch.no_grad():
+            layer.value.weight.mul_(0.5)
+        with torch.inference_mode():
+            assert not layer._global_rows_are_local(ids.shape[1])
+            got = model(ids, am, gm).float()
+        rel = ((got - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
+        assert rel < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, rel)
+
+
+def test_weights_made_under_inference_mode(tmp_path):
+    """Weights created under inference_mode keep no version counter: nothing is cached for them, and
+    a change in place (allowed there) still counts."""
+    hf = hf_model("encoder", seed=12, attention_window=[80, 80, 80])
+    shared_global_weights(hf)
+    hf.save_pretrained(tmp_path)
+    ids, am, gm = batch()
+    ref_model = LongformerEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = dense_reference_forward(ref_model, ids, am, gm)
+        ref_model.encoder.layer[2].attention.self.query.weight.mul_(0.5)
+        changed = dense_reference_forward(ref_model, ids, am, gm)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        with torch.inference_mode():
+            model = LongformerEncoder.from_pretrained(tmp_path).to(dtype)
+            model = model.to(torch.float64).to(dtype)  # inference tensors
+            assert model.encoder.layer[2].attention.self.query.weight.is_inference()
+            for want in (ref, changed):
+                got = model(ids, am, gm).float()
+                rel = ((got - want)[am.bool()].norm() / want[am.bool()].norm()).item()
+                assert rel < tol, (dtype, rel)
+                model.encoder.layer[2].attention.self.query.weight.mul_(0.5)
