@@ -156,6 +156,8 @@ def local_attention(
     dilations = _per_head(dilation, H)
     if n <= window + 1 and max(dilations) == 1:
         return _dense_in_band(q, k, v, attention_mask, dropout_p)
+    if n <= DENSE_BAND_SPAN * window + 1 and max(dilations) == 1 and q.device.type == "cpu":
+        return _dense_banded(q, k, v, window, attention_mask, global_index, global_valid, dropout_p)
     band_key = attention_mask.clone()
     g_keys = g_values = None
     if global_index is not None and global_index.shape[1] > 0:
@@ -590,6 +592,40 @@ def _dense_in_band(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, dropout_p: f
     if dropout_p == 0.0 and q.device.type == "cpu" and bool(key_ok.all()):
         return F.scaled_dot_product_attention(q, k, v)
     return _dense_short(q, k, v, key_ok, key_ok, None, None, None, dropout_p)
+
+
+# A short sequence that the band covers for the most part (w + 1 < n <= DENSE_BAND_SPAN * w + 1) runs
+# one dense SDPA call with a band mask instead of query blocks, on the CPU: per layer of the default
+# model's shape (12 heads of 32, w = 256, one thread), forward + backward of 1 x 512 took 0.52x the
+# blocks' time in fp32 and 0.50x in bf16, inference of 4 x 512 0.74x and 0.55x; at n = 4w + 1 the
+# blocks won again (benchmarks/short_band_ab.py; benchmarks/README.md, "Short sequences").
+DENSE_BAND_SPAN = 2
+
+
+def _dense_banded(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    key_ok: Tensor,
+    global_index: Tensor | None,
+    global_valid: Tensor | None,
+    dropout_p: float,
+) -> Tensor:
+    """Local rows of a short sequence (n <= DENSE_BAND_SPAN * w + 1, no dilation) in one masked
+    dense call: a row sees the keys of its band and the global keys, padded keys excluded. The mask
+    is (B, n, n) booleans with n <= 2w + 1, no larger than the band's own (n, 2w + 1) footprint."""
+    B, H, n, Dh = q.shape
+    pos = torch.arange(n, device=q.device)
+    allowed = ((pos[:, None] - pos[None, :]).abs() <= window)[None]  # (1, n, n)
+    if global_index is not None and global_index.shape[1] > 0:
+        is_global = torch.zeros(B, n, dtype=torch.bool, device=q.device)
+        is_global.scatter_(1, global_index, global_valid)
+        allowed = allowed | is_global[:, None, :]
+    allowed = allowed & key_ok[:, None, :]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a row with no key (padding) stays finite
+    out = _sdpa(q, k, v, allowed[:, None], dropout_p)
+    return out * key_ok[:, None, :, None]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:

@@ -77,6 +77,9 @@ CASES = {
     "longer-default-block": (1, 2, 300, 16, [1, 3], [11], [[0, 150]], None),
     # more globals than attention._FEW_GLOBALS: the merge runs one matmul instead of multiply-adds
     "many-globals": (2, 2, 61, 4, 1, [0, 7], [[0, 5, 9, 20, 33, 40], [1]], None),
+    # w + 1 < n <= 2w + 1: one masked dense call (attention._dense_banded) unless DENSE_BAND_SPAN = 0
+    "short-band-n-2w+1-globals-far": (2, 3, 17, 8, 1, [0, 4], [[0, 16], [12]], None),
+    "short-band-odd-padding-far-from-real": (3, 2, 23, 11, 1, [0, 19, 22], [[], [0], [0, 1]], None),
 }
 
 
@@ -87,10 +90,12 @@ def random_inputs(B, H, n, Dh=8, seed=0):
     return leaves, [t.transpose(1, 2) for t in leaves]
 
 
+@pytest.mark.parametrize("span", [0, attention.DENSE_BAND_SPAN], ids=["blocks", "short-dense"])
 @pytest.mark.parametrize("chunk_elements", [None, 2000], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
+def test_fast_paths_equal_reference(case, chunk_elements, span, monkeypatch):
     B, H, n, window, dilation, pads, globs, block = case
+    monkeypatch.setattr(attention, "DENSE_BAND_SPAN", span)
     if chunk_elements:  # a few query blocks per fused call
         monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", chunk_elements)
     am, gm = make_masks(n, pads, globs)
@@ -115,11 +120,14 @@ def test_fast_paths_equal_reference(case, chunk_elements, monkeypatch):
         torch.testing.assert_close(g, gr.nan_to_num(0.0), atol=1e-12, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("span", [0, attention.DENSE_BAND_SPAN], ids=["blocks", "short-dense"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_inference_path_equals_reference(case, monkeypatch):
+def test_inference_path_equals_reference(case, span, monkeypatch):
     """Without gradients on the CPU, undilated heads take `_band_views` (band keys as strided views,
-    globals merged by log-sum-exp): the same values."""
+    globals merged by log-sum-exp), or for a short sequence (n <= span * w + 1, every head undilated)
+    one masked dense call: the same values."""
     B, H, n, window, dilation, pads, globs, block = case
+    monkeypatch.setattr(attention, "DENSE_BAND_SPAN", span)
     calls = []
     views = attention._band_views
     monkeypatch.setattr(attention, "_band_views", lambda *a, **k: calls.append(1) or views(*a, **k))
@@ -132,8 +140,9 @@ def test_inference_path_equals_reference(case, monkeypatch):
         out = fast_attention(*tensors, window=window, dilation=dilation, am=am, gm=gm, block=block)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     assert torch.isfinite(out).all() and (out.transpose(1, 2)[~am] == 0).all()
-    undilated = 1 in ([dilation] if isinstance(dilation, int) else dilation)
-    assert bool(calls) == (undilated and n > window + 1)
+    dilations = [dilation] if isinstance(dilation, int) else dilation
+    short_dense = max(dilations) == 1 and n <= span * window + 1
+    assert bool(calls) == (1 in dilations and n > window + 1 and not short_dense)
 
 
 @pytest.mark.parametrize("pads", [[0, 0], [0, 3]], ids=["no-padding", "padding"])
@@ -217,10 +226,13 @@ def test_attention_with_dropout_equals_the_formula(monkeypatch):
         torch.testing.assert_close(g_out, g_ref, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["global-first-padded-batch", "window-larger-than-n", "dilation-mixed"])
+@pytest.mark.parametrize(
+    "case",
+    ["global-first-padded-batch", "window-larger-than-n", "dilation-mixed", "short-band-n-2w+1-globals-far"],
+)
 def test_training_dropout_path_is_wired(case, monkeypatch):
-    """Attention dropout on the CPU goes through attention_with_dropout (banded and dense-short
-    paths); with a keep-everything mask it equals the reference."""
+    """Attention dropout on the CPU goes through attention_with_dropout (banded, short masked dense
+    and dense-short paths); with a keep-everything mask it equals the reference."""
     calls = []
 
     def keep_all(shape, p, device):
@@ -614,3 +626,16 @@ def test_longformer_attention_refuses_bad_arguments():
     with pytest.raises(ValueError, match="flex_attention"):
         longformer_attention(q, q, q, q[:, :, :0], x, (w, None), (w, None), window=2, attention_mask=None,
                              global_index=index, global_valid=valid, kernel="flex")  # fmt: skip
+
+
+def test_short_dense_path_is_taken_only_where_it_fits(monkeypatch):
+    """w + 1 < n <= 2w + 1 and no dilation: one masked dense call; longer or dilated: the blocks."""
+    calls = []
+    dense = attention._dense_banded
+    monkeypatch.setattr(
+        attention, "_dense_banded", lambda *a, **k: calls.append(a[0].shape[2]) or dense(*a, **k)
+    )
+    for n, dilation in ((17, 1), (18, 1), (17, [1, 2])):
+        q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+        local_attention(q, k, v, window=8, dilation=dilation)
+    assert calls == [17]
