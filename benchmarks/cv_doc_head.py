@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -51,8 +52,25 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def set_variant(max_iter: int, grid: tuple[float, ...]) -> None:
-    """fit_doc_head reads headfit.fit_logistic and headfit.DOC_L2_GRID when called: patch both."""
+_scale_block = headfit.scale_block
+
+
+def scale_unclamped(x):
+    """headfit.scale_block with every non-constant feature standardised, as scikit-learn's
+    StandardScaler does (the shipped one clamps sd at 1e-6, which zeroes near-constant dimensions)."""
+    if x.is_sparse:
+        return _scale_block(x)
+    x = x.double()
+    mu, sd = x.mean(0), x.std(0, unbiased=False)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    factor = 1.0 / math.sqrt(x.shape[1])
+    return (x - mu) / sd * factor, headfit.BlockScale(mu, sd, factor)
+
+
+def set_variant(max_iter: int, grid: tuple[float, ...], unclamped: bool = False) -> None:
+    """fit_doc_head reads headfit.fit_logistic, headfit.DOC_L2_GRID and headfit.scale_block when
+    called: patch them."""
+    headfit.scale_block = scale_unclamped if unclamped else _scale_block
 
     def fit(*args, **kwargs):
         kwargs["max_iter"] = max_iter
@@ -71,6 +89,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--features", default="first256,auto", help="first256 and/or auto")
     ap.add_argument("--variants", default="shipped,iter1000,iter1000+,decade,sk5,smooth3")
+    ap.add_argument("--fixed-c", type=float, nargs="*", default=[], help="also both fits at these C")
     args = ap.parse_args()
     from sklearn.metrics import f1_score
 
@@ -93,6 +112,7 @@ def main() -> None:
         "decade": (100, DECADE_GRID),
         "sk5": (100, None),
         "smooth3": (100, SHIPPED_GRID),
+        "unclamped": (100, SHIPPED_GRID),
     }
     keep = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants = {k: v for k, v in variants.items() if k in keep}
@@ -124,7 +144,7 @@ def main() -> None:
                 for name, (max_iter, grid) in variants.items():
                     if name == "sk5":  # scikit-learn's C values in the head's units: l2 = 1 / (2 C n d)
                         grid = tuple(sorted(1 / (2 * c * len(tr) * first.shape[1]) for c in SKLEARN_C))
-                    set_variant(max_iter, grid)
+                    set_variant(max_iter, grid, unclamped=name == "unclamped")
                     t0 = time.perf_counter()
                     used = {b: feats_tr[b] for b in {b for s in sets for b in s}}
                     kw = dict(multi=False, class_weight="auto", threshold=0.5, seed=42)
@@ -167,6 +187,22 @@ def main() -> None:
             for i, v in zip(te, model.predict(scaler.transform(x_te)), strict=True):
                 preds[key][i] = int(v)
             picks.setdefault(key, []).append(f"C={c:g}")
+            for c in args.fixed_c:  # one penalty, no selection: the two fits alone
+                from sklearn.linear_model import LogisticRegression
+
+                lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+                lr.fit(scaler.transform(x_tr), [y[i] for i in tr])
+                l2 = 1 / (2 * c * len(tr) * first.shape[1])
+                ours = headfit.fit_doc_head({"first256": first[tr]}, [y[i] for i in tr], len(labels),
+                                            sets=[("first256",)], l2=l2, multi=False, class_weight="balanced",
+                                            threshold=0.5, seed=42)  # fmt: skip
+                for key, pred in ((f"first256 sklearn C={c:g} fixed", lr.predict(scaler.transform(x_te))),
+                                  (f"first256 head l2=1/(2Cnd), C={c:g} fixed",
+                                   ours.logits({"first256": first[te]}).argmax(-1).tolist())):  # fmt: skip
+                    preds.setdefault(key, [0] * len(train))
+                    for i, v in zip(te, pred, strict=True):
+                        preds[key][i] = int(v)
+                    picks.setdefault(key, []).append("-")
         for key, p in preds.items():
             rows.setdefault(key, []).append(float(f1_score(y, p, average="macro")))
     print(f"\n{args.corpus} ({len(train)} training documents, {args.repeats} x {args.folds}-fold outer CV)\n")

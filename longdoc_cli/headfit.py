@@ -502,12 +502,28 @@ class BlockScale:
     factor: float
 
 
+MIN_FEATURE_SD = 1e-35  # below this a dense feature is constant (float32's normal range ends at 1.2e-38)
+
+
+def feature_scale(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, sd) per column of float64 ``x``, as scikit-learn's StandardScaler standardises: every
+    column that varies beyond rounding is scaled to unit variance, however small its spread (the
+    default model's pooled embedding has dimensions of size 1e-33 to 1e-7 that are as stable across
+    batchings as the others and carry signal); a constant one (variance within the rounding
+    error of its mean, scikit-learn's rule, or sd < MIN_FEATURE_SD) gets sd 1."""
+    n = x.shape[0]
+    mu, var = x.mean(0), x.var(0, unbiased=False)
+    eps = torch.finfo(torch.float64).eps
+    constant = (var <= n * eps * var + (n * mu * eps) ** 2) | (var.sqrt() < MIN_FEATURE_SD)
+    return mu, torch.where(constant, torch.ones_like(var), var.sqrt())
+
+
 def scale_block(x: Tensor) -> tuple[Tensor, BlockScale]:
     """(The scaled block, its :class:`BlockScale`) from the training documents' rows."""
     if x.is_sparse:
         return x.coalesce().double(), BlockScale(None, None, 1.0)
     x = x.double()
-    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    mu, sd = feature_scale(x)
     factor = 1.0 / math.sqrt(x.shape[1])
     return (x - mu) / sd * factor, BlockScale(mu, sd, factor)
 

@@ -263,3 +263,26 @@ def test_group_key_reaches_the_dev_split_and_the_heads_folds(tiny, tiny_model_di
     assert r.exit_code == 0, r.output
     fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert fit["cv_groups"] == n_groups and seen == [[d.group for d in got.docs]]
+
+
+def test_tiny_but_informative_dimensions_are_standardised_like_scikit_learn():
+    """A dimension whose spread is 1e-30 (the default model's pooled embeddings have a few at 1e-33
+    to 1e-7, stable across batchings) is scaled to unit variance as StandardScaler does, not
+    zeroed; a constant one is left at zero; the saved head (raw-feature weights, float32) predicts
+    from the tiny dimension alone."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 2
+    x = torch.randn(60, 8, generator=g)  # noise
+    x[:, 0] = (y * 2 - 1 + 0.3 * torch.randn(60, generator=g)) * 1e-30  # the label, at size 1e-30
+    x[:, 1] = 0.25  # constant
+    z, sc = headfit.scale_block(x)
+    assert z[:, 0].std(unbiased=False).item() == pytest.approx(1 / 8**0.5, rel=1e-6)
+    assert z[:, 1].abs().max().item() == 0 and sc.sd[1] == 1
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    ref = preprocessing.StandardScaler().fit_transform(x.double().numpy()) / 8**0.5
+    assert torch.allclose(z, torch.from_numpy(ref), atol=1e-9)
+    fit = headfit.fit_doc_head({"first256": x}, y.tolist(), 2, sets=[("first256",)], multi=False,
+                               class_weight="none", l2=1e-4, threshold=0.5, seed=0)  # fmt: skip
+    assert torch.isfinite(fit.weights["first256"]).all()
+    pred = fit.logits({"first256": x}).argmax(-1)
+    assert (pred == y).float().mean().item() > 0.95
