@@ -555,7 +555,7 @@ def bench(
     impls: str = typer.Option(
         None,
         "--impls",
-        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, full, longdoc-attn. "
+        help="Comma-separated: longdoc, longdoc-int8, longdoc-compiled, hf, bert, full, longdoc-attn. "
         "[default: longdoc,hf,full]",
     ),
     quantize: Quantize | None = typer.Option(
@@ -642,7 +642,7 @@ def _render_bench(report: Any, kind: str) -> None:
     if kind == "json":
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         return
-    vs_hf = ratios(report, "hf")
+    vs_hf, vs_bert = ratios(report, "hf"), ratios(report, "bert")
     if kind == "jsonl":
         write_jsonl({"type": "environment", **report.environment})
         for p in report.peaks:
@@ -651,7 +651,8 @@ def _render_bench(report: Any, kind: str) -> None:
             write_jsonl({"type": "check", **dataclasses_asdict(c)})
         for m in report.measurements:
             key = (m.model, m.seq_len, m.batch_size, m.dtype, m.mode, m.impl)
-            write_jsonl({"type": "measurement", **dataclasses_asdict(m), "time_vs_hf": vs_hf.get(key)})
+            write_jsonl({"type": "measurement", **dataclasses_asdict(m), "time_vs_hf": vs_hf.get(key),
+                         "time_vs_bert": vs_bert.get(key)})  # fmt: skip
         return
     from rich.table import Table
 
@@ -662,8 +663,10 @@ def _render_bench(report: Any, kind: str) -> None:
     table = Table(
         title=f"longdoc bench: {env['device_name']}, {env['threads']} threads, torch {env['torch']}"
     )
+    with_bert = any(m.impl == "bert" for m in report.measurements)
     for col in ("model", "impl", "n", "batch", "dtype", "mode", "median s", "p95 s", "tokens/s", "peak MiB",
-                "GFLOP", "GFLOP/s", "peak GFLOP/s", "% peak", "× hf", "note"):  # fmt: skip
+                "GFLOP", "GFLOP/s", "peak GFLOP/s", "% peak", "× hf", *(["× bert"] if with_bert else []),
+                "note"):  # fmt: skip
         table.add_column(
             col, justify="left" if col in ("model", "impl", "dtype", "mode", "note") else "right"
         )
@@ -674,6 +677,7 @@ def _render_bench(report: Any, kind: str) -> None:
             num(m.p95_s, ".4f"), num(m.tokens_per_s, ".0f"), num(m.peak_mem_mib, ".0f"),
             num(m.flops and m.flops / 1e9, ".3g"), num(m.gflops, ".1f"), num(m.matmul_peak_gflops, ".0f"),
             num(m.peak_share and 100 * m.peak_share, ".0f"), num(vs_hf.get(key), ".2f"),
+            *([num(vs_bert.get(key), ".2f")] if with_bert else []),
             m.note if m.status == "ok" else f"skipped: {m.note}",
         )  # fmt: skip
     console = stdout_console()

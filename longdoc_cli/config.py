@@ -86,6 +86,10 @@ class DataSection:
     text_key: str = _f("text", "classification: the document text")
     label_key: str = _f("label", "classification: a string label, or a list of labels (multi-label)")
     id_key: str = _f("id", "record id (optional in the data)")
+    group_key: str | None = _f(
+        None, "classification: documents with the same value (an author, a source) are never split "
+        "across the dev split or the head's CV folds; null = each document alone"
+    )  # fmt: skip
     question_key: str = _f("question", "qa: the question")
     context_key: str = _f("context", "qa: the document the answer is in")
     answers_key: str = _f("answers", "qa: {text: [...], answer_start: [...]} (SQuAD)")

@@ -36,6 +36,7 @@ class LabelledDoc:
     text: str
     labels: tuple[str, ...]  # one label for single-label data
     where: str  # file:line
+    group: str | None = None  # data.group_key's value: documents of a group are never split apart
 
 
 @dataclass(frozen=True)
@@ -181,17 +182,31 @@ def load_classification(path: str, data: DataSection) -> ClassificationData:
                 labels = (str(label).strip(),)
             else:
                 raise _BadRecord(f"missing label: {data.label_key!r} is {json.dumps(label)}")
+            group = _group(row, data.group_key)
         except _BadRecord as e:
             _bad(skipped, f"{where}: {e}")
             continue
         doc_id = row.get(data.id_key)
-        docs.append(
-            LabelledDoc(str(doc_id) if doc_id is not None else where, normalise_newlines(text), labels, where)
-        )
+        doc_id = str(doc_id) if doc_id is not None else where
+        docs.append(LabelledDoc(doc_id, normalise_newlines(text), labels, where,
+                                None if not data.group_key else group or f"\0{where}"))  # fmt: skip
     if not docs:
         raise LongdocError(f"{path}: no usable records")
     labels = sorted({x for d in docs for x in d.labels})
     return ClassificationData(docs, labels, any_list, skipped or [])
+
+
+def _group(row: dict[str, Any], key: str | None) -> str | None:
+    """``data.group_key``'s value as a string; None when the key is unset, or the record has no
+    value (the document is then a group of its own)."""
+    if not key:
+        return None
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _BadRecord(f"{key!r} (data.group_key) must be a string or a number, got {type(value).__name__}")
+    return str(value).strip()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -284,13 +284,17 @@ def predict(
     return [(int(i),) for i in logits.argmax(-1)]
 
 
-def folds(y: Sequence[Any], k: int, seed: int) -> list[list[int]]:
+def folds(y: Sequence[Any], k: int, seed: int, groups: Sequence[Any] | None = None) -> list[list[int]]:
     """Stratified folds (by the first label): each label's documents dealt round-robin after a seeded
-    shuffle, so every fold gets its share of the small classes."""
+    shuffle, so every fold gets its share of the small classes. With ``groups`` (one key per
+    document, ``data.group_key``) whole groups are dealt instead, so no group is on both sides of a
+    fold: each group (filed under its most common first label) goes to the fold with the fewest
+    documents of that label so far, then the fewest documents; fewer than k groups give fewer folds."""
+    if groups is not None:
+        return _group_folds(y, k, seed, groups)
     by_label: dict[Any, list[int]] = {}
     for i, t in enumerate(y):
-        key = t if isinstance(t, int) else (tuple(j for j, v in enumerate(t) if v > 0)[:1] or (-1,))[0]
-        by_label.setdefault(key, []).append(i)
+        by_label.setdefault(_first_label(t), []).append(i)
     rng = random.Random(seed)
     out: list[list[int]] = [[] for _ in range(k)]
     pos = 0
@@ -300,6 +304,37 @@ def folds(y: Sequence[Any], k: int, seed: int) -> list[list[int]]:
         for i in members:
             out[pos % k].append(i)
             pos += 1
+    return [sorted(f) for f in out if f]
+
+
+def _first_label(t: Any) -> Any:
+    return t if isinstance(t, int) else (tuple(j for j, v in enumerate(t) if v > 0)[:1] or (-1,))[0]
+
+
+def _group_folds(y: Sequence[Any], k: int, seed: int, groups: Sequence[Any]) -> list[list[int]]:
+    from collections import Counter
+
+    if len(groups) != len(y):
+        raise ValueError(f"{len(groups)} group keys for {len(y)} documents")
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    by_label: dict[Any, list[Any]] = {}
+    for g, idx in members.items():
+        label = Counter(_first_label(y[i]) for i in idx).most_common(1)[0][0]
+        by_label.setdefault(label, []).append(g)
+    k = max(1, min(k, len(members)))
+    rng = random.Random(seed)
+    out: list[list[int]] = [[] for _ in range(k)]
+    for label in sorted(by_label, key=str):
+        keys = sorted(by_label[label], key=str)
+        rng.shuffle(keys)
+        keys.sort(key=lambda g: -len(members[g]))  # large groups first (stable: seeded among equals)
+        per_fold = [0] * k
+        for g in keys:
+            f = min(range(k), key=lambda j: (per_fold[j], len(out[j]), j))
+            out[f] += members[g]
+            per_fold[f] += len(members[g])
     return [sorted(f) for f in out if f]
 
 
@@ -467,12 +502,28 @@ class BlockScale:
     factor: float
 
 
+MIN_FEATURE_SD = 1e-35  # below this a dense feature is constant (float32's normal range ends at 1.2e-38)
+
+
+def feature_scale(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, sd) per column of float64 ``x``, as scikit-learn's StandardScaler standardises: every
+    column that varies beyond rounding is scaled to unit variance, however small its spread (the
+    default model's pooled embedding has dimensions of size 1e-33 to 1e-7 that are as stable across
+    batchings as the others and carry signal); a constant one (variance within the rounding
+    error of its mean, scikit-learn's rule, or sd < MIN_FEATURE_SD) gets sd 1."""
+    n = x.shape[0]
+    mu, var = x.mean(0), x.var(0, unbiased=False)
+    eps = torch.finfo(torch.float64).eps
+    constant = (var <= n * eps * var + (n * mu * eps) ** 2) | (var.sqrt() < MIN_FEATURE_SD)
+    return mu, torch.where(constant, torch.ones_like(var), var.sqrt())
+
+
 def scale_block(x: Tensor) -> tuple[Tensor, BlockScale]:
     """(The scaled block, its :class:`BlockScale`) from the training documents' rows."""
     if x.is_sparse:
         return x.coalesce().double(), BlockScale(None, None, 1.0)
     x = x.double()
-    mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    mu, sd = feature_scale(x)
     factor = 1.0 / math.sqrt(x.shape[1])
     return (x - mu) / sd * factor, BlockScale(mu, sd, factor)
 
@@ -542,10 +593,12 @@ def fit_doc_head(
     l2: float | str,
     threshold: float,
     seed: int,
+    groups: Sequence[Any] | None = None,
 ) -> DocHeadFit:
     """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) with the best
     k-fold cross-validated macro-F1 on the training documents (ties: fewer blocks, then the stronger
-    penalty), then fit it on all of them. ``feats``: block -> (n_docs, d) dense, or sparse rows."""
+    penalty), then fit it on all of them. ``feats``: block -> (n_docs, d) dense, or sparse rows.
+    ``groups``: one key per document (``data.group_key``); the folds then keep each group whole."""
     names = sorted({b for s in sets for b in s})
     scaled, scales, kernels = {}, {}, {}
     for b in names:
@@ -557,7 +610,7 @@ def fit_doc_head(
     y = _as_tensor(targets, multi)
     gold = [_gold(t) for t in targets]
     grid = list(DOC_L2_GRID) if l2 == "auto" else [float(l2)]
-    parts = folds(targets, min(CV_FOLDS, len(targets)), seed)
+    parts = folds(targets, min(CV_FOLDS, len(targets)), seed, groups)
     scores: dict[tuple[str, float], float] = {}
     if len(sets) * len(grid) > 1 and len(parts) >= 2:
         for s in sets:

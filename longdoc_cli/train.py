@@ -188,7 +188,8 @@ def load_datasets(cfg: LongdocConfig):
         dev = load_classification(d.dev, d) if d.dev else None
         notes += [f"skipped {s}" for s in tr.skipped + (dev.skipped if dev else [])]
         if dev is None:
-            train_items, dev_items = split_dev(tr.docs, cfg.dev_fraction, cfg.train.seed)
+            grouped = (lambda doc: doc.group) if d.group_key else None
+            train_items, dev_items = split_dev(tr.docs, cfg.dev_fraction, cfg.train.seed, group=grouped)
         else:
             train_items, dev_items = tr.docs, dev.docs
         labels = sorted(set(tr.labels) | set(dev.labels if dev else []))
@@ -454,11 +455,12 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
         counts = [count_words(t) for t in texts]
         vocab = fit_word_vocab(counts)
         feats["words"] = word_rows(counts, vocab.columns, vocab.idf)
+    groups = [d.group for d in train_items] if cfg.data.group_key else None
     t1 = time.perf_counter()
     fit = fit_doc_head(
         feats, doc_targets, len(info["labels"]), sets=sets, multi=bool(info.get("multi_label")),
         class_weight=cfg.train.class_weight, l2=cfg.train.head_l2, threshold=cfg.inference.threshold,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed, groups=groups,
     )  # fmt: skip
     # The model with exactly the picked blocks (its head's shapes follow config.json's spec).
     chosen = FeatureSpec(fit.blocks, spec.mean_window)
@@ -484,6 +486,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
     record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": sum(n_windows),
               "class_weight": fit.class_weight, "head_features": set_name(fit.blocks), "head_l2": fit.l2,
               "feature_window": spec.mean_window,
+              **({"cv_groups": len(set(groups))} if groups is not None else {}),
               "cv_macro_f1": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_scores.items()},
               "embed_s": round(t1 - t0, 3), "fit_s": round(time.perf_counter() - t1, 3),
               "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip

@@ -399,3 +399,52 @@ def test_out_of_memory_is_recognised_in_every_wording():
     assert is_out_of_memory(cpu) and is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The bert row: transformers' BertModel on the same weights
+
+
+def test_bert_row_times_train_steps_beside_longdoc_and_gives_the_ratio():
+    """--impls longdoc,bert in train mode: the gate checks BERT against our model on the same weights
+    (a length the window covers, padding, no global token), both rows are timed in the same run, the
+    ratio to bert is reported, and lengths past BERT's 512 positions are skipped rows with a note."""
+    res = invoke(*FAST, "--seq-lens", "33,600", "--impls", "longdoc,bert", "--mode", "train", "--dtype",
+                 "fp32", "--format", "jsonl")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    check = next(r for r in records if r["type"] == "check" and r["name"] == "bert vs longdoc")
+    assert check["passed"] and check["length"] == 9 and check["max_abs_diff"] < 1e-4  # tiny: window 8 a side
+    rows = {(r["impl"], r["seq_len"]): r for r in records if r["type"] == "measurement"}
+    assert rows["bert", 33]["status"] == "ok" and rows["longdoc", 33]["status"] == "ok"
+    assert rows["bert", 33]["mode"] == "train" and rows["bert", 33]["time_vs_bert"] == 1.0
+    ratio = rows["longdoc", 33]["median_s"] / rows["bert", 33]["median_s"]
+    assert rows["longdoc", 33]["time_vs_bert"] == pytest.approx(ratio)
+    assert rows["bert", 600]["status"] == "skipped" and "512 positions" in rows["bert", 600]["note"]
+    assert rows["longdoc", 600]["status"] == "ok"
+    cfg = bench.preset_config("tiny", 600, None)  # full attention's FLOPs, as the `full` row counts them
+    assert rows["bert", 33]["flops"] == bench.flops_of("full", cfg, 33, 1, 1, "train")
+
+
+def test_bert_checkpoint_holds_the_longformers_weights(tmp_path):
+    """bert_checkpoint drops the global projections and keeps the position rows that number tokens
+    0, 1, ...: BERT then equals our model wherever the window covers the input; a wrong-weight BERT
+    (a position row off by one) fails the gate's check."""
+    from longdoc_cli.bench.run import check_bert
+
+    enc = tiny_encoder(window=64, max_len=40)
+    enc.save_pretrained(tmp_path / "lf")
+    bert_dir = child.bert_checkpoint("mine", tmp_path / "lf", tmp_path)
+    cfg = enc.config
+    spec = bench.BenchSpec(models=("mine",), seq_lens=(40,), check_len=40)
+    ok = check_bert(tmp_path / "lf", bert_dir, cfg, spec, "cpu")
+    assert ok.passed and ok.length == 33 and ok.max_abs_diff < 1e-4
+    import transformers
+
+    bert = transformers.BertModel.from_pretrained(bert_dir)
+    assert bert.config.max_position_embeddings == 40 and bert.config.num_hidden_layers == 2
+    with torch.no_grad():
+        table = bert.embeddings.position_embeddings.weight
+        table.copy_(torch.roll(table, 1, dims=0))
+    bert.save_pretrained(bert_dir)
+    assert not check_bert(tmp_path / "lf", bert_dir, cfg, spec, "cpu").passed

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from longdoc_cli import docfeatures, headfit
 from longdoc_cli.cli import app
 from longdoc_cli.config import ConfigError, load_config
+from longdoc_cli.errors import LongdocError
 
 pytest_plugins = ["fixtures_tiny"]  # tiny_model_dir, tiny
 
@@ -172,3 +173,116 @@ def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert all(rec["n_windows"] == 1 for rec in recs)
     assert [rec["truncated"] for rec in recs] == [False] * 16 + [True] * 2  # read: the first 256 tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# data.group_key: grouped inner CV folds
+
+
+def test_group_folds_keep_groups_whole_and_stratified():
+    y = [0] * 30 + [1] * 12
+    groups = [f"a{i // 3}" for i in range(30)] + [f"b{i // 4}" for i in range(12)]  # 10 + 3 groups
+    parts = headfit.folds(y, 5, seed=3, groups=groups)
+    assert sorted(i for p in parts for i in p) == list(range(42))
+    where = {g: {j for j, p in enumerate(parts) for i in p if groups[i] == g} for g in set(groups)}
+    assert all(len(f) == 1 for f in where.values())  # no group on two folds
+    assert [sum(y[i] == 0 for i in p) for p in parts] == [6] * 5  # 10 groups of 3 spread evenly
+    assert sorted(sum(y[i] == 1 for i in p) for p in parts) == [0, 0, 4, 4, 4]
+    assert headfit.folds(y, 5, seed=3, groups=groups) == parts  # seeded
+    assert len(headfit.folds([0, 1, 0, 1], 5, seed=0, groups=["x", "x", "y", "y"])) == 2  # 2 groups: 2 folds
+    with pytest.raises(ValueError, match="3 group keys for 4 documents"):
+        headfit.folds([0, 1, 0, 1], 2, seed=0, groups=["x", "y", "z"])
+
+
+def _leaky(seed: int = 0):
+    """24 groups of 5 documents, 2 labels (12 groups each). Block first256 identifies the group
+    (a random direction per group, no label signal across groups); block mean carries a weak label
+    signal in every document. Ungrouped CV rewards memorising groups; grouped CV cannot."""
+    g = torch.Generator().manual_seed(seed)
+    n_groups, per = 24, 5
+    group_label = torch.tensor([i % 2 for i in range(n_groups)])
+    centres = torch.randn(n_groups, 64, generator=g) * 3  # 24 points in 64 dimensions: separable
+    groups = [f"g{i}" for i in range(n_groups) for _ in range(per)]
+    y = group_label.repeat_interleave(per)
+    ident = centres.repeat_interleave(per, 0) + 0.1 * torch.randn(n_groups * per, 64, generator=g)
+    signal = torch.randn(n_groups * per, 16, generator=g)
+    signal[:, 0] += 0.8 * (2 * y - 1)
+    return y.tolist(), groups, {"first256": ident, "mean": signal}
+
+
+def test_grouped_cv_does_not_pick_a_block_that_only_memorises_groups():
+    y, groups, feats = _leaky()
+    sets = [("first256",), ("mean",)]
+    kw = dict(sets=sets, multi=False, class_weight="none", l2="auto", threshold=0.5, seed=0)
+    plain = headfit.fit_doc_head(feats, y, 2, **kw)
+    grouped = headfit.fit_doc_head(feats, y, 2, groups=groups, **kw)
+    best = {fit: {s: max(v for (n, _), v in f.cv_scores.items() if n == s) for s in ("first256", "mean")}
+            for fit, f in (("plain", plain), ("grouped", grouped))}  # fmt: skip
+    assert plain.blocks == ("first256",) and best["plain"]["first256"] > 0.95  # optimistic
+    assert grouped.blocks == ("mean",) and best["grouped"]["mean"] > 0.75
+    assert best["plain"]["first256"] - best["grouped"]["first256"] > 0.25  # memorising no longer pays
+
+
+def test_group_key_reaches_the_dev_split_and_the_heads_folds(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    from longdoc_cli.config import DataSection
+    from longdoc_cli.data import load_classification
+    from longdoc_cli.train import load_datasets
+
+    rows = [
+        json.loads(x) for x in tiny.classification_data(tmp_path / "src.jsonl", n=24).read_text().splitlines()
+    ]
+    for i, r in enumerate(rows):
+        if i != 5:  # document 5 has no group: a group of its own
+            r["author"] = f"author{i // 4}" if i % 3 else i // 4  # strings and numbers alike
+    data = tmp_path / "grouped.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_classification(str(data), DataSection(group_key="author"))
+    assert got.docs[0].group == "0" and got.docs[1].group == "author0" and got.docs[5].group.endswith(":6")
+    assert load_classification(str(data), DataSection()).docs[1].group is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a b", "label": "x", "author": ["p", "q"]}) + "\n")
+    with pytest.raises(LongdocError, match="'author' \\(data.group_key\\) must be a string or a number"):
+        load_classification(str(bad), DataSection(group_key="author"))
+
+    n_groups = len({d.group for d in got.docs})
+    cfg = load_config(None, tiny.overrides(tiny_model_dir, data, **{"data.group_key": "author"}))
+    train_items, dev_items, _ = load_datasets(cfg)  # dev_fraction 0.25: whole groups on one side
+    assert dev_items and not {d.group for d in train_items} & {d.group for d in dev_items}
+
+    seen = []
+    folds = headfit.folds
+    monkeypatch.setattr(
+        headfit, "folds", lambda *a, **k: seen.append(a[3] if len(a) > 3 else None) or folds(*a, **k)
+    )
+    out = tmp_path / "out"
+    extra = {"data.dev_fraction": 0.0, "train.freeze_encoder": "true", "train.head_features": "first256",
+             "data.group_key": "author"}  # fmt: skip
+    sets = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
+                                 *[x for s in sets for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert fit["cv_groups"] == n_groups and seen == [[d.group for d in got.docs]]
+
+
+def test_tiny_but_informative_dimensions_are_standardised_like_scikit_learn():
+    """A dimension whose spread is 1e-30 (the default model's pooled embeddings have a few at 1e-33
+    to 1e-7, stable across batchings) is scaled to unit variance as StandardScaler does, not
+    zeroed; a constant one is left at zero; the saved head (raw-feature weights, float32) predicts
+    from the tiny dimension alone."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 2
+    x = torch.randn(60, 8, generator=g)  # noise
+    x[:, 0] = (y * 2 - 1 + 0.3 * torch.randn(60, generator=g)) * 1e-30  # the label, at size 1e-30
+    x[:, 1] = 0.25  # constant
+    z, sc = headfit.scale_block(x)
+    assert z[:, 0].std(unbiased=False).item() == pytest.approx(1 / 8**0.5, rel=1e-6)
+    assert z[:, 1].abs().max().item() == 0 and sc.sd[1] == 1
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    ref = preprocessing.StandardScaler().fit_transform(x.double().numpy()) / 8**0.5
+    assert torch.allclose(z, torch.from_numpy(ref), atol=1e-9)
+    fit = headfit.fit_doc_head({"first256": x}, y.tolist(), 2, sets=[("first256",)], multi=False,
+                               class_weight="none", l2=1e-4, threshold=0.5, seed=0)  # fmt: skip
+    assert torch.isfinite(fit.weights["first256"]).all()
+    pred = fit.logits({"first256": x}).argmax(-1)
+    assert (pred == y).float().mean().item() > 0.95

@@ -10,6 +10,9 @@ Implementations (``impls``), all on the same weights:
   ``LONGDOC_COMPILE_MODE``, default "default"): fuses the element-wise work around the matmuls and
   FlexAttention; the first call compiles (untimed);
 - ``hf``: ``transformers.LongformerModel`` loaded from the same checkpoint;
+- ``bert``: ``transformers.BertModel`` with the same weights (``child.bert_checkpoint``: for the
+  default model its original all-MiniLM-L6-v2 files; full attention, at most 512 tokens, no
+  global tokens), the architecture the default model was converted from;
 - ``full``: our encoder with every window widened over the whole sequence, so ``local_attention``
   takes its dense path: full (padding-only mask) scaled-dot-product attention;
 - ``longdoc-attn``: one layer's attention alone (``attention.longformer_attention`` on random

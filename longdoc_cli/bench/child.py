@@ -146,6 +146,62 @@ def hf_incompatible(cfg) -> str:
     return ""
 
 
+BERT_POSITIONS = 512  # BERT's position table: the ``bert`` row runs at most this many tokens
+
+
+def bert_checkpoint(model: str, checkpoint: Path, tmp: Path) -> Path:
+    """A ``transformers.BertModel`` directory with the weights of the Longformer ``checkpoint``, for
+    the ``bert`` row (written to ``tmp/bert``): for the default model, its original all-MiniLM-L6-v2
+    config and weights (cut to the checkpoint's depth; unless a weight delta was applied to it); for
+    any other model, the Longformer's own
+    weights without the global projections, and the position rows that number tokens 0, 1, ... (at
+    most 512, BERT's limit). Full attention at every length: the same function as the Longformer
+    where its window covers the input and no token is global (checked before timing)."""
+    import transformers
+
+    from ..model import load_hf_config, load_state_dict
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    cfg = load_hf_config(checkpoint)
+    out = tmp / "bert"
+    if model == "default" and "adapted" not in (cfg.extra.get("longdoc") or {}):  # no shipped delta on top
+        from ..hub import default_source_dir
+
+        bert = transformers.BertModel.from_pretrained(
+            default_source_dir(), num_hidden_layers=cfg.num_hidden_layers, add_pooling_layer=False,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        bert.save_pretrained(out)
+        return out
+    state = load_state_dict(checkpoint)
+    prefix = next((p for p in ("", "longformer.") if p + "embeddings.word_embeddings.weight" in state), "")
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {
+        k: v for k, v in state.items() if "_global." not in k and k.startswith(("embeddings.", "encoder."))
+    }
+    first = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+    table = state["embeddings.position_embeddings.weight"]
+    positions = min(BERT_POSITIONS, table.shape[0] - first)
+    state["embeddings.position_embeddings.weight"] = table[first : first + positions].clone()
+    bert_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=positions, type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+    )  # fmt: skip
+    bert = transformers.BertModel(bert_cfg, add_pooling_layer=False)
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise LongdocError(
+            f"{checkpoint}: the weights do not fit a BERT encoder ({(missing + unexpected)[:3]})"
+        )
+    bert.save_pretrained(out)
+    return out
+
+
 def full_attention_config(config, n: int):
     """``config`` with every layer's window over the whole n-token sequence and dilation 1, so that
     ``local_attention`` takes its dense path: the ``full`` baseline (full, padding-only mask,
@@ -155,15 +211,18 @@ def full_attention_config(config, n: int):
 
 def load_impl(impl: str, checkpoint: Path, device: str, dtype: str, n: int | None = None):
     """The model object that runs ``impl`` (not used for longdoc-attn); ``full`` needs the length
-    ``n`` its windows cover."""
+    ``n`` its windows cover; ``bert`` reads the directory :func:`bert_checkpoint` wrote."""
     from ..model import LongformerEncoder, load_hf_config
 
-    if impl == "hf":
+    if impl in ("hf", "bert"):
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        model = transformers.LongformerModel.from_pretrained(checkpoint, add_pooling_layer=False)
+        if impl == "hf":
+            model = transformers.LongformerModel.from_pretrained(checkpoint, add_pooling_layer=False)
+        else:  # ``checkpoint``: the directory bert_checkpoint wrote
+            model = transformers.BertModel.from_pretrained(checkpoint, add_pooling_layer=False)
     else:
         config = load_hf_config(checkpoint)
         if impl == "full":
@@ -198,6 +257,8 @@ def make_inputs(n: int, batch: int, globals_: int, vocab: int, device: str, seed
 def forward(impl: str, model, ids, mask, glob):
     if impl == "hf":
         return model(input_ids=ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state
+    if impl == "bert":  # full attention: no global tokens to mark
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
     return model(ids, mask, glob)
 
 
@@ -233,6 +294,7 @@ class Job:
     warmup: int
     iters: int
     time_budget: float
+    bert: str = ""  # bert_checkpoint's directory, for the bert row
 
 
 def measure(job: Job, model=None) -> dict[str, Any]:
@@ -251,7 +313,8 @@ def measure(job: Job, model=None) -> dict[str, Any]:
         if n > cfg.max_tokens:
             return {"status": "skipped", "note": f"{n} tokens exceed the model's {cfg.max_tokens} positions"}
         if model is None:
-            model = load_impl(job.impl, Path(job.checkpoint), device, job.dtype, n)
+            path = Path(job.bert if job.impl == "bert" else job.checkpoint)
+            model = load_impl(job.impl, path, device, job.dtype, n)
         ids, mask, glob = make_inputs(n, B, job.globals, cfg.vocab_size, device)
         impl = job.impl
 

@@ -1,7 +1,8 @@
 """The FLOP model: the useful FLOPs of the math each implementation defines (multiply-add = 2),
 the same for ``longdoc``, ``longdoc-int8`` and ``hf``: per layer 8 n d^2 (projections) + 4 n d f
 (feed-forward) + 4 d * (exact number of (query, band key) pairs) + the global terms; ``full``
-counts 4 n^2 d for its attention. ``train`` (forward + backward) counts 3x."""
+and ``bert`` (transformers' BertModel) count 4 n^2 d for their attention. ``train`` (forward +
+backward) counts 3x."""
 
 from __future__ import annotations
 
@@ -50,4 +51,4 @@ def flops_of(impl: str, cfg, n: int, batch: int, globals_: int, mode: str) -> fl
         w, dil = cfg.windows[0] // 2, cfg.dilations[0]
         per_head = [attention_flops(n, w, x, d // cfg.num_attention_heads, batch, globals_) for x in dil]
         return sum(per_head) * (3 if train else 1)
-    return encoder_flops(cfg, n, batch, globals_, full=impl == "full", train=train)
+    return encoder_flops(cfg, n, batch, globals_, full=impl in ("full", "bert"), train=train)

@@ -18,9 +18,11 @@ from typing import Any
 from ..errors import LongdocError
 from ..runtime import dtype_name, pick_device
 from .child import (
+    BERT_POSITIONS,
     Job,
     MatmulPeak,
     _in_process,
+    bert_checkpoint,
     forward,
     hf_incompatible,
     kernel_arguments,
@@ -168,6 +170,33 @@ def check_models(
     return checks
 
 
+def check_bert(checkpoint: Path, bert: Path, cfg, spec: BenchSpec, device: str) -> Check:
+    """transformers' BertModel (the ``bert`` row) vs our model on the same weights, fp32, at a length
+    every layer's window covers and with no global token, where both compute full attention."""
+    import torch
+
+    widths = [w // 2 for w in cfg.windows]
+    n = max(2, min(spec.check_len, min(widths) + 1, BERT_POSITIONS, cfg.max_tokens, max(spec.seq_lens)))
+    if any(x != 1 for heads in cfg.dilations for x in heads):
+        return Check("bert vs longdoc", n, None, 1e-3, True, "not run: the model's attention is dilated")
+    ids, mask, glob = make_inputs(n, 2, 0, cfg.vocab_size, device, seed=2)
+    # The first token: the model's own start token (make_inputs' 0 is BERT's padding id, which the
+    # Longformer's RoBERTa-style numbering would skip when counting positions).
+    ids[:, 0] = next(t for t in (cfg.bos_token_id, 2, 3) if t is not None and t != cfg.pad_token_id)
+    mask[1, n - n // 3 :] = 0  # padding in the second row
+    ours = load_impl("longdoc", checkpoint, device, "fp32")
+    theirs = load_impl("bert", bert, device, "fp32")
+    with torch.inference_mode():
+        real = mask.bool()
+        a = forward("longdoc", ours, ids, mask, glob)[real]
+        b = forward("bert", theirs, ids, mask, glob)[real]
+    diff = (a - b).abs().max().item()
+    del ours, theirs
+    gc.collect()
+    return Check("bert vs longdoc", n, diff, 1e-3, diff <= 1e-3 and math.isfinite(diff),
+                 "same weights, fp32, no global token, the window covers the input")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # The sweep
 
@@ -228,10 +257,18 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
 
             cfg = load_hf_config(checkpoint)
             why_not_hf = hf_incompatible(cfg)
+            bert, why_not_bert = None, ""
+            if "bert" in impls:
+                try:
+                    bert = bert_checkpoint(model_name, checkpoint, Path(tmp))
+                except LongdocError as e:
+                    why_not_bert = str(e)
             if spec.check:
                 say(f"{model_name}: correctness checks")
                 new = [check_attention(cfg, device),
                        *check_models(checkpoint, cfg, spec, device, set(impls), dtypes)]  # fmt: skip
+                if bert is not None:
+                    new.append(check_bert(checkpoint, bert, cfg, spec, device))
                 checks += new
                 failed = [c for c in new if not c.passed]
                 if failed:
@@ -243,14 +280,14 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             cells: list[tuple[dict[str, Any], float, Job | None, str]] = []  # key, flops, job, skip
             for dtype, mode, batch, n, impl in _grid(spec, dtypes, impls):
                 key = dict(model=model_name, impl=impl, seq_len=n, batch_size=batch, dtype=dtype, mode=mode)
-                skip = _skip_reason(impl, device, dtype, mode, n, cfg, why_not_hf)
+                skip = _skip_reason(impl, device, dtype, mode, n, cfg, why_not_hf, why_not_bert)
                 flops = flops_of(impl, cfg, n, batch, spec.globals, mode)
                 est = flops / (peaks[dtype].gflops * 1e9)
                 if not skip and est > spec.time_budget:
                     skip = (f"one run would take >= {est:.0f} s even at the matmul peak "
                             f"(--time-budget {spec.time_budget:g} s)")  # fmt: skip
                 job = Job(str(checkpoint), impl, n, batch, dtype, mode, device, spec.globals, spec.warmup,
-                          spec.iters, spec.time_budget)  # fmt: skip
+                          spec.iters, spec.time_budget, str(bert or ""))  # fmt: skip
                 cells.append((key, flops, None if skip else job, skip))
             # Round-robin: every implementation sees the machine's slow and fast spells alike.
             results: list[list[dict[str, Any]]] = [[] for _ in cells]
@@ -284,13 +321,19 @@ def _grid(spec: BenchSpec, dtypes: list[str], impls: list[str]) -> Iterator[tupl
                         yield dtype, mode, batch, n, impl
 
 
-def _skip_reason(impl: str, device: str, dtype: str, mode: str, n: int, cfg, why_not_hf: str) -> str:
+def _skip_reason(
+    impl: str, device: str, dtype: str, mode: str, n: int, cfg, why_not_hf: str, why_not_bert: str = ""
+) -> str:
     if impl == "longdoc-int8" and (device != "cpu" or dtype != "fp32" or mode != "infer"):
         return "int8 is fp32 CPU inference only"
     if impl == "longdoc-compiled" and not device.startswith("cuda"):
         return "compiled layers are measured on CUDA only"
     if impl == "hf" and why_not_hf:
         return why_not_hf
+    if impl == "bert" and why_not_bert:
+        return why_not_bert
+    if impl == "bert" and n > BERT_POSITIONS:
+        return f"BERT has {BERT_POSITIONS} positions"
     if impl != "longdoc-attn" and n > cfg.max_tokens:
         return f"{n} tokens exceed the model's {cfg.max_tokens} positions"
     return ""

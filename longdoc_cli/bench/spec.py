@@ -13,7 +13,7 @@ from typing import Any
 from ..config import DEVICE_PATTERN, convert_value
 from ..errors import LongdocError, UsageError
 
-IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "full", "longdoc-attn")
+IMPLS = ("longdoc", "longdoc-int8", "longdoc-compiled", "hf", "bert", "full", "longdoc-attn")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 MODES = ("infer", "train")
 
