@@ -30,6 +30,7 @@ unchanged, the head's in ``classifier.out_proj``.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -136,10 +137,15 @@ def embed_windows(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """(len(windows), d) float32: the mean of each window's token states (first token global, as the
-    classification model runs it), in length-sorted batches."""
+    classification model runs it), in length-sorted batches. ``bf16``: under autocast on a GPU; on
+    the CPU through a bf16 copy of the encoder (its fused bf16 kernels need bf16 weights; the copy
+    is dropped on return), as ``--dtype bf16`` runs it."""
     from .model import masked_mean
 
     device = next(encoder.parameters()).device
+    if bf16 and device.type == "cpu" and next(encoder.parameters()).dtype != torch.bfloat16:
+        encoder = copy.deepcopy(encoder).to(torch.bfloat16).eval()
+    autocast = bf16 and next(encoder.parameters()).dtype != torch.bfloat16
     out = torch.zeros(len(windows), encoder.config.hidden_size)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
     n_batches = math.ceil(len(order) / batch_size)
@@ -147,7 +153,7 @@ def embed_windows(
         chunk = order[s : s + batch_size]
         batch = {k: v.to(device) for k, v in tokenizer.collate([windows[i] for i in chunk]).items()}
         types = batch["token_type_ids"] if encoder.config.type_vocab_size > 1 else None
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             hidden = encoder(
                 batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"], types
             )

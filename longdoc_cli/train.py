@@ -301,6 +301,18 @@ def _use_bf16(cfg: LongdocConfig, device) -> bool:
     return bool(cfg.train.bf16)
 
 
+def _embed_bf16(cfg: LongdocConfig, device) -> bool:
+    """Whether a frozen encoder's embedding pass (the fast recipes) runs in bf16. ``train.bf16: auto``
+    follows ``--dtype auto`` for classification: besides a GPU with bf16, a CPU that computes bf16
+    natively (AMX or AVX512-BF16), where the fitted head then meets the bf16 embeddings it will be
+    applied to (runtime.auto_dtype; its quality gate passed for classify)."""
+    if cfg.train.bf16 == "auto" and device.type == "cpu":
+        from .runtime import auto_dtype
+
+        return auto_dtype("cpu", "classify")[0] == "bf16"
+    return _use_bf16(cfg, device)
+
+
 def _loss(model, batch, targets, task: str, multi: bool, label_weights=None):
     """The batch's loss; ``label_weights`` (classification): per-label weights of the cross-entropy
     (single-label), or of the positive terms (multi-label)."""
@@ -373,7 +385,7 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     total = math.ceil(n_windows / bs)
     emit({"event": "start", "total_steps": total, "step": 0, "n_train": len(train_items),
           "n_dev": len(dev_items), "n_features": n_windows, "device": str(device),
-          "bf16": _use_bf16(cfg, device), "world_size": 1, "notes": info["notes"],
+          "bf16": _embed_bf16(cfg, device), "world_size": 1, "notes": info["notes"],
           "frozen": True})  # fmt: skip
     t0 = time.perf_counter()
 
@@ -384,7 +396,7 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
         model.longformer, tokenizer, docs_windows, doc_targets, len(info["labels"]),
         multi=bool(info.get("multi_label")), class_weight=cfg.train.class_weight, l2=cfg.train.head_l2,
         threshold=cfg.inference.threshold, batch_size=bs, seed=cfg.train.seed,
-        bf16=_use_bf16(cfg, device), token_features=cfg.train.token_features,
+        bf16=_embed_bf16(cfg, device), token_features=cfg.train.token_features,
         specials=[tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id], on_batch=on_batch,
     )  # fmt: skip
     head = model.classifier
@@ -427,7 +439,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
     blocks = tuple(b for b in BLOCKS if any(b in s for s in sets))  # in docfeatures.BLOCKS order
     spec = FeatureSpec(blocks, cfg.train.feature_window)
     limit = min(tokenizer.max_tokens, model.config.max_tokens)
-    bs, bf16 = cfg.inference.batch_size, _use_bf16(cfg, device)
+    bs, bf16 = cfg.inference.batch_size, _embed_bf16(cfg, device)
     t0 = time.perf_counter()
     started = False
 

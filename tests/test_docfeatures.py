@@ -286,3 +286,34 @@ def test_tiny_but_informative_dimensions_are_standardised_like_scikit_learn():
     assert torch.isfinite(fit.weights["first256"]).all()
     pred = fit.logits({"first256": x}).argmax(-1)
     assert (pred == y).float().mean().item() > 0.95
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16-cpu", "no-native-bf16"])
+def test_frozen_embedding_follows_auto_dtype_on_the_cpu(tiny, tiny_model_dir, tmp_path, monkeypatch, native):
+    """train.bf16: auto embeds a frozen encoder's windows in bf16 on a CPU that computes it natively
+    (through a bf16 copy: the saved model keeps fp32 weights), in fp32 elsewhere."""
+    from longdoc_cli import headfit, runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    seen = []
+    embed = headfit.embed_windows
+
+    def spy(encoder, *args, **kwargs):
+        out = embed(encoder, *args, **kwargs)
+        seen.append((kwargs.get("bf16"), next(encoder.parameters()).dtype))
+        return out
+
+    monkeypatch.setattr(headfit, "embed_windows", spy)
+    data = tiny.classification_data(tmp_path / "c.jsonl", n=12)
+    out = tmp_path / "out"
+    extra = {"data.dev_fraction": 0.0, "train.head_features": "first256", "train.freeze_encoder": "true",
+             "train.head_l2": 0.01}  # fmt: skip
+    over = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
+                                 *[x for s in over for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen and all(bf16 is native and dtype == torch.float32 for bf16, dtype in seen)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
