@@ -130,8 +130,9 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
                                    model.classifier.word_idf)  # fmt: skip
     probs = torch.softmax(model.classifier.doc_logits(feats), dim=-1)
     names = [model.config.id2label[i] for i in range(2)]
+    # fp32 as the features above (auto is bf16 on a CPU with native bf16)
     r = CliRunner().invoke(app, ["classify", "-m", str(out / "best"), str(data), "--format", "jsonl",
-                                 "--top-k", "2"])  # fmt: skip
+                                 "--top-k", "2", "--dtype", "fp32"])  # fmt: skip
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(recs) == 25
@@ -295,6 +296,8 @@ def test_frozen_embedding_follows_auto_dtype_on_the_cpu(tiny, tiny_model_dir, tm
     from longdoc_cli import headfit, runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    # the fused-kernel probe is cached per process: keep it out of this mocked CPU
+    monkeypatch.setattr("longdoc_cli.model.fused_linear_available", lambda: False)
     seen = []
     embed = headfit.embed_windows
 
