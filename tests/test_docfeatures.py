@@ -152,6 +152,17 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
     assert "classifier" not in saved.get("longdoc", {})
 
 
+def _train_fast_first256(tiny, tiny_model_dir, data: Path, out: Path) -> Path:
+    """`longdoc train configs/classify-fast.yaml` on ``data`` with the head fixed to first256, L2 0.01."""
+    extra = {"data.dev_fraction": 0.0, "train.head_features": "first256", "train.freeze_encoder": "true",
+             "train.head_l2": 0.01}  # fmt: skip
+    over = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
+                                 *[x for s in over for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):
     fast = load_config(CONFIGS / "classify-fast.yaml")
     sets = docfeatures.parse_feature_sets(fast.train.head_features)
@@ -160,13 +171,7 @@ def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):
     words = {"sport": "goal match team", "music": "guitar song band"}
     long = [{"id": f"long-{k}", "text": " ".join([w] * 200), "label": k} for k, w in words.items()]
     data.write_text(data.read_text() + "".join(json.dumps(r) + "\n" for r in long))
-    out = tmp_path / "out"
-    extra = {"data.dev_fraction": 0.0, "train.head_features": "first256", "train.freeze_encoder": "true",
-             "train.head_l2": 0.01}  # fmt: skip
-    over = tiny.overrides(tiny_model_dir, data, **extra)
-    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
-                                 *[x for s in over for x in ("--set", s)]])  # fmt: skip
-    assert r.exit_code == 0, r.output
+    out = _train_fast_first256(tiny, tiny_model_dir, data, tmp_path / "out")
     fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert fit["head_features"] == "first256" and fit["head_l2"] == 0.01 and fit["n_windows"] == 18
     r = CliRunner().invoke(app, ["classify", "-m", str(out / "best"), str(data), "--format", "jsonl"])
@@ -308,13 +313,7 @@ def test_frozen_embedding_follows_auto_dtype_on_the_cpu(tiny, tiny_model_dir, tm
 
     monkeypatch.setattr(headfit, "embed_windows", spy)
     data = tiny.classification_data(tmp_path / "c.jsonl", n=12)
-    out = tmp_path / "out"
-    extra = {"data.dev_fraction": 0.0, "train.head_features": "first256", "train.freeze_encoder": "true",
-             "train.head_l2": 0.01}  # fmt: skip
-    over = tiny.overrides(tiny_model_dir, data, **extra)
-    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
-                                 *[x for s in over for x in ("--set", s)]])  # fmt: skip
-    assert r.exit_code == 0, r.output
+    out = _train_fast_first256(tiny, tiny_model_dir, data, tmp_path / "out")
     assert seen and all(bf16 is native and dtype == torch.float32 for bf16, dtype in seen)
     from safetensors.torch import load_file
 
