@@ -179,7 +179,7 @@ class QuestionAnswerer:
             answers = self._spans(text, windows)
             method = "span"
         else:
-            answers = self._sentences_for(text, question)
+            answers = self._sentences_for(text, enc, question)
             method = "sentence"
         if answers and self.min_score is not None and answers[0].score < self.min_score:
             answers = []  # abstain
@@ -200,8 +200,8 @@ class QuestionAnswerer:
 
     # -- zero-shot ---------------------------------------------------------------------------------
 
-    def _sentences_for(self, text: str, question: str) -> list[Answer]:
-        index = self._index(text)
+    def _sentences_for(self, text: str, enc: Encoding, question: str) -> list[Answer]:
+        index = self._index(text, enc)
         q = embed_texts(self.tm, [question], 1)[0]
         scores = score_sentences(index, q, question, self.scoring)
         top = [
@@ -212,10 +212,11 @@ class QuestionAnswerer:
             Answer(text[a:b], a, b, round(float(scores[i]), 6)) for i, (a, b) in zip(top, spans, strict=True)
         ]
 
-    def _index(self, text: str) -> SentenceIndex:
-        """The document's sentences, embedded once for all the questions about it."""
+    def _index(self, text: str, enc: Encoding | None = None) -> SentenceIndex:
+        """The document's sentences, embedded once for all the questions about it (``enc``: the
+        text's encoding when the caller has it)."""
         if self._sentences is None or self._sentences.text != text:
-            self._sentences = index_sentences(self.tm, text, max(self.batch_size, 16), self.scoring)
+            self._sentences = index_sentences(self.tm, text, max(self.batch_size, 16), self.scoring, enc)
         return self._sentences
 
 
@@ -292,8 +293,11 @@ def words_of(text: str) -> list[str]:
 _WORD = re.compile(r"\w+")
 
 
-def index_sentences(tm: TaskModel, text: str, batch_size: int, scoring: SentenceScoring) -> SentenceIndex:
-    """Embed ``text``'s sentences (and, when ``scoring.block`` is above 0, its paragraph blocks)."""
+def index_sentences(
+    tm: TaskModel, text: str, batch_size: int, scoring: SentenceScoring, enc: Encoding | None = None
+) -> SentenceIndex:
+    """Embed ``text``'s sentences (and, when ``scoring.block`` is above 0, its paragraph blocks;
+    ``enc``: the text's encoding, encoded here when not given)."""
     spans = sentence_spans(text)
     n, d = len(spans), tm.config.hidden_size
     if not spans:
@@ -307,7 +311,7 @@ def index_sentences(tm: TaskModel, text: str, batch_size: int, scoring: Sentence
     block = torch.zeros_like(alone)
     if scoring.block:
         needed = prose if scoring.prose_only else torch.ones_like(prose)
-        block = embed_blocks(tm, text, spans, alone, needed, scoring.block_tokens, batch_size)
+        block = embed_blocks(tm, text, spans, alone, needed, scoring.block_tokens, batch_size, enc)
     words = [frozenset(words_of(text[s:e])) for s, e in spans]
     df = Counter(w for ws in words for w in ws)
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}  # BM25's idf
@@ -338,11 +342,14 @@ def embed_blocks(
     needed: Tensor,
     max_tokens: int,
     batch_size: int,
+    enc: Encoding | None = None,
 ) -> Tensor:
     """(n, d): for each span, the embedding of its paragraph block (tasks.text.paragraph_blocks, cut
     at ``max_tokens``); a block of one sentence is that sentence, whose embedding ``alone`` holds.
-    Only blocks with a ``needed`` (n,) span are embedded; the others' rows stay ``alone``'s."""
-    enc = tm.tokenizer.encode(text)
+    Only blocks with a ``needed`` (n,) span are embedded; the others' rows stay ``alone``'s.
+    ``enc``: the text's encoding (for the sentences' token counts), encoded here when not given."""
+    if enc is None:
+        enc = tm.tokenizer.encode(text)
     token_starts = [a for a, _ in enc.offsets]
     sizes = [bisect.bisect_left(token_starts, e) - bisect.bisect_left(token_starts, s) for s, e in spans]
     ids = paragraph_blocks(text, spans, sizes, max_tokens)
