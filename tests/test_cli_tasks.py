@@ -698,6 +698,23 @@ def test_progress_on_a_terminal_counts_documents_with_a_total(encoder_dir, docs,
     assert "2/2" in err.getvalue() and "ETA" in err.getvalue()  # documents done / total
 
 
+def _cli_in_a_fresh_interpreter(argv: list[str]) -> tuple[str, str, str, object]:
+    """Run ``longdoc ARGV`` in a new Python process: (exit code, whether torch got imported, stderr,
+    the CompletedProcess for assertion messages)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom longdoc_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, {argv!r})\n"
+        "print(r.exit_code, 'torch' in sys.modules, r.stderr.strip())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
+    return rc, torch_loaded, message, out
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -709,32 +726,19 @@ def test_progress_on_a_terminal_counts_documents_with_a_total(encoder_dir, docs,
 def test_a_missing_input_fails_before_torch_is_imported(args, tmp_path):
     """A missing input file fails at once: before the tasks bring in torch (seconds), let alone
     the model."""
-    import subprocess
-    import sys
-
     missing = str(tmp_path / "missing.txt")
     doc = tmp_path / "d.txt"
     doc.write_text("A document.")
     argv = [a.replace("{missing}", missing) for a in args] + (
         [str(doc)] if "{missing}" in args else [missing]
     )
-    code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom longdoc_cli.cli import app\n"
-        f"r = CliRunner().invoke(app, {argv!r})\n"
-        "print(r.exit_code, 'torch' in sys.modules, r.stderr.strip())\n"
-    )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
-    rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
+    rc, torch_loaded, message, out = _cli_in_a_fresh_interpreter(argv)
     assert rc in ("1", "2") and "missing.txt" in message and "no such file" in message, out
     assert torch_loaded == "False", out
 
 
 @pytest.mark.parametrize("key", ["train", "dev"])
 def test_train_checks_its_data_files_before_torch_is_imported(key, tmp_path):
-    import subprocess
-    import sys
-
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a goal", "label": "sport"}\n')
     missing = tmp_path / "missing.jsonl"
@@ -742,13 +746,6 @@ def test_train_checks_its_data_files_before_torch_is_imported(key, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"task: classify\ndata: {{train: '{paths['train']}', dev: '{paths['dev']}'}}\n")
     argv = ["train", str(config), "-o", str(tmp_path / "out")]
-    code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom longdoc_cli.cli import app\n"
-        f"r = CliRunner().invoke(app, {argv!r})\n"
-        "print(r.exit_code, 'torch' in sys.modules, r.stderr.strip())\n"
-    )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
-    rc, torch_loaded, message = out.stdout.strip().split(" ", 2)
+    rc, torch_loaded, message, out = _cli_in_a_fresh_interpreter(argv)
     assert rc == "1" and message == f"longdoc: error: {missing}: no such file", out
     assert torch_loaded == "False" and not (tmp_path / "out").exists(), out

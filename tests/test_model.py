@@ -410,6 +410,21 @@ def shared_global_weights(model) -> None:
                 getattr(att, name + "_global").load_state_dict(getattr(att, name).state_dict())
 
 
+def shared_global_checkpoint(path, seed: int, **kw):
+    """An HF encoder (``hf_model``'s ``kw``) with its global projections equal to the local ones,
+    saved at ``path``; returned."""
+    hf = hf_model("encoder", seed=seed, **kw)
+    shared_global_weights(hf)
+    hf.save_pretrained(path)
+    return hf
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor, am: torch.Tensor) -> float:
+    """||got - want|| / ||want|| over the real (unpadded) tokens."""
+    real = am.bool()
+    return ((got - want)[real].norm() / want[real].norm()).item()
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_global_rows_skipped_when_they_equal_the_local_ones(shared, tmp_path, monkeypatch):
     """Windows that fit in the band and global projections equal to the local ones: the global rows'
@@ -441,9 +456,7 @@ def test_global_rows_skipped_when_they_equal_the_local_ones(shared, tmp_path, mo
 
 
 def test_global_rows_computed_when_the_window_is_shorter_than_the_input(tmp_path):
-    hf = hf_model("encoder", seed=8)  # windows 4, 8, 4 over 37 tokens
-    shared_global_weights(hf)
-    hf.save_pretrained(tmp_path)
+    hf = shared_global_checkpoint(tmp_path, seed=8)  # windows 4, 8, 4 over 37 tokens
     ours = LongformerEncoder.from_pretrained(tmp_path)
     ids, am, gm = batch()
     assert not ours.encoder.layer[0].attention.self._global_rows_are_local(ids.shape[1])
@@ -487,24 +500,20 @@ def test_bf16_inference_close_to_fp32_with_shared_global_weights(tmp_path):
     """CPU bf16 inference (the fused linears and q/k/v in one matmul where oneDNN runs, the global
     rows skipped) stays within bf16 rounding of fp32, window in band and not."""
     for window in ([4, 8, 4], [80, 80, 80]):
-        hf = hf_model("encoder", seed=10, attention_window=window)
-        shared_global_weights(hf)
-        hf.save_pretrained(tmp_path / str(window[0]))
+        shared_global_checkpoint(tmp_path / str(window[0]), seed=10, attention_window=window)
         ours = LongformerEncoder.from_pretrained(tmp_path / str(window[0]))
         ids, am, gm = batch()
         with torch.inference_mode():
             ref = ours(ids, am, gm)
             low = ours.to(torch.bfloat16)(ids, am, gm).float()
-        rel = ((low - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
+        rel = relative_error(low, ref, am)
         assert rel < 1e-2, (window, rel)
 
 
 def test_inference_caches_follow_weight_changes(tmp_path):
     """The q/k/v weights concatenated for the fused matmul, and the check that the global projections
     equal the local ones, are redone when a weight changes in place."""
-    hf = hf_model("encoder", seed=11, attention_window=[80, 80, 80])
-    shared_global_weights(hf)
-    hf.save_pretrained(tmp_path)
+    shared_global_checkpoint(tmp_path, seed=11, attention_window=[80, 80, 80])
     ids, am, gm = batch()
     ref_model = LongformerEncoder.from_pretrained(tmp_path)
     with torch.no_grad():
@@ -521,16 +530,14 @@ def test_inference_caches_follow_weight_changes(tmp_path):
         with torch.inference_mode():
             assert not layer._global_rows_are_local(ids.shape[1])
             got = model(ids, am, gm).float()
-        rel = ((got - ref)[am.bool()].norm() / ref[am.bool()].norm()).item()
+        rel = relative_error(got, ref, am)
         assert rel < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, rel)
 
 
 def test_weights_made_under_inference_mode(tmp_path):
     """Weights created under inference_mode keep no version counter: nothing is cached for them, and
     a change in place (allowed there) still counts."""
-    hf = hf_model("encoder", seed=12, attention_window=[80, 80, 80])
-    shared_global_weights(hf)
-    hf.save_pretrained(tmp_path)
+    shared_global_checkpoint(tmp_path, seed=12, attention_window=[80, 80, 80])
     ids, am, gm = batch()
     ref_model = LongformerEncoder.from_pretrained(tmp_path)
     with torch.no_grad():
@@ -544,6 +551,6 @@ def test_weights_made_under_inference_mode(tmp_path):
             assert model.encoder.layer[2].attention.self.query.weight.is_inference()
             for want in (ref, changed):
                 got = model(ids, am, gm).float()
-                rel = ((got - want)[am.bool()].norm() / want[am.bool()].norm()).item()
+                rel = relative_error(got, want, am)
                 assert rel < tol, (dtype, rel)
                 model.encoder.layer[2].attention.self.query.weight.mul_(0.5)
