@@ -9,10 +9,14 @@ Two parts, one run, one loaded model:
    start is among the top k; EM/F1 (SQuAD normalisation) of the top sentence against the gold answer.
    Methods: BM25 over sentences; the scoring before issue 12 ("old": every sentence, following
    weight 0.5, no lexical part); the first default of issue 12 ("window": prose only, the sentence
-   and one window of 3 sentences); the current default ("new": the sentence, its following windows
-   of 2..6 sentences and its paragraph block); and variants, each changing one thing, scored from
-   the new index's embeddings (only window, new and BM25 are timed): the paragraph added to the
-   window scoring, max-sim and rank fusion of the granularities, a paragraph-opening prior (see
+   and one window of 3 sentences); the second default ("paragraphs": the sentence, its following
+   windows of 2..6 sentences and its paragraph block); the current default ("new": paragraphs, then
+   its 7 best candidates read again, each as the 128 tokens that start at it: the mean of the
+   token states of the passes already made, tasks.qa.reread_candidates); and variants, each
+   changing one thing, scored from the new index's embeddings (only window, paragraphs, new and
+   BM25 are timed, each with its own index): the second stage's k and weight, its passages
+   embedded anew; over paragraphs (the first stage alone), the paragraph added to the window
+   scoring, max-sim and rank fusion of the granularities, a paragraph-opening prior (see
    PARAGRAPH_START), a grid of one pseudo-relevance-feedback step.
 2. A planted fact in long State of the Union addresses (default ../shared/data/sotu.jsonl): a
    generated sentence about invented names and numbers is inserted at a sentence boundary at a
@@ -46,11 +50,13 @@ from longdoc_cli.evaluate import exact_match_score, f1_score
 from longdoc_cli.hub import resolve_model
 from longdoc_cli.tasks.qa import (
     LEGACY_SCORING,
+    PARAGRAPH_SCORING,
     WINDOW_SCORING,
     QuestionAnswerer,
     SentenceIndex,
     SentenceScoring,
     following_windows,
+    reread_candidates,
     score_sentences,
 )
 from longdoc_cli.tasks.runner import embed_texts, load_task_model
@@ -59,6 +65,19 @@ from longdoc_cli.tasks.text import sentence_spans
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEW = SentenceScoring()
 OLD, WINDOW = "old (before issue 12)", "window (issue 12's first default)"
+PARAGRAPHS = "paragraphs (issue 12's second default: new without the second stage)"
+P = PARAGRAPH_SCORING
+# The second stage (tasks.qa.reread_candidates), one thing of the default changed at a time.
+REREAD: dict[str, SentenceScoring] = {
+    "new, second stage k=10": replace(NEW, reread_k=10),
+    "new, second stage weight 0.1": replace(NEW, reread_weight=0.1),
+    "new, second stage weight 0.25": replace(NEW, reread_weight=0.25),
+    "new, second stage weight 0.5": replace(NEW, reread_weight=0.5),
+    # each passage's text embedded anew (one more pass per question) instead of the token states
+    "new, second stage passages embedded, weight 0.15": replace(NEW, reread_passes=True),
+    "new, second stage passages embedded, weight 0.25": replace(NEW, reread_passes=True, reread_weight=0.25),
+}
+# Over paragraphs (the first stage alone).
 VARIANTS: dict[str, SentenceScoring] = {
     # the paragraph block beside (or instead of) the first default's one following window
     "window + paragraph 0.5": replace(WINDOW_SCORING, block=0.5),
@@ -67,21 +86,25 @@ VARIANTS: dict[str, SentenceScoring] = {
     "sentence + paragraph 1 (paragraph instead of the window)": replace(
         WINDOW_SCORING, following=0.0, block=1.0
     ),
-    # one thing of the new default changed
-    "new without the paragraph (following windows alone)": replace(NEW, block=0.0),
-    "new, paragraph weight 1.5 (half)": replace(NEW, block=1.5),
-    "new, paragraph weight 6 (double)": replace(NEW, block=6.0),
-    "new, windows up to 5 sentences (following_n 4)": replace(NEW, following_n=4, following=4.0, block=2.5),
-    "new, windows up to 7 sentences (following_n 6)": replace(NEW, following_n=6, following=6.0, block=3.5),
-    "new, only the window of 6 sentences (no scales)": replace(
-        NEW, following_scales=False, following=1.0, block=1.0
+    # one thing of paragraphs changed
+    "paragraphs without the paragraph (following windows alone)": replace(P, block=0.0),
+    "paragraphs, paragraph weight 1.5 (half)": replace(P, block=1.5),
+    "paragraphs, paragraph weight 6 (double)": replace(P, block=6.0),
+    "paragraphs, windows up to 5 sentences (following_n 4)": replace(
+        P, following_n=4, following=4.0, block=2.5
     ),
-    "new, candidates of every kind (no prose filter)": replace(NEW, prose_only=False),
-    "new + lexical 0.1 (idf word share)": replace(NEW, lexical=0.1),
+    "paragraphs, windows up to 7 sentences (following_n 6)": replace(
+        P, following_n=6, following=6.0, block=3.5
+    ),
+    "paragraphs, only the window of 6 sentences (no scales)": replace(
+        P, following_scales=False, following=1.0, block=1.0
+    ),
+    "paragraphs, candidates of every kind (no prose filter)": replace(P, prose_only=False),
+    "paragraphs + lexical 0.1 (idf word share)": replace(P, lexical=0.1),
 }
 # One Rocchio step (SentenceScoring.feedback_k / feedback_weight), a small grid chosen on dev only.
 FEEDBACK: dict[str, SentenceScoring] = {
-    f"new + feedback k={k} w={w}": replace(NEW, feedback_k=k, feedback_weight=w)
+    f"paragraphs + feedback k={k} w={w}": replace(P, feedback_k=k, feedback_weight=w)
     for k in (3, 5)
     for w in (0.3, 0.6)
 }
@@ -94,7 +117,7 @@ VARIANTS.update(FEEDBACK)
 # sit mid-paragraph. A single blank line is the break (not the FAQ's triple one).
 PARAGRAPH_START = (0.02, 0.05)
 CUSTOM = ["max-sim of sentence, window, paragraph", "RRF of sentence, window, paragraph (k = 60)"]
-CUSTOM += [f"new + paragraph-opening prior {b} (FAQ artefact, see CAUTION)" for b in PARAGRAPH_START]
+CUSTOM += [f"paragraphs + paragraph-opening prior {b} (FAQ artefact, see CAUTION)" for b in PARAGRAPH_START]
 
 
 def words(text: str) -> list[str]:
@@ -150,7 +173,7 @@ def custom_scores(index: SentenceIndex, q: torch.Tensor, window: torch.Tensor) -
     """The CUSTOM rankings' scores; ``window`` (n, d): each sentence's window of 3 sentences."""
     cosines = torch.stack([index.alone @ q, window @ q, index.block @ q])  # (3, n)
     ranks = torch.argsort(torch.argsort(cosines, dim=1, descending=True), dim=1)  # (3, n): 0 = best
-    new = score_sentences(index, q, "", NEW)
+    new = score_sentences(index, q, "", PARAGRAPH_SCORING)
     starts = torch.tensor(
         [not i or re.search(r"\n[ \t]*\n", index.text[index.spans[i - 1][1] : s]) is not None
          for i, (s, _) in enumerate(index.spans)]
@@ -212,9 +235,11 @@ def faq(args, tm) -> None:
     print("dev pages:", ", ".join(sorted(by_context[c][0]["title"] for c in dev)))
     print("held-out pages:", ", ".join(sorted(by_context[c][0]["title"] for c in set(by_context) - dev)))
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
+    paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
     table, elapsed = Table(), collections.Counter()
     scoring_time = collections.Counter()  # score_sentences alone, from the same embeddings
+    reread_time = collections.Counter()  # the REREAD variants' second stage (passages not yet read)
     right, wrong = [], []  # the new method's top score when its first answer is right / wrong
     for page, context in enumerate(ranked_pages):
         group = by_context[context]
@@ -226,8 +251,8 @@ def faq(args, tm) -> None:
             gold_start, gold_texts = r["answers"]["answer_start"][0], r["answers"]["text"]
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
             ranked: dict[str, list[int]] = {}
-            pair = [(WINDOW, window), ("new (default)", new)]
-            for name, answerer in pair[:: 1 if page % 2 else -1]:  # who embeds the page first alternates
+            timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
+            for name, answerer in timed[page % 3 :] + timed[: page % 3]:  # who embeds a page first rotates
                 t = time.perf_counter()
                 result = answerer.answer(r["id"], context, [r["question"]])[0]
                 elapsed[name] += time.perf_counter() - t
@@ -244,39 +269,50 @@ def faq(args, tm) -> None:
             ranked[OLD] = top(
                 score_sentences(variant_index(index, LEGACY_SCORING, windows), q, "", LEGACY_SCORING), 5
             )
-            for name, scoring in {"new (default)": NEW, **VARIANTS}.items():
+            for name, scoring in {PARAGRAPHS: P, **VARIANTS}.items():
                 t = time.perf_counter()
                 scores = score_sentences(variant_index(index, scoring, windows), q, r["question"], scoring)
                 scoring_time[name] += time.perf_counter() - t
-                if name != "new (default)":
+                if name != PARAGRAPHS:  # timed above, with its own index
                     ranked[name] = top(scores, 5)
+            first = score_sentences(index, q, r["question"], NEW)
+            for name, scoring in REREAD.items():  # passages already read are in the index's memo
+                t = time.perf_counter()
+                ranked[name] = reread_candidates(tm, index, q, first, scoring, 16, 5)[0][:5]
+                reread_time[name] += time.perf_counter() - t
             three = variant_index(index, WINDOW_SCORING, windows).local[0]
             for name, scores in custom_scores(index, q, three).items():
                 ranked[name] = top(scores, 5)
-            dense = top(score_sentences(index, q, r["question"], NEW), len(spans))
+            dense = top(score_sentences(index, q, r["question"], P), len(spans))
             bm25_all = [i for i in sorted(range(len(spans)), key=lambda i: -bm_scores[i]) if i in set(dense)]
-            ranked["RRF(new, BM25)"] = rrf(dense, bm25_all)[:5]
-            for name in ("BM25 over sentences", OLD, WINDOW, "new (default)", *VARIANTS, *CUSTOM,
-                         "RRF(new, BM25)"):  # fmt: skip
+            ranked["RRF(paragraphs, BM25)"] = rrf(dense, bm25_all)[:5]
+            for name in ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, "new (default)", *REREAD, *VARIANTS,
+                         *CUSTOM, "RRF(paragraphs, BM25)"):  # fmt: skip
                 first = ranked[name][0] if ranked[name] else None
                 text = context[spans[first][0] : spans[first][1]] if first is not None else ""
                 table.add(name, parts, ranked[name], gold, text, gold_texts)
     n = len(records)
     table.print(["dev", "held-out", "all"], {k: v / n for k, v in elapsed.items()})
     dev_rank = lambda m: (table.stats[m, "dev"]["hit1"], table.stats[m, "dev"]["hit5"])  # noqa: E731
-    contenders = ["new (default)", WINDOW, *(m for m in VARIANTS if m not in FEEDBACK), CUSTOM[0], CUSTOM[1]]
+    contenders = ["new (default)", *REREAD, PARAGRAPHS, WINDOW, *(m for m in VARIANTS if m not in FEEDBACK),
+                  CUSTOM[0], CUSTOM[1]]  # fmt: skip
     best = max(contenders, key=dev_rank)  # the default wins ties
     print(f"\nbest on dev (hit@1, then hit@5; the default wins ties; no prior): {best}")
-    best = max(["new (default)", *FEEDBACK], key=dev_rank)
-    print(f"feedback grid, best on dev (hit@1, then hit@5; the default wins ties): {best}")
+    best = max([PARAGRAPHS, *FEEDBACK], key=dev_rank)
+    print(f"feedback grid over paragraphs, best on dev (hit@1, then hit@5; paragraphs wins ties): {best}")
     ratio = elapsed["new (default)"] / elapsed[WINDOW]
-    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU)")
-    base = scoring_time["new (default)"] / n
+    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU); paragraphs / window = "
+          f"{elapsed[PARAGRAPHS] / elapsed[WINDOW]:.2f}")  # fmt: skip
+    for name in REREAD:  # what the variant's own passages (those the default did not read) cost
+        total = (elapsed["new (default)"] + reread_time[name]) / elapsed[WINDOW]
+        print(f"speed: {name}: second stage beyond the default's {1000 * reread_time[name] / n:.1f} "
+              f"ms/question; new's time + that / window = {total:.2f}")  # fmt: skip
+    base = scoring_time[PARAGRAPHS] / n
     for name in FEEDBACK:
         extra = scoring_time[name] / n - base
         total = (elapsed["new (default)"] / n + extra) / (elapsed[WINDOW] / n)
         ms = 1000 * scoring_time[name] / n
-        print(f"speed: {name}: scoring {ms:.2f} ms/question (new's {1000 * base:.2f}); "
+        print(f"speed: {name}: scoring {ms:.2f} ms/question (paragraphs' {1000 * base:.2f}); "
               f"new's time + the extra / window = {total:.2f}")  # fmt: skip
     print_scores("FAQ, new (default): top score when the first answer is", right, wrong, "right", "wrong")
 
@@ -351,10 +387,10 @@ def planted(args, tm) -> None:
           f"{statistics.median(c[4] for c in cases):.0f}), one generated fact each at a random sentence "
           f"boundary in the last half (mean depth {100 * depth:.0f}% of the sentences; seed 12)")  # fmt: skip
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
+    paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
-    hits = {
-        m: collections.Counter() for m in ("BM25 over sentences", OLD, WINDOW, "new (default)", CUSTOM[3])
-    }
+    names = ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, "new (default)", CUSTOM[3])
+    hits = {m: collections.Counter() for m in names}
     elapsed = collections.Counter()
     answerable, unanswerable = [], []
     for i, (doc_id, doc, (a, b), question, _, _) in enumerate(cases):
@@ -364,8 +400,8 @@ def planted(args, tm) -> None:
         scores = bm25.scores(words(question))
         bm = sorted(range(len(spans)), key=lambda j: -scores[j])[:5]
         found = {"BM25 over sentences": [spans[j] for j in bm]}
-        pair = [(WINDOW, window), ("new (default)", new)]
-        for name, answerer in pair[:: 1 if i % 2 else -1]:
+        timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
+        for name, answerer in timed[i % 3 :] + timed[: i % 3]:
             t = time.perf_counter()
             result = answerer.answer(doc_id, doc, [question])[0]
             elapsed[name] += time.perf_counter() - t

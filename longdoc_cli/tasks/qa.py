@@ -12,7 +12,10 @@ sentence is embedded on its own, and so is each paragraph (the sentences between
 into pieces of at most 128 tokens, the length the model was trained on). A sentence's dense score
 is a weighted mean of cosines with the question: of the sentence alone; of the mean embedding of it
 and its next 1, 2, ..., 5 sentences (a good answer is followed by more of the same answer, at
-whichever length); and of its paragraph's embedding. A lexical part (the share of the
+whichever length); and of its paragraph's embedding. Then a second stage reads the 7 best
+candidates again, each as the passage of 128 tokens that starts at it (the mean of the token states
+the two passes already computed, in the paragraph's context: no extra pass), and ranks them by their
+score mixed with the passage's cosine (reread_candidates). A lexical part (the share of the
 question's informative words, idf-weighted, that the sentence holds) can be mixed in
 (``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
 pseudo-relevance-feedback step (``SentenceScoring.feedback_k``, ``feedback_weight``: the question
@@ -29,7 +32,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..tokenize import Encoding, Window
-from .runner import TaskModel, embed_texts, run_windows, window_overlap
+from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
 from .text import context_around, paragraph_blocks, sentence_spans, span_kind
 
 SCHEMA_VERSION = 2  # 2: optional "seconds" and a final {"summary": ...} record (--timings)
@@ -125,6 +128,9 @@ class QuestionAnswerer:
         self.doc_stride, self.strict_stride = doc_stride, strict_stride  # capped per question
         self.min_score = min_score  # no answer when the best score is below it
         self.scoring = scoring or SentenceScoring()
+        if tm.pooling != "mean" and self.scoring.reread_k and self.scoring.reread_weight:
+            # a mean of token states is not the embedding of a model that pools its first token
+            self.scoring = replace(self.scoring, reread_passes=True)
         self._sentences: SentenceIndex | None = None
 
     @classmethod
@@ -204,12 +210,11 @@ class QuestionAnswerer:
         index = self._index(text, enc)
         q = embed_texts(self.tm, [question], 1)[0]
         scores = score_sentences(index, q, question, self.scoring)
-        top = [
-            i for i in torch.argsort(scores, descending=True)[: self.top_k].tolist() if scores[i] > -math.inf
-        ]
-        spans = [index.spans[i] for i in top]
+        batch = max(self.batch_size, 16)
+        top, values = reread_candidates(self.tm, index, q, scores, self.scoring, batch, self.top_k)
         return [
-            Answer(text[a:b], a, b, round(float(scores[i]), 6)) for i, (a, b) in zip(top, spans, strict=True)
+            Answer(text[index.spans[i][0] : index.spans[i][1]], *index.spans[i], round(v, 6))
+            for i, v in zip(top[: self.top_k], values[: self.top_k], strict=True)
         ]
 
     def _index(self, text: str, enc: Encoding | None = None) -> SentenceIndex:
@@ -249,10 +254,26 @@ class SentenceScoring:
     # in {0.3, 0.6} lost 3.4 hit@1 on the dev pages (benchmarks/README.md).
     feedback_k: int = 0
     feedback_weight: float = 0.0
+    # The second stage (reread_candidates): the reread_k best candidates of the scoring above (or
+    # the answers asked for, when more) are read again as the passage that starts at them, of
+    # reread_tokens tokens; a candidate's score becomes (score + reread_weight * the passage's
+    # cosine) / (1 + reread_weight), and they are ranked by it. The passage's vector is the mean of
+    # the token states the index's passes already computed (in context: the paragraph pass where
+    # the sentence's paragraph was embedded, else the sentence's own pass; no extra pass), or with
+    # reread_passes, the embedding of the passage's text (whole sentences up to reread_tokens), one
+    # more pass per question: measured 1.85x the seconds per question of WINDOW_SCORING, over the
+    # 1.5x budget, so not the default. Off when reread_k or reread_weight is 0. k 7, weight 0.15
+    # and 128 tokens were chosen on the dev pages (benchmarks/README.md).
+    reread_k: int = 7
+    reread_weight: float = 0.15
+    reread_tokens: int = 128
+    reread_passes: bool = False
 
     def __post_init__(self) -> None:
         if self.feedback_k < 0 or self.feedback_weight < 0:
             raise UsageError("feedback_k and feedback_weight must be at least 0")
+        if self.reread_k < 0 or self.reread_weight < 0 or self.reread_tokens < 1:
+            raise UsageError("reread_k and reread_weight must be at least 0 and reread_tokens at least 1")
         if min(self.alone, self.following, self.block) < 0 or not self.alone + self.following + self.block:
             raise UsageError("alone, following and block must be at least 0, and one of them above 0")
         if self.following_n < 0 or self.block_tokens < 1:
@@ -262,11 +283,16 @@ class SentenceScoring:
 # Before issue 12: sentences of every kind, one following window of 3 sentences weighted 0.5, no
 # paragraph, no lexical part (for the benchmark).
 LEGACY_SCORING = SentenceScoring(
-    alone=1.0, following=0.5, following_n=2, following_scales=False, block=0.0, prose_only=False
+    alone=1.0, following=0.5, following_n=2, following_scales=False, block=0.0, prose_only=False, reread_k=0
 )
 # The first default of issue 12: prose only, the sentence and one following window of 3 sentences
 # equally weighted, no paragraph (for the benchmark).
-WINDOW_SCORING = SentenceScoring(alone=1.0, following=1.0, following_n=2, following_scales=False, block=0.0)
+WINDOW_SCORING = SentenceScoring(
+    alone=1.0, following=1.0, following_n=2, following_scales=False, block=0.0, reread_k=0
+)
+# The second default of issue 12: the sentence, its following windows of 2..6 sentences and its
+# paragraph block, with no second stage (for the benchmark).
+PARAGRAPH_SCORING = SentenceScoring(reread_k=0)
 
 
 @dataclass(frozen=True)
@@ -284,6 +310,13 @@ class SentenceIndex:
     words: list[frozenset[str]]
     idf: dict[str, float]
     unseen_idf: float  # idf of a word that is in no sentence
+    # (n, d): for each span, the mean of the contextual token states of the reread_tokens tokens
+    # that start at it (L2-normalised; empty when the scoring has no second stage or reads passages)
+    ahead: Tensor = field(default_factory=lambda: torch.empty(0, 0))
+    ahead_tokens: int = 0  # the reread_tokens ``ahead`` was computed for
+    # What reread_passes read, kept for the next question about the same text: token counts of
+    # spans ("tokens", i) and passage embeddings (i, max_tokens) (passage_embeddings).
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def words_of(text: str) -> list[str]:
@@ -305,18 +338,73 @@ def index_sentences(
         return SentenceIndex(
             text, [], torch.zeros(0, dtype=torch.bool), empty, empty.unsqueeze(0), empty, [], {}, 0.0
         )
-    alone = embed_texts(tm, [text[s:e] for s, e in spans], batch_size)  # (n, d)
+    ahead_wanted = bool(scoring.reread_k and scoring.reread_weight and not scoring.reread_passes)
+    states: dict[int, Tensor] | None = None
+    if ahead_wanted:
+        alone, own, _ = embed_keeping_states(tm, [text[s:e] for s, e in spans], batch_size)
+        states = dict(enumerate(own))
+    else:
+        alone = embed_texts(tm, [text[s:e] for s, e in spans], batch_size)  # (n, d)
     local = following_windows(alone, scoring.following_n, scoring.following_scales)
     prose = torch.tensor([span_kind(text, s, e) == "prose" for s, e in spans])
     block = torch.zeros_like(alone)
     if scoring.block:
         needed = prose if scoring.prose_only else torch.ones_like(prose)
-        block = embed_blocks(tm, text, spans, alone, needed, scoring.block_tokens, batch_size, enc)
+        block = embed_blocks(
+            tm, text, spans, alone, needed, scoring.block_tokens, batch_size, enc, token_states=states
+        )
+    ahead = reading_ahead([states[i] for i in range(n)], alone, scoring.reread_tokens) if states else None
     words = [frozenset(words_of(text[s:e])) for s, e in spans]
     df = Counter(w for ws in words for w in ws)
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}  # BM25's idf
     unseen = math.log(1 + (n + 0.5) / 0.5)
-    return SentenceIndex(text, spans, prose, alone, local, block, words, idf, unseen)
+    index = SentenceIndex(text, spans, prose, alone, local, block, words, idf, unseen)
+    return index if ahead is None else replace(index, ahead=ahead, ahead_tokens=scoring.reread_tokens)
+
+
+def embed_keeping_states(
+    tm: TaskModel, texts: Sequence[str], batch_size: int
+) -> tuple[Tensor, list[Tensor], list[Encoding]]:
+    """``embed_texts``'s embeddings (len(texts), d); for each text the token states (T, d) of its
+    own tokens (specials left out; fp16 to halve the memory), in text order (a text longer than one
+    window takes each token from the first window that holds it); and each text's encoding."""
+    windows: list[Window] = []
+    owner: list[int] = []
+    stride = min(64, (tm.max_length - 2) // 2)
+    encodings = [tm.tokenizer.encode(t) for t in texts]
+    for t, enc in enumerate(encodings):
+        for w in tm.tokenizer.document_windows(enc, tm.max_length, stride):
+            windows.append(w)
+            owner.append(t)
+    d = tm.config.hidden_size
+    sums, weights = torch.zeros(len(texts), d), torch.zeros(len(texts), 1)
+    states = [torch.zeros(len(enc), d, dtype=torch.float16) for enc in encodings]
+    filled = [torch.zeros(len(enc), dtype=torch.bool) for enc in encodings]
+    for i, out in run_windows(tm, windows, batch_size):
+        t, w = owner[i], windows[i]
+        sums[t] += pool(out, tm.pooling) * len(w)
+        weights[t] += len(w)
+        rows = [k for k, o in enumerate(w.offsets) if o is not None]  # the text's tokens doc_start..
+        tokens = torch.arange(w.doc_start, w.doc_start + len(rows))
+        new = ~filled[t][tokens]
+        states[t][tokens[new]] = out[rows][new].to(torch.float16)
+        filled[t][tokens[new]] = True
+    return F.normalize(sums / weights.clamp(min=1), dim=-1), states, encodings
+
+
+def reading_ahead(states: list[Tensor], alone: Tensor, max_tokens: int) -> Tensor:
+    """(n, d): for each span, the L2-normalised mean of the ``max_tokens`` token states that start
+    at its first token and run on through the next spans (``states``: each span's (T_i, d) token
+    states, in text order); a span with no token from it to the end keeps its ``alone`` row."""
+    sequence = torch.cat(states) if states else torch.empty(0, alone.shape[1])
+    ahead = alone.clone()
+    start = 0
+    for i, st in enumerate(states):
+        window = sequence[start : start + max_tokens]
+        if len(window):
+            ahead[i] = F.normalize(window.float().mean(0), dim=-1)
+        start += len(st)
+    return ahead
 
 
 def following_windows(alone: Tensor, following_n: int, scales: bool) -> Tensor:
@@ -343,11 +431,15 @@ def embed_blocks(
     max_tokens: int,
     batch_size: int,
     enc: Encoding | None = None,
+    *,
+    token_states: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """(n, d): for each span, the embedding of its paragraph block (tasks.text.paragraph_blocks, cut
     at ``max_tokens``); a block of one sentence is that sentence, whose embedding ``alone`` holds.
     Only blocks with a ``needed`` (n,) span are embedded; the others' rows stay ``alone``'s.
-    ``enc``: the text's encoding (for the sentences' token counts), encoded here when not given."""
+    ``enc``: the text's encoding (for the sentences' token counts), encoded here when not given.
+    ``token_states`` (span -> its token states): the spans of an embedded block get their tokens'
+    states from the block's pass instead (read in the paragraph's context)."""
     if enc is None:
         enc = tm.tokenizer.encode(text)
     token_starts = [a for a, _ in enc.offsets]
@@ -357,7 +449,18 @@ def embed_blocks(
     for i, b in enumerate(ids):
         members.setdefault(b, []).append(i)
     several = [m for m in members.values() if len(m) > 1 and bool(needed[m].any())]
-    embedded = embed_texts(tm, [text[spans[m[0]][0] : spans[m[-1]][1]] for m in several], batch_size)
+    texts = [text[spans[m[0]][0] : spans[m[-1]][1]] for m in several]
+    if token_states is None:
+        embedded = embed_texts(tm, texts, batch_size)
+    else:
+        embedded, states, encodings = embed_keeping_states(tm, texts, batch_size)
+        for m, st, block_enc in zip(several, states, encodings, strict=True):
+            # the block's tokens, split by the span their first character is in
+            begins, base = [a for a, _ in block_enc.offsets], spans[m[0]][0]
+            for i in m:
+                lo = bisect.bisect_left(begins, spans[i][0] - base)
+                hi = bisect.bisect_left(begins, spans[i][1] - base)
+                token_states[i] = st[lo:hi]
     block = alone.clone()
     for m, e in zip(several, embedded, strict=True):
         block[m] = e
@@ -402,6 +505,73 @@ def _scores(index: SentenceIndex, q: Tensor, coverage: Tensor | None, scoring: S
     if scoring.prose_only:
         scores = scores.masked_fill(~index.prose, -math.inf)
     return scores
+
+
+def reread_candidates(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    scores: Tensor,
+    scoring: SentenceScoring,
+    batch_size: int,
+    at_least: int = 1,
+) -> tuple[list[int], list[float]]:
+    """The second stage: the ``max(scoring.reread_k, at_least)`` best candidates of ``scores`` (n,),
+    each read again as the passage that starts at it, best first, with their scores
+    ``(score + w * cosine(q, passage)) / (1 + w)`` (w = ``scoring.reread_weight``). The passage's
+    vector is ``index.ahead`` (the mean of token states already computed in context), or with
+    ``scoring.reread_passes`` its text embedded (``passage_embeddings``, one more pass). A passage
+    that starts at a sentence says whether the text from there on answers the question, which the
+    first stage, a mean of separate sentence embeddings, only approximates. With ``reread_k`` or
+    ``reread_weight`` 0: the ``at_least`` best candidates and their scores."""
+    k = max(scoring.reread_k, at_least) if scoring.reread_k and scoring.reread_weight else at_least
+    k = min(k, int(torch.isfinite(scores).sum()))
+    if k < 1:
+        return [], []
+    best = torch.topk(scores, k)
+    top, values = best.indices, best.values
+    if scoring.reread_k and scoring.reread_weight:
+        if scoring.reread_passes:
+            passages = passage_embeddings(tm, index, top.tolist(), scoring.reread_tokens, batch_size)
+        elif index.ahead_tokens == scoring.reread_tokens and len(index.ahead) == len(index.spans):
+            passages = index.ahead[top]
+        else:
+            raise ValueError(
+                f"the index holds no passages of {scoring.reread_tokens} tokens (index_sentences "
+                "with this scoring makes them)"
+            )
+        w = scoring.reread_weight
+        values = (values + w * (passages @ q)) / (1 + w)
+        order = torch.argsort(values, descending=True, stable=True)
+        top, values = top[order], values[order]
+    return top.tolist(), [float(v) for v in values]
+
+
+def passage_embeddings(
+    tm: TaskModel, index: SentenceIndex, spans: list[int], max_tokens: int, batch_size: int
+) -> Tensor:
+    """(len(spans), d): for each span index, the embedding of the passage that starts at it: the
+    span and the spans after it while the passage holds at most ``max_tokens`` tokens (the span
+    alone when it is longer). Kept in ``index.memo`` for the next question about the text."""
+    text, memo = index.text, index.memo
+
+    def tokens(i: int) -> int:
+        if ("tokens", i) not in memo:
+            a, b = index.spans[i]
+            memo["tokens", i] = len(tm.tokenizer.encode(text[a:b]))
+        return memo["tokens", i]
+
+    todo = [i for i in dict.fromkeys(spans) if (i, max_tokens) not in memo]
+    texts = []
+    for i in todo:
+        end, size = i + 1, tokens(i)
+        while end < len(index.spans) and size + tokens(end) <= max_tokens:
+            size += tokens(end)
+            end += 1
+        texts.append(text[index.spans[i][0] : index.spans[end - 1][1]])
+    for i, e in zip(todo, embed_texts(tm, texts, batch_size) if texts else [], strict=True):
+        memo[i, max_tokens] = e
+    return torch.stack([memo[i, max_tokens] for i in spans])
 
 
 def feedback_query(q: Tensor, embeddings: Tensor, scores: Tensor, k: int, weight: float) -> Tensor:
