@@ -5,8 +5,9 @@ directory is built the way ``longdoc`` builds the default (conversion, then ``ap
 measured on data the adaptation never saw:
 
 - zero-shot QA on the Python FAQ (../shared/data/pyfaq_qa.jsonl; the FAQ pages are not in pydocs):
-  the default scoring (tasks.qa.SentenceScoring()), hit@1 / hit@5 on eval_qa.py's dev and held-out
-  pages and on all; each page's sentences embedded once (the ranking of ``longdoc qa``);
+  the default scoring (tasks.qa.SentenceScoring(), its second stage included; also the first stage
+  alone), hit@1 / hit@5 on eval_qa.py's dev and held-out pages and on all; each page's sentences
+  embedded once (the ranking of ``longdoc qa``);
 - zero-shot topics with the default labels (@topics): the State of the Union addresses, the
   **evaluation half** of pydocs (adapt_default.pydocs_split; the other half gave the training pairs),
   and eval_zero_shot.py's held-out licences and software manuals; and the README's six plain labels
@@ -41,7 +42,12 @@ from longdoc_cli.hub import (  # noqa: E402
     default_source_dir,
 )
 from longdoc_cli.tasks.classify import Classifier, load_labels  # noqa: E402
-from longdoc_cli.tasks.qa import QuestionAnswerer, SentenceScoring, score_sentences  # noqa: E402
+from longdoc_cli.tasks.qa import (  # noqa: E402
+    QuestionAnswerer,
+    SentenceScoring,
+    reread_candidates,
+    score_sentences,
+)
 from longdoc_cli.tasks.runner import embed_texts, load_task_model  # noqa: E402
 from longdoc_cli.tasks.text import sentence_spans  # noqa: E402
 
@@ -80,12 +86,18 @@ def qa(model_dir: Path, data: Path) -> dict[str, tuple[float, float, int]]:
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
             q = embed_texts(tm, [r["question"]], 1)[0]
             scores = score_sentences(index, q, r["question"], answerer.scoring)
-            ranked = torch.argsort(scores, descending=True)[:5].tolist()
+            first = torch.argsort(scores, descending=True)[:5].tolist()  # the first stage alone
+            ranked = reread_candidates(tm, index, q, scores, answerer.scoring, 16, 5)[0][:5]
             for part in ("dev" if context in dev else "held-out", "all"):
                 st[part]["n"] += 1
                 st[part]["hit1"] += ranked[:1] == [gold]
                 st[part]["hit5"] += gold in ranked
-    return {p: (100 * c["hit1"] / c["n"], 100 * c["hit5"] / c["n"], c["n"]) for p, c in st.items()}
+                st[part]["first_hit1"] += first[:1] == [gold]
+                st[part]["first_hit5"] += gold in first
+    out = {p: (100 * c["hit1"] / c["n"], 100 * c["hit5"] / c["n"], c["n"]) for p, c in st.items()}
+    for p, c in list(st.items()):  # the first stage alone (tasks.qa.PARAGRAPH_SCORING)
+        out[f"{p}, first stage"] = (100 * c["first_hit1"] / c["n"], 100 * c["first_hit5"] / c["n"], c["n"])
+    return out
 
 
 def planted(model_dir: Path, sotu: Path, n: int) -> tuple[int, int, int, list[float], list[float]]:
