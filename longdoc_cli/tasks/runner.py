@@ -150,10 +150,11 @@ def _side_by_side(
 ) -> Iterator[tuple[list[int], Any]]:
     """(chunk, output) for every chunk, in order, the passes run by ``workers`` threads at once, each
     with its share of torch's threads (the GIL is released inside every op). Two passes of one
-    thread each instead of one pass of two threads: no OpenMP fork/join and barrier per op, which
-    on a 2-core CPU took 1.5x the CPU time of the same passes, and far more while other processes
-    share the cores (benchmarks/README.md, "Passes side by side"). The outputs are the same numbers:
-    every op computes each output element the same way at any thread count."""
+    thread each instead of one pass of two threads: no OpenMP fork/join and barrier per op. On the
+    2-core AMX CPU, shared with other jobs (load 5), the passes took 0.54x the wall time and CPU
+    time in bf16, 0.64x in fp32; the outputs were the same numbers (``torch.equal``); the peak
+    memory grows by one pass's activations per extra worker (benchmarks/README.md, "Passes side by
+    side")."""
     threads = torch.get_num_threads()
     per_worker = max(1, threads // workers)
     pool = ThreadPoolExecutor(
