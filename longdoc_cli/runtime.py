@@ -67,9 +67,10 @@ def reuse_freed_memory() -> Iterator[None]:
     """While many inference passes run one after another (the windows of a long document): blocks
     under 32 MiB come from the heap, where a freed activation is reused by the next pass instead of
     going back to the system and being faulted in and zeroed again. ``longdoc classify`` of 300,000
-    characters (59 K tokens, bf16, two passes side by side): 625 K minor page faults and 2.0 s of
-    system time with the 1 MiB threshold, 170 K and 0.6 s with this, peak memory 430 -> 543 MB
-    (benchmarks/README.md, "Passes side by side"). Afterwards the 1 MiB threshold is back and
+    characters (59 K tokens, bf16, two passes side by side, these thresholds set through glibc's
+    variables for the whole process): 625 K minor page faults and 2.0 s of system time with the
+    1 MiB threshold, 170 K and 0.6 s with these, peak memory 430 -> 543 MB (benchmarks/README.md,
+    "Passes side by side"). Afterwards the 1 MiB threshold is back and
     ``malloc_trim`` returns the free heap. Only where :func:`return_freed_memory` set the threshold
     (longdoc's own inference processes); elsewhere nothing changes."""
     global _reusing
