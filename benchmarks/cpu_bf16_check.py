@@ -13,8 +13,10 @@ the matching peak, and `longdoc classify` of a 1 MB document in fp32, bf16, auto
    blank lines, cut to 1,000,000 characters: :func:`build_document`) classified by the command,
    ``python -m longdoc_cli classify FILE`` with ``--dtype fp32``, ``--dtype bf16``, no option (auto)
    and ``--dtype fp32 --quantize int8``, in separate processes, interleaved, the fastest of
-   ``--rounds`` (wall time; the CPU time of the same run too); each mode's top label and its largest
-   change of any label's score against fp32.
+   ``--rounds`` (wall time; the CPU time of the same run too, and the peak resident memory); each
+   mode's top label and its largest change of any label's score against fp32. ``bf16-one-pass``:
+   ``--dtype bf16`` the way inference ran before passes ran side by side (LONGDOC_CPU_WORKERS=1,
+   freed memory returned at once), for the ratio in the same run.
 
 The machine may be shared: the figures that matter are ratios measured in the same run; the load
 average says how quiet it was. About 4–5 minutes on 2 idle cores with the defaults (estimated from
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,11 @@ from longdoc_cli.runtime import auto_dtype, cpu_has_native_bf16
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MODES = {"fp32": ["--dtype", "fp32"], "bf16": ["--dtype", "bf16"], "auto": [],
-         "int8": ["--dtype", "fp32", "--quantize", "int8"]}  # fmt: skip
+         "int8": ["--dtype", "fp32", "--quantize", "int8"],
+         "bf16-one-pass": ["--dtype", "bf16"]}  # fmt: skip
+# Environment per mode. bf16-one-pass: one pass at a time on all threads, freed memory returned at
+# once (the inference loop before passes ran side by side; benchmarks/README.md "Passes side by side").
+MODE_ENV = {"bf16-one-pass": {"LONGDOC_CPU_WORKERS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 
 
 def build_document(size: int = 1_000_000, source: Path = DATA / "sotu.jsonl") -> str:
@@ -117,9 +122,16 @@ def encoder_shares(batch: int, n: int, repeats: int) -> dict:
     return out
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float, float]:
+    """Run ``cmd``: its exit code, stdout, stderr, CPU seconds and peak resident memory (MB)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        cpu = usage.ru_utime + usage.ru_stime
+        return proc.returncode, out.read().decode(), err.read().decode(), cpu, usage.ru_maxrss / 1024
 
 
 def classify_times(path: Path, rounds: int, modes: list[str]) -> dict:
@@ -127,18 +139,20 @@ def classify_times(path: Path, rounds: int, modes: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs: dict[str, list[float]] = {m: [] for m in modes}
     cpu_runs: dict[str, list[float]] = {m: [] for m in modes}  # CPU seconds: steadier on a busy machine
+    peak_mb: dict[str, float] = {m: 0.0 for m in modes}
     records: dict[str, dict] = {}
     for _ in range(rounds):
         for mode in modes:
             cmd = [sys.executable, "-m", "longdoc_cli", "classify", "--quiet", "--top-k", "1000"]
             cmd += [*MODES[mode], str(path)]
-            t, cpu = time.perf_counter(), _children_cpu()
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            t = time.perf_counter()
+            code, stdout, stderr, cpu, peak = _run_child(cmd, {**env, **MODE_ENV.get(mode, {})})
             runs[mode].append(time.perf_counter() - t)
-            cpu_runs[mode].append(_children_cpu() - cpu)
-            if r.returncode != 0:
-                raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-            records[mode] = json.loads(r.stdout.splitlines()[0])
+            cpu_runs[mode].append(cpu)
+            peak_mb[mode] = max(peak_mb[mode], peak)
+            if code != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed: {stderr.strip()}")
+            records[mode] = json.loads(stdout.splitlines()[0])
     ref = records.get("fp32")
     out = {}
     for mode in modes:
@@ -147,7 +161,7 @@ def classify_times(path: Path, rounds: int, modes: list[str]) -> dict:
         if ref is not None:
             change = max(abs(ref["scores"][k] - rec["scores"][k]) for k in ref["scores"])
         out[mode] = {"seconds": min(runs[mode]), "runs": runs[mode], "cpu_seconds": min(cpu_runs[mode]),
-                     "label": rec["label"],
+                     "peak_mb": peak_mb[mode], "label": rec["label"],
                      "n_tokens": rec.get("n_tokens"), "max_score_change_vs_fp32": change}  # fmt: skip
     return out
 
@@ -162,7 +176,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs of each encoder pass (fastest)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--modes", default="fp32,bf16,auto,int8", help="1 MB document modes")
+    ap.add_argument("--modes", default="fp32,bf16,auto,int8,bf16-one-pass", help="1 MB document modes")
     ap.add_argument("--skip-document", action="store_true", help="peaks and encoder only")
     ap.add_argument("--size", type=int, default=1_000_000, help="the document's characters")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -193,8 +207,8 @@ def main() -> None:
         for mode, d in docs.items():
             change = d["max_score_change_vs_fp32"]
             print(
-                f"  {mode:5s} {d['seconds']:6.1f} s  (runs {', '.join(f'{x:.1f}' for x in d['runs'])}; "
-                f"CPU {d['cpu_seconds']:.1f} s)  label {d['label']!r}"
+                f"  {mode:13s} {d['seconds']:6.1f} s  (runs {', '.join(f'{x:.1f}' for x in d['runs'])}; "
+                f"CPU {d['cpu_seconds']:.1f} s, peak {d['peak_mb']:.0f} MB)  label {d['label']!r}"
                 + ("" if change is None else f", max score change vs fp32 {change:.4f}")
             )
     report["load_after"] = os.getloadavg()

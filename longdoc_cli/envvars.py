@@ -86,6 +86,7 @@ VARIABLES: dict[str, Callable[[str, str], Any]] = {
     "LONGDOC_ATTENTION": _choice(ATTENTION_CHOICES),
     "LONGDOC_FLEX_OPTIONS": _json_object,
     "LONGDOC_COMPILE_MODE": _choice(COMPILE_MODES),
+    "LONGDOC_CPU_WORKERS": _count(1),
     # Hugging Face's: where its cache is, and whether the network may be used (`huggingface_hub`'s meaning)
     "HF_HOME": _path,
     "HF_HUB_CACHE": _path,

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,57 @@ def return_freed_memory() -> None:
     """For inference: glibc's mmap threshold at 1 MiB (by default it grows to 32 MiB), so freed
     activations go back to the system and the resident set follows the live tensors: the peak extra
     memory of a 4096-token pass fell from 262 to 169 MiB at the same speed. Not for training, whose
-    forward + backward ran 10-20% slower with it. ``MALLOC_MMAP_THRESHOLD_`` set by the user wins."""
+    forward + backward ran 10-20% slower with it. ``MALLOC_MMAP_THRESHOLD_`` set by the user wins.
+    Many passes in a row keep their freed activations between passes: :func:`reuse_freed_memory`."""
+    global _libc
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+            _libc = libc
+
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+REUSE_MMAP_THRESHOLD = 32 << 20  # glibc's own cap for its dynamic threshold
+REUSE_TRIM_THRESHOLD = 0  # the free top of the heap still goes back at once: less memory held
+_DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's default
+_libc: Any = None  # set when return_freed_memory lowered the threshold in this process
+_reusing = 0  # reuse_freed_memory() blocks open (threads may nest them)
+_reuse_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """While many inference passes run one after another (the windows of a long document): blocks
+    under 32 MiB come from the heap, where a freed activation is reused by the next pass instead of
+    going back to the system and being faulted in and zeroed again. ``longdoc classify`` of 300,000
+    characters (59 K tokens, bf16, two passes side by side, these thresholds set through glibc's
+    variables for the whole process): 625 K minor page faults and 2.0 s of system time with the
+    1 MiB threshold, 170 K and 0.6 s with these, peak memory 430 -> 543 MB (benchmarks/README.md,
+    "Passes side by side"). Afterwards the 1 MiB threshold is back and
+    ``malloc_trim`` returns the free heap. Only where :func:`return_freed_memory` set the threshold
+    (longdoc's own inference processes); elsewhere nothing changes."""
+    global _reusing
+    libc = _libc
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        _reusing += 1
+        if _reusing == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reusing -= 1
+            if _reusing == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                with contextlib.suppress(AttributeError):
+                    libc.malloc_trim(0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -179,6 +226,22 @@ def pick_dtype(name: str, device, task: str | None = None, quantize: str = "none
     if device.type == "cpu" and chosen == "fp16":
         raise UsageError("--dtype fp16 is not supported on the CPU (use fp32)")
     return torch_dtype(chosen)
+
+
+CPU_PASS_WORKERS = 2  # passes side by side on the CPU by default (measured on 2 cores only)
+
+
+def cpu_pass_workers(device_type: str, passes: int) -> int:
+    """How many inference passes run side by side (threads, each with its share of torch's
+    threads) when ``passes`` passes are to run on ``device_type``: ``LONGDOC_CPU_WORKERS`` (1: one
+    pass at a time, on all of torch's threads), else up to CPU_PASS_WORKERS; never more than torch's
+    threads or the passes, and 1 off the CPU."""
+    if device_type != "cpu" or passes < 2:
+        return 1
+    import torch
+
+    threads = torch.get_num_threads()
+    return max(1, min(env("LONGDOC_CPU_WORKERS", min(CPU_PASS_WORKERS, threads)), threads, passes))
 
 
 # ----------------------------------------------------------------------------------------------

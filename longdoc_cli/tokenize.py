@@ -95,7 +95,13 @@ class DocumentTokenizer:
     # ------------------------------------------------------------------------------------------
 
     def encode(self, text: str) -> Encoding:
-        """All tokens of ``text`` with character offsets into it (no specials, no truncation)."""
+        """All tokens of ``text`` with character offsets into it (no specials, no truncation). A
+        long text is encoded in pieces on every core (:func:`encode_in_pieces`), with the same
+        result as one call."""
+        if len(text) >= PARALLEL_MIN_CHARS:
+            enc = encode_in_pieces(self.tokenizer, text)
+            if enc is not None:
+                return enc
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         return Encoding(list(enc.ids), [tuple(o) for o in enc.offsets])
 
@@ -209,6 +215,113 @@ class DocumentTokenizer:
             "global_attention_mask": glob,
             "token_type_ids": types,
         }
+
+
+# A text this long is encoded in pieces, side by side (tokenizers' encode_batch runs on every core);
+# one piece per PIECE_CHARS, each read OVERLAP_CHARS into the next one.
+PARALLEL_MIN_CHARS = 100_000
+PIECE_CHARS = 50_000
+OVERLAP_CHARS = 2_000
+_MARGIN_CHARS = 500  # the end of a piece's overlap, where the text it lacks may change its tokens
+_MIN_AGREEING = 8  # tokens both pieces must give alike after the seam
+
+
+def encode_in_pieces(tokenizer: Tokenizer, text: str) -> Encoding | None:
+    """``text``'s encoding from pieces encoded in parallel, or None where the pieces cannot be
+    joined with certainty (then the caller encodes the text in one call).
+
+    Each piece is cut at a line break or space near its share of the text and runs
+    OVERLAP_CHARS into the next piece. At each seam, the two pieces must give the same tokens (ids
+    and offsets) from a common token start on, over the whole overlap but its last _MARGIN_CHARS
+    (at least _MIN_AGREEING tokens): the earlier piece read that stretch with all its left context,
+    the later one with all its right context, so where they agree neither context changed a token.
+    The joined encoding takes the earlier piece's tokens before that token, the later piece's from
+    it on. Whatever the tokenizer (WordPiece, byte-level BPE, a prefix space added to every piece,
+    a word cut in two), a seam where they never agree gives None, never a different encoding."""
+    n = len(text)
+    k = max(1, round(n / PIECE_CHARS))
+    if k < 2:
+        return None
+    cuts = [0]
+    for i in range(1, k):
+        cut = _cut_near(text, i * n // k, cuts[-1])
+        if cut > cuts[-1]:
+            cuts.append(cut)
+    cuts.append(n)
+    if len(cuts) < 3:
+        return None
+    ends = [min(n, b + OVERLAP_CHARS) for b in cuts[1:]]
+    encodings = tokenizer.encode_batch(
+        [text[a:e] for a, e in zip(cuts[:-1], ends, strict=True)], add_special_tokens=False
+    )
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    start = 0  # where the current piece's tokens begin (after the previous seam)
+    for p, enc in enumerate(encodings):
+        shift = cuts[p]
+        p_ids, p_offsets = enc.ids, [(a + shift, b + shift) for a, b in enc.offsets]
+        if p == len(encodings) - 1:
+            stop = len(p_ids)
+            nxt = 0
+        else:
+            nxt_enc = encodings[p + 1]
+            nxt_offsets = [(a + cuts[p + 1], b + cuts[p + 1]) for a, b in nxt_enc.offsets]
+            seam = _seam(p_ids, p_offsets, nxt_enc.ids, nxt_offsets, cuts[p + 1], ends[p] - _MARGIN_CHARS)
+            if seam is None:
+                return None
+            stop, nxt = seam
+        if stop < start:
+            return None
+        ids.extend(p_ids[start:stop])
+        offsets.extend(p_offsets[start:stop])
+        start = nxt
+    return Encoding(ids, offsets)
+
+
+def _cut_near(text: str, at: int, after: int) -> int:
+    """A cut point near ``at`` (and beyond ``after``): just after a line break, else after a space,
+    else ``at`` itself (the seam check copes with any cut)."""
+    window = text[at : at + 1000]
+    for mark in ("\n", " "):
+        i = window.find(mark)
+        if i >= 0:
+            return at + i + 1
+    return at if at > after else after
+
+
+def _seam(
+    a_ids: list[int],
+    a_offsets: list[tuple[int, int]],
+    b_ids: list[int],
+    b_offsets: list[tuple[int, int]],
+    cut: int,
+    limit: int,
+) -> tuple[int, int] | None:
+    """(i, j): piece A's tokens before i and piece B's from j on join without a change, where A
+    (read up to ``limit`` + the margin) and B (from ``cut``) agree from token A[i] = B[j] to the
+    last token of A that ends by ``limit``. None where they do not."""
+    a_start = {}
+    for i in range(len(a_ids) - 1, -1, -1):
+        if a_offsets[i][0] < cut:
+            break
+        a_start[a_offsets[i][0]] = i
+    last = len(a_ids)
+    while last > 0 and a_offsets[last - 1][1] > limit:
+        last -= 1
+    for j, (b_start, _) in enumerate(b_offsets):
+        if b_start >= limit:
+            return None
+        i = a_start.get(b_start)
+        if i is None or i >= last:
+            continue
+        k = last - i
+        if (
+            k >= _MIN_AGREEING
+            and a_ids[i:last] == b_ids[j : j + k]
+            and a_offsets[i:last] == b_offsets[j : j + k]
+        ):
+            return i, j
+    return None
 
 
 def _spans(n: int, body: int, overlap: int, name: str) -> list[tuple[int, int]]:

@@ -192,3 +192,74 @@ def test_context_budget_is_what_a_question_window_holds(tmp_path):
     for question in ("what", "what is the value of the code in a class", "code " * 30):
         first = tok.question_windows(question, enc, 64, 8, 16)[0]
         assert len(first) == 64 and first.doc_end - first.doc_start == tok.context_budget(question, 64, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# A long text encoded in pieces (encode_in_pieces): the very same ids and offsets as one call
+
+
+def _awkward_texts() -> dict[str, str]:
+    import random
+
+    rng = random.Random(0)
+    parts = ["the quick ", "brown fox\n", "\n\n", "jumps.  ", "Étude: ", "naïve café ", "\t", "   ",
+             "\U0001f600\U0001f44d\U0001f3fd", "中文テキスト", "x" * 40, "[SEP] ", "\r\n",
+             "42, 7; ", "—“q”— "]  # fmt: skip
+    return {
+        "prose": TEXT * 40,
+        "no line breaks": (TEXT * 40).replace("\n", " ").replace("\r", " "),
+        "unicode and emoji": "".join(rng.choice(parts) for _ in range(900)),
+        "runs of spaces": "word   \t  " * 400,
+        "one very long word": "y" * 4000,
+        "long lines": ("abc" * 300 + " ") * 12,
+        "no spaces at all": "".join(rng.choice("abcdefg,.;") for _ in range(4000)),
+    }
+
+
+@pytest.fixture()
+def small_pieces(monkeypatch):
+    """Pieces of a few hundred characters, so that short texts cross many seams."""
+    from longdoc_cli import tokenize
+
+    monkeypatch.setattr(tokenize, "PARALLEL_MIN_CHARS", 300)
+    monkeypatch.setattr(tokenize, "PIECE_CHARS", 300)
+    monkeypatch.setattr(tokenize, "OVERLAP_CHARS", 150)
+    monkeypatch.setattr(tokenize, "_MARGIN_CHARS", 40)
+
+
+@pytest.fixture(scope="module")
+def prefix_space_tok(tmp_path_factory) -> DocumentTokenizer:
+    """Byte-level BPE that adds a space in front of every text: a piece's first word differs."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    from tests.hf_checkpoints import WORDS
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=True, trim_offsets=True)
+    tok.train_from_iterator([" ".join(WORDS)] * 3, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"])
+    return DocumentTokenizer(tok._tokenizer, "roberta", 64)
+
+
+@pytest.mark.parametrize("name", list(_awkward_texts()))
+def test_encoding_in_pieces_is_one_calls_encoding(
+    bert_tok, roberta_tok, prefix_space_tok, small_pieces, name
+):
+    from longdoc_cli.tokenize import encode_in_pieces
+
+    text = _awkward_texts()[name]
+    for tok in (bert_tok, roberta_tok, prefix_space_tok):
+        one = tok.tokenizer.encode(text, add_special_tokens=False)
+        want = Encoding(list(one.ids), [tuple(o) for o in one.offsets])
+        assert tok.encode(text) == want, (name, tok.family)
+        joined = encode_in_pieces(tok.tokenizer, text)
+        assert joined is None or joined == want
+        if name == "prose":  # ordinary text is joined, not left to the one call
+            assert joined is not None, tok.family
+
+
+def test_encoding_in_pieces_gives_up_where_it_cannot_be_sure(bert_tok, small_pieces):
+    """One 'word' across every seam: no token starts in the overlap to join at, so the caller's
+    single call is used (encode_in_pieces says None)."""
+    from longdoc_cli.tokenize import encode_in_pieces
+
+    assert encode_in_pieces(bert_tok.tokenizer, "z" * 2000) is None
+    assert bert_tok.encode("z" * 2000) == Encoding([bert_tok.unk_id], [(0, 2000)])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from ..model import (
     LongformerForSequenceClassification,
     load_hf_config,
 )
-from ..runtime import pick_device, pick_dtype
+from ..runtime import cpu_pass_workers, pick_device, pick_dtype, reuse_freed_memory
 from ..tokenize import DocumentTokenizer, Window
 
 
@@ -107,25 +111,74 @@ def run_windows(tm: TaskModel, windows: Sequence[Window], batch_size: int) -> It
 
     Output per head: encoder -> token states (T, d) float32 on CPU; classification -> logits
     (num_labels,); qa -> (start_logits (T,), end_logits (T,)). T is the window's own length.
+    On the CPU, several passes run side by side (:func:`runtime.cpu_pass_workers`), and freed
+    activations are kept between passes (:func:`runtime.reuse_freed_memory`).
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-    for chunk in _batches(order, [len(w) for w in windows], batch_size):
-        batch = {k: v.to(tm.device) for k, v in tm.tokenizer.collate([windows[i] for i in chunk]).items()}
-        with torch.inference_mode():
-            out = tm.model(
-                batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"],
-                batch["token_type_ids"] if tm.config.type_vocab_size > 1 else None,
-            )  # fmt: skip
-        for row, i in enumerate(chunk):
-            n = len(windows[i])
-            if tm.head == "encoder":
-                yield i, out[row, :n].float().cpu()
-            elif tm.head == "classification":
-                yield i, out[row].float().cpu()
-            else:
-                yield i, (out[0][row, :n].float().cpu(), out[1][row, :n].float().cpu())
+    chunks = list(_batches(order, [len(w) for w in windows], batch_size))
+    workers = cpu_pass_workers(tm.device.type, len(chunks))
+    with reuse_freed_memory() if len(chunks) > 1 else contextlib.nullcontext():
+        if workers > 1:
+            passes = _side_by_side(tm, windows, chunks, workers)
+        else:
+            passes = ((chunk, _forward(tm, windows, chunk)) for chunk in chunks)
+        for chunk, out in passes:
+            for row, i in enumerate(chunk):
+                n = len(windows[i])
+                if tm.head == "encoder":
+                    yield i, out[row, :n].float().cpu()
+                elif tm.head == "classification":
+                    yield i, out[row].float().cpu()
+                else:
+                    yield i, (out[0][row, :n].float().cpu(), out[1][row, :n].float().cpu())
+
+
+def _forward(tm: TaskModel, windows: Sequence[Window], chunk: list[int]) -> Any:
+    """One inference pass over the windows ``chunk`` (indices into ``windows``), padded together."""
+    batch = {k: v.to(tm.device) for k, v in tm.tokenizer.collate([windows[i] for i in chunk]).items()}
+    with torch.inference_mode():
+        return tm.model(
+            batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"],
+            batch["token_type_ids"] if tm.config.type_vocab_size > 1 else None,
+        )  # fmt: skip
+
+
+def _side_by_side(
+    tm: TaskModel, windows: Sequence[Window], chunks: list[list[int]], workers: int
+) -> Iterator[tuple[list[int], Any]]:
+    """(chunk, output) for every chunk, in order, the passes run by ``workers`` threads at once, each
+    with its share of torch's threads (the GIL is released inside every op). Two passes of one
+    thread each instead of one pass of two threads: no OpenMP fork/join and barrier per op. On the
+    2-core AMX CPU, shared with other jobs (load 5), the passes took 0.54x the wall time and CPU
+    time in bf16, 0.64x in fp32; the outputs were the same numbers (``torch.equal``); the peak
+    memory grows by one pass's activations per extra worker (benchmarks/README.md, "Passes side by
+    side")."""
+    threads = torch.get_num_threads()
+    per_worker = max(1, threads // workers)
+    pool = ThreadPoolExecutor(
+        workers, thread_name_prefix="longdoc-pass", initializer=torch.set_num_threads, initargs=(per_worker,)
+    )
+    ahead: collections.deque[tuple[list[int], Future]] = collections.deque()
+    try:
+        todo = iter(chunks)
+        for chunk in itertools.islice(todo, 2 * workers):  # a pass or two queued per worker
+            ahead.append((chunk, pool.submit(_forward, tm, windows, chunk)))
+        while ahead:
+            chunk, future = ahead.popleft()
+            out = future.result()
+            following = next(todo, None)
+            if following is not None:
+                ahead.append((following, pool.submit(_forward, tm, windows, following)))
+            yield chunk, out
+    finally:
+        for _, future in ahead:
+            future.cancel()
+        pool.shutdown(wait=True)
+        # A worker's set_num_threads also became torch's default for threads started later; this
+        # thread's own count never changed. Put the default back.
+        torch.set_num_threads(threads)
 
 
 # Short windows (zero-shot passages, sentences) go more than ``batch_size`` to a forward pass, up to
