@@ -639,3 +639,85 @@ def test_short_dense_path_is_taken_only_where_it_fits(monkeypatch):
         q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
         local_attention(q, k, v, window=8, dilation=dilation)
     assert calls == [17]
+
+
+# ----------------------------------------------------------------------------------------------
+# Short sequences in training: the band mask built once per batch (AttentionMasks.band_mask)
+
+# (B, H, n, window (one-sided), pads per row, global positions per row): w + 1 < n <= 2w + 1
+SHORT_CASES = {
+    "odd-n-padding-several-globals": (3, 2, 23, 11, [0, 5, 0], [[0, 9, 22], [1, 3], [0]]),
+    "rows-alike-one-global-first": (3, 2, 19, 9, [0, 0, 0], [[0], [0], [0]]),
+    "n-2w+1-globals-far": (2, 3, 17, 8, [0, 4], [[0, 16], [12]]),
+    "row-mostly-padding-no-global": (2, 2, 21, 10, [19, 0], [[], []]),
+    "same-global-count-padding": (2, 2, 15, 7, [0, 3], [[0, 14], [2, 5]]),
+}
+
+
+@pytest.mark.parametrize("case", SHORT_CASES.values(), ids=SHORT_CASES.keys())
+def test_short_band_mask_is_the_predicate(case):
+    """Bool and additive forms say the same thing: band or global key, real key; a row with no key
+    sees every key; one (1, 1, n, n) mask when every row has the same padding and globals."""
+    B, _, n, window, pads, globs = case
+    am, gm = make_masks(n, pads, globs)
+    gm = gm & am
+    allowed = attention.short_band_mask(am, gm, window)
+    additive = attention.short_band_mask(am, gm, window, F64)
+    alike = all(p == pads[0] for p in pads) and all(g == globs[0] for g in globs)
+    assert allowed.shape == additive.shape == ((1 if alike else B), 1, n, n)
+    assert torch.equal(additive == 0, allowed) and torch.isneginf(additive[~allowed]).all()
+    idx = torch.arange(n)
+    want = (band_predicate(idx[:, None], idx[None, :], window, 1)[None] | gm[:, None, :]) & am[:, None, :]
+    want = want | ~want.any(-1, keepdim=True)  # (B, n, n)
+    assert torch.equal(allowed[:, 0].expand(B, n, n), want)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["sdpa", "dropout-path"])
+@pytest.mark.parametrize("case", SHORT_CASES.values(), ids=SHORT_CASES.keys())
+def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatch):
+    """The whole layer with the band mask of the batch given (additive, as the model passes it)
+    equals the dense reference: values, padded rows 0, and the gradients of the hidden state and of
+    all six projections' weights (the global rows merged over token-major rows, with and without
+    global slots past a row's globals). The local rows' dropout path (attention_with_dropout), its
+    keep mask made to keep everything, takes the same additive mask: same local rows."""
+    B, H, n, window, pads, globs = case
+    Dh = 4
+    d = H * Dh
+    am, gm = make_masks(n, pads, globs)
+    gm = gm & am
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(B, n, d, dtype=F64, generator=g, requires_grad=True)
+    weights = [(torch.randn(d, d, dtype=F64, generator=g) / d**0.5).requires_grad_() for _ in range(6)]
+    biases = [torch.randn(d, dtype=F64, generator=g).requires_grad_() for _ in range(6)]
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh), head views of token-major rows as in the model
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    q, k, v, qg, kg, vg = (heads(x @ w.T + b) for w, b in zip(weights, biases, strict=True))
+    ref = reference_attention(q, k, v, qg, kg, vg, window=window, attention_mask=am, global_mask=gm)
+    index, valid = global_indices(gm)
+    rows = index[:, None, :, None].expand(B, H, index.shape[1], Dh)
+    calls = []
+    dense = attention._dense_banded
+    monkeypatch.setattr(attention, "_dense_banded", lambda *a: calls.append(a[-1]) or dense(*a))
+    if dropout:  # attention_with_dropout with a keep-everything mask: the same numbers
+        keep = attention.dropout_keep_mask
+        monkeypatch.setattr(attention, "dropout_keep_mask", lambda shape, p, dev: keep(shape, 0.0, dev))
+    out = longformer_attention(
+        q, k, v, qg.gather(2, rows), x, (weights[4], biases[4]), (weights[5], biases[5]), window=window,
+        attention_mask=am, global_index=index, global_valid=valid, dropout_p=0.25 if dropout else 0.0,
+        band_mask=attention.short_band_mask(am, gm, window, F64),
+    )  # fmt: skip
+    assert len(calls) == 1 and calls[0] is not None and calls[0].dtype == F64  # the given mask was used
+    # with dropout the global rows' probabilities are dropped at random: compare the local rows only
+    compared = (~gm if dropout else torch.ones_like(gm))[:, None, :, None]  # (B, 1, n, 1)
+    torch.testing.assert_close(out * compared, ref * compared, atol=1e-12, rtol=0)
+    assert (out.transpose(1, 2)[~am] == 0).all()
+    upstream = torch.randn(ref.shape, dtype=F64, generator=g) * compared
+    leaves = [x, *weights, *biases]
+    got = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad((ref * upstream).sum(), leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        a = torch.zeros_like(leaves[i]) if a is None else a
+        b = torch.zeros_like(leaves[i]) if b is None else b.nan_to_num(0.0)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"leaf {i}")
