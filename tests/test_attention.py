@@ -300,6 +300,39 @@ def test_global_attention_from_hidden_equals_projected_keys():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("pads", [[0, 0], [0, 6], [0, 19]], ids=["no-padding", "padding", "all-padding-row"])
+def test_global_rows_fused_equal_projected_keys(pads):
+    """The global rows as one fused SDPA call over the hidden state: values and every input's
+    gradient equal the projected-keys reference (float64); the key bias gets its exact gradient, 0;
+    a row of padding only is finite. In bf16, close to the reference at bf16's precision."""
+    B, H, G, Dh, n = 2, 4, 3, 5, 19
+    d = H * Dh
+    g = torch.Generator().manual_seed(3)
+    qg, x, wk, bk, wv, bv = (torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+                             [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)])  # fmt: skip
+    am, _ = make_masks(n, pads, [[], []])
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh)
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    ref = global_attention(qg, heads(x @ wk.T + bk), heads(x @ wv.T + bv), am)
+    out = attention.global_rows_fused(qg, x, wk, bk, wv, bv, am)
+    real = am.any(dim=1)[:, None, None, None]  # batch rows with a real token (the caller zeroes the rest)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out * real, ref * real, atol=1e-12, rtol=0)
+    inputs = [qg, x, wk, bk, wv, bv]
+    upstream = torch.randn_like(out) * real
+    grads_ref = torch.autograd.grad((ref.nan_to_num(0.0) * upstream).sum(), inputs)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    for g_out, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g_out, g_ref, atol=1e-10, rtol=0)
+    assert torch.equal(grads[3], torch.zeros_like(bk))
+    low = [t.detach().to(torch.bfloat16).requires_grad_(True) for t in inputs]
+    out = attention.global_rows_fused(*low, am)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double() * real, ref.detach() * real, atol=0.1, rtol=0.05)
+
+
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
     """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
     projected-keys reference, gradients flow through the chunks."""
@@ -651,6 +684,7 @@ SHORT_CASES = {
     "n-2w+1-globals-far": (2, 3, 17, 8, [0, 4], [[0, 16], [12]]),
     "row-mostly-padding-no-global": (2, 2, 21, 10, [19, 0], [[], []]),
     "same-global-count-padding": (2, 2, 15, 7, [0, 3], [[0, 14], [2, 5]]),
+    "all-padding-row": (2, 2, 13, 6, [0, 13], [[0, 12], [0]]),
 }
 
 
@@ -678,8 +712,9 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
     """The whole layer with the band mask of the batch given (additive, as the model passes it)
     equals the dense reference: values, padded rows 0, and the gradients of the hidden state and of
     all six projections' weights (the global rows merged over token-major rows, with and without
-    global slots past a row's globals). The local rows' dropout path (attention_with_dropout), its
-    keep mask made to keep everything, takes the same additive mask: same local rows."""
+    global slots past a row's globals; the global rows through ``global_rows_fused``). The local
+    rows' dropout path (attention_with_dropout), its keep mask made to keep everything, takes the
+    same additive mask: same local rows."""
     B, H, n, window, pads, globs = case
     Dh = 4
     d = H * Dh
@@ -700,6 +735,9 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
     calls = []
     dense = attention._dense_banded
     monkeypatch.setattr(attention, "_dense_banded", lambda *a: calls.append(a[-1]) or dense(*a))
+    fused = []
+    rows_fused = attention.global_rows_fused
+    monkeypatch.setattr(attention, "global_rows_fused", lambda *a: fused.append(1) or rows_fused(*a))
     if dropout:  # attention_with_dropout with a keep-everything mask: the same numbers
         keep = attention.dropout_keep_mask
         monkeypatch.setattr(attention, "dropout_keep_mask", lambda shape, p, dev: keep(shape, 0.0, dev))
@@ -709,6 +747,7 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
         band_mask=attention.short_band_mask(am, gm, window, F64),
     )  # fmt: skip
     assert len(calls) == 1 and calls[0] is not None and calls[0].dtype == F64  # the given mask was used
+    assert bool(fused) == (not dropout and bool(gm.any()))  # the global rows' fused call, with autograd
     # with dropout the global rows' probabilities are dropped at random: compare the local rows only
     compared = (~gm if dropout else torch.ones_like(gm))[:, None, :, None]  # (B, 1, n, 1)
     torch.testing.assert_close(out * compared, ref * compared, atol=1e-12, rtol=0)
