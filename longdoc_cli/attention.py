@@ -789,8 +789,8 @@ def global_rows_fused(
     row's scores cancels in the softmax, so b_k's gradient is exactly 0: joined with weight 0 to get
     it. Used for short sequences with autograd (``longformer_attention``), where the global rows
     were a tenth of a bf16 training step of the default model at 512 tokens; forward + backward of
-    one layer's global rows, 1 x 512 tokens, one global: 1.9 ms against 2.8 (fp32) and 3.0 (bf16),
-    4.9 against 8.1 ms for 4 rows in bf16 (benchmarks/README.md, "A training step against BERT").
+    one layer's global rows, one global token, 1 x 512 tokens: 1.9 ms against 2.4 (fp32), 2.2
+    against 3.0 (bf16); 4 x 512 in bf16: 4.7 against 7.2 (benchmarks/global_rows_ab.py).
     q_global: (B, H, G, Dh); hidden: (B, n, d); weights (H*Dh, d). Returns (B, H, G, Dh)."""
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
