@@ -222,6 +222,8 @@ def test_short_sequences_train_on_the_batch_band_mask(tmp_path, monkeypatch):
     upstream = torch.randn(*ids.shape, TINY["hidden_size"], dtype=torch.float64) * am[..., None]
     a = outputs("encoder", ours, ids, am, gm, False)[0]
     assert built == [32]  # one mask for layers 0 and 2
+    with torch.no_grad():  # inference takes the same mask (its global rows merged in place)
+        torch.testing.assert_close(ours(ids, am, gm), a.detach(), atol=1e-12, rtol=0)
     b = outputs("encoder", hf, ids, am, gm, True)[0]
     real = am.bool()
     torch.testing.assert_close(a[real], b[real], atol=1e-6, rtol=0)  # HF: finite mask values
