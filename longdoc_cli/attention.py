@@ -122,6 +122,7 @@ def local_attention(
     block_mask=None,
     flex_attention=None,
     flex_options: dict[str, Any] | None = None,
+    band_mask: Tensor | None = None,
 ) -> Tensor:
     """Banded (and per-head dilated) attention of the local rows, with the global keys joined in.
 
@@ -131,7 +132,8 @@ def local_attention(
     Time and memory O(n * (w + G)); no (n, n) tensor is built.
     ``kernel``: "auto" (:func:`choose_kernel`; "band" without ``flex_attention``), "flex" or "band";
     ``block_mask`` is the flex mask of this batch (:func:`longformer_block_mask`), built here when
-    not given; ``flex_attention``/``flex_options``: see :func:`flex_local_attention`.
+    not given; ``flex_attention``/``flex_options``: see :func:`flex_local_attention`. ``band_mask``:
+    :func:`short_band_mask` of this batch, used where :func:`dense_band_applies` (built here if None).
     """
     B, H, n, Dh = q.shape
     attention_mask = _default_mask(attention_mask, B, n, True, q.device)
@@ -156,8 +158,10 @@ def local_attention(
     dilations = _per_head(dilation, H)
     if n <= window + 1 and max(dilations) == 1:
         return _dense_in_band(q, k, v, attention_mask, dropout_p)
-    if n <= DENSE_BAND_SPAN * window + 1 and max(dilations) == 1 and q.device.type == "cpu":
-        return _dense_banded(q, k, v, window, attention_mask, global_index, global_valid, dropout_p)
+    if dense_band_applies(n, window, dilations, q.device):
+        return _dense_banded(
+            q, k, v, window, attention_mask, global_index, global_valid, dropout_p, band_mask
+        )
     band_key = attention_mask.clone()
     g_keys = g_values = None
     if global_index is not None and global_index.shape[1] > 0:
@@ -602,6 +606,37 @@ def _dense_in_band(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor, dropout_p: f
 DENSE_BAND_SPAN = 2
 
 
+def dense_band_applies(n: int, window: int, dilation: Sequence[int] | int, device: torch.device) -> bool:
+    """Whether :func:`local_attention` runs the local rows of an n-token sequence as one masked dense
+    call (:func:`_dense_banded`): on the CPU, w + 1 < n <= DENSE_BAND_SPAN * w + 1, no dilation."""
+    dilations = [dilation] if isinstance(dilation, int) else dilation
+    return window + 1 < n <= DENSE_BAND_SPAN * window + 1 and max(dilations) == 1 and device.type == "cpu"
+
+
+def short_band_mask(
+    key_ok: Tensor, is_global: Tensor, window: int, dtype: torch.dtype = torch.bool
+) -> Tensor:
+    """The local rows' mask of a short sequence for one dense call, (B, 1, n, n): query i may see
+    key j when |i - j| <= w or j is global, and j is real. A row with no such key (padding) sees
+    every key, so it stays finite (the caller zeroes it). ``dtype`` bool: True = allowed; a float
+    dtype: the additive form, 0 where allowed and -inf elsewhere, which SDPA takes as it is (a boolean
+    mask it converts to that, once per call). key_ok, is_global: (B, n) bool. When every row has the
+    same padding and globals (a classification batch without padding) the mask is (1, 1, n, n),
+    broadcast over the batch: one n x n mask read by every row, not B copies."""
+    if key_ok.shape[0] > 1 and bool((key_ok == key_ok[:1]).all() & (is_global == is_global[:1]).all()):
+        key_ok, is_global = key_ok[:1], is_global[:1]
+    n = key_ok.shape[1]
+    pos = torch.arange(n, device=key_ok.device)
+    allowed = ((pos[:, None] - pos[None, :]).abs() <= window)[None] | is_global[:, None, :]  # (B, n, n)
+    allowed = allowed & key_ok[:, None, :]
+    allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, n, n)
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
 def _dense_banded(
     q: Tensor,
     k: Tensor,
@@ -611,38 +646,43 @@ def _dense_banded(
     global_index: Tensor | None,
     global_valid: Tensor | None,
     dropout_p: float,
+    band_mask: Tensor | None = None,
 ) -> Tensor:
     """Local rows of a short sequence (n <= DENSE_BAND_SPAN * w + 1, no dilation) in one masked
     dense call: a row sees the keys of its band and the global keys, padded keys excluded. The mask
-    is (B, n, n) booleans with n <= 2w + 1, no larger than the band's own (n, 2w + 1) footprint."""
+    is (B, n, n) with n <= 2w + 1, no larger than the band's own (n, 2w + 1) footprint;
+    ``band_mask`` is :func:`short_band_mask` of this batch when the caller built it once for every
+    layer (additive, in q's dtype), else it is built here."""
     B, H, n, Dh = q.shape
-    pos = torch.arange(n, device=q.device)
-    allowed = ((pos[:, None] - pos[None, :]).abs() <= window)[None]  # (1, n, n)
-    if global_index is not None and global_index.shape[1] > 0:
+    if band_mask is None:
         is_global = torch.zeros(B, n, dtype=torch.bool, device=q.device)
-        is_global.scatter_(1, global_index, global_valid)
-        allowed = allowed | is_global[:, None, :]
-    allowed = allowed & key_ok[:, None, :]
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a row with no key (padding) stays finite
-    out = _sdpa(q, k, v, allowed[:, None], dropout_p)
+        if global_index is not None and global_index.shape[1] > 0:
+            is_global.scatter_(1, global_index, global_valid)
+        band_mask = short_band_mask(key_ok, is_global, window)
+    out = _sdpa(q, k, v, band_mask, dropout_p)
+    if bool(key_ok.all()):  # nothing to zero: no multiply (and none in the backward pass)
+        return out
     return out * key_ok[:, None, :, None]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
-    """Scaled-dot-product attention over the ``allowed`` (boolean, broadcast) keys. With attention
-    dropout on the CPU it runs :func:`attention_with_dropout`, since SDPA then takes its unfused path
-    and F.dropout's ``bernoulli_`` took 34% of a training step of the default model (2 x 4096 tokens)."""
+    """Scaled-dot-product attention over the ``allowed`` keys (boolean, or additive 0 / -inf;
+    broadcast). With attention dropout on the CPU it runs :func:`attention_with_dropout`, since SDPA
+    then takes its unfused path and F.dropout's ``bernoulli_`` took 34% of a training step of the
+    default model (2 x 4096 tokens)."""
     if dropout_p > 0 and q.device.type == "cpu":
         return attention_with_dropout(q, k, v, allowed, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, p: float) -> Tensor:
-    """softmax(q k^T / sqrt(Dh) over ``allowed``) with attention dropout p, then @ v: SDPA's math
-    path, with a cheaper mask (:func:`dropout_keep_mask`) applied by one ``where``, and the 1/(1-p)
-    scale on the (b x Dh) output instead of the (b x keys) probabilities."""
+    """softmax(q k^T / sqrt(Dh) over ``allowed`` (boolean, or additive 0 / -inf)) with attention
+    dropout p, then @ v: SDPA's math path, with a cheaper mask (:func:`dropout_keep_mask`) applied by
+    one ``where``, and the 1/(1-p) scale on the (b x Dh) output instead of the (b x keys)
+    probabilities."""
     scores = torch.matmul(q / math.sqrt(q.shape[-1]), k.transpose(-1, -2))  # scale the smaller factor
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed
+    probs = torch.softmax(scores, dim=-1)
     keep, scale = dropout_keep_mask(probs.shape, p, probs.device)
     return torch.matmul(torch.where(keep, probs, 0.0).to(v.dtype), v) * scale
 
@@ -711,7 +751,10 @@ def global_attention_from_hidden(
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
     acc = torch.promote_types(q_global.dtype, torch.float32)
-    qk = torch.matmul(q_global, key_weight.view(H, Dh, d)).to(acc).view(B, H * G, d)  # (B, H*G, d)
+    # One bmm per head over the batch's rows: matmul's broadcast over the batch would copy the weight B
+    # times (and sum its gradient B ways).
+    qk = torch.bmm(q_global.transpose(0, 1).reshape(H, B * G, Dh), key_weight.view(H, Dh, d))  # (H, B*G, d)
+    qk = qk.view(H, B, G, d).transpose(0, 1).to(acc).reshape(B, H * G, d)  # (B, H*G, d)
     if hidden.dtype == acc:
         scores = torch.matmul(qk, hidden.transpose(1, 2))
     else:  # hidden in acc precision a chunk at a time: no (B, n, d) fp32 copy of a bf16 hidden state
@@ -722,9 +765,49 @@ def global_attention_from_hidden(
         scores = scores + (q_global.to(acc) * key_bias.to(acc).view(1, H, 1, Dh)).sum(-1, keepdim=True)
     probs = _global_probs(scores / math.sqrt(Dh), attention_mask, dropout_p)
     ph = torch.matmul(probs.to(hidden.dtype).view(B, H * G, -1), hidden).view(B, H, G, d)
-    out = torch.matmul(ph, value_weight.view(H, Dh, d).transpose(1, 2))  # (B, H, G, Dh)
+    ph = ph.transpose(0, 1).reshape(H, B * G, d)  # (H, B*G, d)
+    out = torch.bmm(ph, value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
     if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
         out = out + value_bias.view(1, H, 1, Dh)
+    return out
+
+
+def global_rows_fused(
+    q_global: Tensor,
+    hidden: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor | None,
+    value_weight: Tensor,
+    value_bias: Tensor | None,
+    attention_mask: Tensor,
+) -> Tensor:
+    """:func:`global_attention_from_hidden` (no dropout) with its softmax(q W_k hidden^T / sqrt(Dh))
+    hidden as one fused scaled-dot-product call: the H*G rows q W_k (width d) are the queries, the
+    hidden state (B, n, d) both keys and values; the CPU flash kernel's forward and backward replace
+    the scores' and probabilities' matmuls, the softmax and their backward passes. Rounding as the
+    unfused path: bf16 inputs, fp32 scores and softmax. The shift q . b_k that the key bias adds to a
+    row's scores cancels in the softmax, so b_k's gradient is exactly 0: joined with weight 0 to get
+    it. Used for short sequences with autograd (``longformer_attention``), where the global rows
+    were a tenth of a bf16 training step of the default model at 512 tokens; forward + backward of
+    one layer's global rows, one global token, 1 x 512 tokens: 1.9 ms against 2.4 (fp32), 2.2
+    against 3.0 (bf16); 4 x 512 in bf16: 4.7 against 7.2 (benchmarks/global_rows_ab.py).
+    q_global: (B, H, G, Dh); hidden: (B, n, d); weights (H*Dh, d). Returns (B, H, G, Dh)."""
+    B, H, G, Dh = q_global.shape
+    d = hidden.shape[-1]
+    qk = torch.bmm(q_global.transpose(0, 1).reshape(H, B * G, Dh), key_weight.view(H, Dh, d))  # (H, B*G, d)
+    qk = qk.view(H, B, G, d).transpose(0, 1).reshape(B, 1, H * G, d)
+    keys = hidden[:, None]  # (B, 1, n, d)
+    real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
+    mask = None if bool(attention_mask.all()) else real
+    ph = F.scaled_dot_product_attention(
+        qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
+    )  # (B, 1, H*G, d)
+    ph = ph.view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)
+    out = torch.bmm(ph, value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
+    if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
+        out = out + value_bias.view(1, H, 1, Dh)
+    if key_bias is not None and key_bias.requires_grad:
+        out = out + key_bias.sum() * 0.0
     return out
 
 
@@ -748,6 +831,7 @@ def longformer_attention(
     block_mask=None,
     flex_attention=None,
     flex_options: dict[str, Any] | None = None,
+    band_mask: Tensor | None = None,
 ) -> Tensor:
     """One layer's whole Longformer self-attention, before the output projection: every row's
     :func:`local_attention` (band, dilation, the global keys joined in once), then the global rows
@@ -758,25 +842,35 @@ def longformer_attention(
     of the rows ``global_index`` (B, G), of which ``global_valid`` (B, G) marks the real ones
     (:func:`global_indices`); hidden: (B, n, d) the layer's input; key_global, value_global:
     (weight (H*Dh, d), bias or None) of the global key and value projections. Returns (B, H, n, Dh),
-    padded rows 0. ``kernel``, ``block_mask``, ``flex_*``: as :func:`local_attention`.
+    padded rows 0. ``kernel``, ``block_mask``, ``flex_*``, ``band_mask``: as :func:`local_attention`.
     """
     B, H, n, Dh = q.shape
     attention_mask = _default_mask(attention_mask, B, n, True, q.device)
     out = local_attention(
         q, k, v, window=window, dilation=dilation, attention_mask=attention_mask, global_index=global_index,
         global_valid=global_valid, dropout_p=dropout_p, block=block, kernel=kernel, block_mask=block_mask,
-        flex_attention=flex_attention, flex_options=flex_options,
+        flex_attention=flex_attention, flex_options=flex_options, band_mask=band_mask,
     )  # (B, H, n, Dh)  # fmt: skip
     G = global_index.shape[1]
     if not G:
         return out
-    out_g = global_attention_from_hidden(
-        q_global, hidden, *key_global, *value_global, attention_mask, dropout_p=dropout_p
-    )  # (B, H, G, Dh)
+    if dropout_p == 0.0 and torch.is_grad_enabled() and dense_band_applies(n, window, dilation, q.device):
+        out_g = global_rows_fused(q_global, hidden, *key_global, *value_global, attention_mask)
+    else:
+        out_g = global_attention_from_hidden(
+            q_global, hidden, *key_global, *value_global, attention_mask, dropout_p=dropout_p
+        )  # (B, H, G, Dh)
     rows = global_index[:, None, :, None].expand(B, H, G, Dh)
-    out_g = torch.where(global_valid[:, None, :, None], out_g.to(out.dtype), out.gather(2, rows))
+    out_g = out_g.to(out.dtype)
+    all_valid = global_valid.device.type == "cpu" and bool(global_valid.all())  # no sync on CUDA
+    if not all_valid:  # the slots past a row's globals keep that row's local result
+        out_g = torch.where(global_valid[:, None, :, None], out_g, out.gather(2, rows))
     if torch.is_grad_enabled():  # the attention kernel's backward needs ``out`` unchanged
-        return out.scatter(2, rows, out_g)
+        # Scattered over the token-major rows, so the result and its gradient keep the layout of the
+        # kernel's output (the caller's reshape to (B, n, d) is a view; SDPA's backward gets the
+        # token-major gradient BERT's gets).
+        tokens = global_index[:, :, None, None].expand(B, G, H, Dh)
+        return out.transpose(1, 2).scatter(1, tokens, out_g.transpose(1, 2)).transpose(1, 2)
     # G rows written in place: a scatter copies all n rows (twice in place: 12 + 3 ms per layer at
     # n = 16384 in bf16), as ``out`` is a head view of token-major rows
     batch = torch.arange(B, device=global_index.device)[:, None]

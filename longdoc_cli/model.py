@@ -25,10 +25,12 @@ from torch.utils.checkpoint import checkpoint
 from .attention import (
     FLEX_BLOCK,
     choose_kernel,
+    dense_band_applies,
     global_indices,
     local_attention,
     longformer_attention,
     longformer_block_mask,
+    short_band_mask,
 )
 from .errors import LongdocError, UsageError
 from .runtime import attention_kernel, compiled_flex, flex_options, umask_mode
@@ -353,6 +355,14 @@ class AttentionMasks:
             )  # fmt: skip
         return self._block_masks[key]
 
+    def band_mask(self, window: int, dtype: torch.dtype) -> Tensor:
+        """The additive (B or 1, 1, T, T) mask of a short sequence's one dense call
+        (``attention.short_band_mask``) in ``dtype``, built on first use; later layers reuse it."""
+        key = ("short", window, dtype)
+        if key not in self._block_masks:
+            self._block_masks[key] = short_band_mask(self.attention, self.global_mask, window, dtype)
+        return self._block_masks[key]
+
 
 def _weights_key(tensors: list[Tensor]) -> tuple | None:
     """Changes whenever one of ``tensors`` is replaced or written to in place (its version counter),
@@ -434,6 +444,7 @@ class LongformerSelfAttention(nn.Module):
         q_g = self._heads(self.query_global(x_g))  # (B, H, G, Dh)
         kernel = choose_kernel(x.device, p, T, self.window, attention_kernel())
         flex = kernel == "flex"
+        dense = not flex and dense_band_applies(T, self.window, self.dilation, x.device)
         out = longformer_attention(
             q, k, v, q_g, x, (self.key_global.weight, self.key_global.bias),
             (self.value_global.weight, self.value_global.bias), window=self.window, dilation=self.dilation,
@@ -441,6 +452,7 @@ class LongformerSelfAttention(nn.Module):
             kernel=kernel, block_mask=masks.block_mask(self.window, self.dilation) if flex else None,
             flex_attention=compiled_flex(x.device.type) if flex else None,
             flex_options=flex_options() if flex else None,
+            band_mask=masks.band_mask(self.window, q.dtype) if dense else None,
         )  # (B, H, T, Dh)  # fmt: skip
         return out.transpose(1, 2).reshape(B, T, d)
 

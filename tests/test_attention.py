@@ -300,6 +300,39 @@ def test_global_attention_from_hidden_equals_projected_keys():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("pads", [[0, 0], [0, 6], [0, 19]], ids=["no-padding", "padding", "all-padding-row"])
+def test_global_rows_fused_equal_projected_keys(pads):
+    """The global rows as one fused SDPA call over the hidden state: values and every input's
+    gradient equal the projected-keys reference (float64); the key bias gets its exact gradient, 0;
+    a row of padding only is finite. In bf16, close to the reference at bf16's precision."""
+    B, H, G, Dh, n = 2, 4, 3, 5, 19
+    d = H * Dh
+    g = torch.Generator().manual_seed(3)
+    qg, x, wk, bk, wv, bv = (torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+                             [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)])  # fmt: skip
+    am, _ = make_masks(n, pads, [[], []])
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh)
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    ref = global_attention(qg, heads(x @ wk.T + bk), heads(x @ wv.T + bv), am)
+    out = attention.global_rows_fused(qg, x, wk, bk, wv, bv, am)
+    real = am.any(dim=1)[:, None, None, None]  # batch rows with a real token (the caller zeroes the rest)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out * real, ref * real, atol=1e-12, rtol=0)
+    inputs = [qg, x, wk, bk, wv, bv]
+    upstream = torch.randn_like(out) * real
+    grads_ref = torch.autograd.grad((ref.nan_to_num(0.0) * upstream).sum(), inputs)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    for g_out, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g_out, g_ref, atol=1e-10, rtol=0)
+    assert torch.equal(grads[3], torch.zeros_like(bk))
+    low = [t.detach().to(torch.bfloat16).requires_grad_(True) for t in inputs]
+    out = attention.global_rows_fused(*low, am)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double() * real, ref.detach() * real, atol=0.1, rtol=0.05)
+
+
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
     """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
     projected-keys reference, gradients flow through the chunks."""
@@ -639,3 +672,91 @@ def test_short_dense_path_is_taken_only_where_it_fits(monkeypatch):
         q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
         local_attention(q, k, v, window=8, dilation=dilation)
     assert calls == [17]
+
+
+# ----------------------------------------------------------------------------------------------
+# Short sequences in training: the band mask built once per batch (AttentionMasks.band_mask)
+
+# (B, H, n, window (one-sided), pads per row, global positions per row): w + 1 < n <= 2w + 1
+SHORT_CASES = {
+    "odd-n-padding-several-globals": (3, 2, 23, 11, [0, 5, 0], [[0, 9, 22], [1, 3], [0]]),
+    "rows-alike-one-global-first": (3, 2, 19, 9, [0, 0, 0], [[0], [0], [0]]),
+    "n-2w+1-globals-far": (2, 3, 17, 8, [0, 4], [[0, 16], [12]]),
+    "row-mostly-padding-no-global": (2, 2, 21, 10, [19, 0], [[], []]),
+    "same-global-count-padding": (2, 2, 15, 7, [0, 3], [[0, 14], [2, 5]]),
+    "all-padding-row": (2, 2, 13, 6, [0, 13], [[0, 12], [0]]),
+}
+
+
+@pytest.mark.parametrize("case", SHORT_CASES.values(), ids=SHORT_CASES.keys())
+def test_short_band_mask_is_the_predicate(case):
+    """Bool and additive forms say the same thing: band or global key, real key; a row with no key
+    sees every key; one (1, 1, n, n) mask when every row has the same padding and globals."""
+    B, _, n, window, pads, globs = case
+    am, gm = make_masks(n, pads, globs)
+    gm = gm & am
+    allowed = attention.short_band_mask(am, gm, window)
+    additive = attention.short_band_mask(am, gm, window, F64)
+    alike = all(p == pads[0] for p in pads) and all(g == globs[0] for g in globs)
+    assert allowed.shape == additive.shape == ((1 if alike else B), 1, n, n)
+    assert torch.equal(additive == 0, allowed) and torch.isneginf(additive[~allowed]).all()
+    idx = torch.arange(n)
+    want = (band_predicate(idx[:, None], idx[None, :], window, 1)[None] | gm[:, None, :]) & am[:, None, :]
+    want = want | ~want.any(-1, keepdim=True)  # (B, n, n)
+    assert torch.equal(allowed[:, 0].expand(B, n, n), want)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["sdpa", "dropout-path"])
+@pytest.mark.parametrize("case", SHORT_CASES.values(), ids=SHORT_CASES.keys())
+def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatch):
+    """The whole layer with the band mask of the batch given (additive, as the model passes it)
+    equals the dense reference: values, padded rows 0, and the gradients of the hidden state and of
+    all six projections' weights (the global rows merged over token-major rows, with and without
+    global slots past a row's globals; the global rows through ``global_rows_fused``). The local
+    rows' dropout path (attention_with_dropout), its keep mask made to keep everything, takes the
+    same additive mask: same local rows."""
+    B, H, n, window, pads, globs = case
+    Dh = 4
+    d = H * Dh
+    am, gm = make_masks(n, pads, globs)
+    gm = gm & am
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(B, n, d, dtype=F64, generator=g, requires_grad=True)
+    weights = [(torch.randn(d, d, dtype=F64, generator=g) / d**0.5).requires_grad_() for _ in range(6)]
+    biases = [torch.randn(d, dtype=F64, generator=g).requires_grad_() for _ in range(6)]
+
+    def heads(t):  # (B, n, d) -> (B, H, n, Dh), head views of token-major rows as in the model
+        return t.view(B, n, H, Dh).transpose(1, 2)
+
+    q, k, v, qg, kg, vg = (heads(x @ w.T + b) for w, b in zip(weights, biases, strict=True))
+    ref = reference_attention(q, k, v, qg, kg, vg, window=window, attention_mask=am, global_mask=gm)
+    index, valid = global_indices(gm)
+    rows = index[:, None, :, None].expand(B, H, index.shape[1], Dh)
+    calls = []
+    dense = attention._dense_banded
+    monkeypatch.setattr(attention, "_dense_banded", lambda *a: calls.append(a[-1]) or dense(*a))
+    fused = []
+    rows_fused = attention.global_rows_fused
+    monkeypatch.setattr(attention, "global_rows_fused", lambda *a: fused.append(1) or rows_fused(*a))
+    if dropout:  # attention_with_dropout with a keep-everything mask: the same numbers
+        keep = attention.dropout_keep_mask
+        monkeypatch.setattr(attention, "dropout_keep_mask", lambda shape, p, dev: keep(shape, 0.0, dev))
+    out = longformer_attention(
+        q, k, v, qg.gather(2, rows), x, (weights[4], biases[4]), (weights[5], biases[5]), window=window,
+        attention_mask=am, global_index=index, global_valid=valid, dropout_p=0.25 if dropout else 0.0,
+        band_mask=attention.short_band_mask(am, gm, window, F64),
+    )  # fmt: skip
+    assert len(calls) == 1 and calls[0] is not None and calls[0].dtype == F64  # the given mask was used
+    assert bool(fused) == (not dropout and bool(gm.any()))  # the global rows' fused call, with autograd
+    # with dropout the global rows' probabilities are dropped at random: compare the local rows only
+    compared = (~gm if dropout else torch.ones_like(gm))[:, None, :, None]  # (B, 1, n, 1)
+    torch.testing.assert_close(out * compared, ref * compared, atol=1e-12, rtol=0)
+    assert (out.transpose(1, 2)[~am] == 0).all()
+    upstream = torch.randn(ref.shape, dtype=F64, generator=g) * compared
+    leaves = [x, *weights, *biases]
+    got = torch.autograd.grad((out * upstream).sum(), leaves, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad((ref * upstream).sum(), leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        a = torch.zeros_like(leaves[i]) if a is None else a
+        b = torch.zeros_like(leaves[i]) if b is None else b.nan_to_num(0.0)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"leaf {i}")

@@ -203,6 +203,43 @@ def test_dilation_equals_dense_reference(dilation):
     torch.testing.assert_close(out[am.bool()], ref[am.bool()], atol=1e-10, rtol=0)
 
 
+def test_short_sequences_train_on_the_batch_band_mask(tmp_path, monkeypatch):
+    """Windows that cover most of the input (w + 1 < T <= 2w + 1: one masked dense call per layer on
+    the CPU): the band mask is built once per batch and window, not per layer; outputs equal
+    transformers' (float64), and outputs and every parameter's gradient the dense reference's (odd
+    length, padding, a row mostly padding, several globals, one on padding, three rows). HF's own
+    float64 gradients of the embeddings are NaN here, hence the reference for the gradients."""
+    from longdoc_cli import attention
+
+    built = []
+    mask_of = attention.short_band_mask
+    monkeypatch.setattr("longdoc_cli.model.short_band_mask", lambda *a: built.append(a[2]) or mask_of(*a))
+    # one-sided windows 32, 64, 32 (HF pads T to a multiple of every two-sided window)
+    hf = hf_model("encoder", seed=8, attention_window=[64, 128, 64]).double()
+    hf.save_pretrained(tmp_path)
+    ours = LongformerEncoder.from_pretrained(tmp_path).double()
+    ids, am, gm = batch()  # T = 37: 33 < 37 <= 65 in layers 0 and 2; all keys in band in layer 1
+    upstream = torch.randn(*ids.shape, TINY["hidden_size"], dtype=torch.float64) * am[..., None]
+    a = outputs("encoder", ours, ids, am, gm, False)[0]
+    assert built == [32]  # one mask for layers 0 and 2
+    with torch.no_grad():  # inference takes the same mask (its global rows merged in place)
+        torch.testing.assert_close(ours(ids, am, gm), a.detach(), atol=1e-12, rtol=0)
+    b = outputs("encoder", hf, ids, am, gm, True)[0]
+    real = am.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-6, rtol=0)  # HF: finite mask values
+    ours_params = dict(ours.named_parameters())
+    got = torch.autograd.grad((a * upstream).sum(), list(ours_params.values()), allow_unused=True)
+    ref = dense_reference_forward(ours, ids, am, gm)  # the spec, float64
+    torch.testing.assert_close(a[real], ref[real], atol=1e-12, rtol=0)
+    want = torch.autograd.grad((ref * upstream).sum(), list(ours_params.values()), allow_unused=True)
+    checked = 0
+    for name, g, w in zip(ours_params, got, want, strict=True):
+        if not name.startswith("pooler."):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=0, msg=name)
+            checked += 1
+    assert checked == len(ours_params) - 2
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(7)
     config = LongformerConfig.from_dict(
