@@ -122,16 +122,35 @@ def encoder_shares(batch: int, n: int, repeats: int) -> dict:
     return out
 
 
+# Runs the command and writes its peak resident memory (KiB) to argv[1]. Linux hands a forked and
+# exec'd child the parent's resident high-water mark, so this process's own ru_maxrss (and wait4's)
+# would be at least this script's (~1 GB after the encoder runs); a small wrapper's child starts
+# from the wrapper's few MB instead.
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+    "open(sys.argv[1], 'w').write(str(peak)); sys.exit(code)"
+)
+
+
 def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float, float]:
     """Run ``cmd``: its exit code, stdout, stderr, CPU seconds and peak resident memory (MB)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        peak_file = Path(tmp) / "peak"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PEAK_WRAPPER, str(peak_file), *cmd], stdout=out, stderr=err, env=env
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # the wrapper and its child
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         cpu = usage.ru_utime + usage.ru_stime
-        return proc.returncode, out.read().decode(), err.read().decode(), cpu, usage.ru_maxrss / 1024
+        peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else float("nan")
+        return proc.returncode, out.read().decode(), err.read().decode(), cpu, peak
 
 
 def classify_times(path: Path, rounds: int, modes: list[str]) -> dict:
