@@ -99,7 +99,7 @@ def main() -> None:
         parts = outer_folds(train, args.folds, seed=rep)
         preds: dict[str, list[int]] = {}
 
-        def put(key: str, te: list[int], p, pick: str) -> None:
+        def put(key: str, te: list[int], p, pick: str, preds: dict[str, list[int]] = preds) -> None:
             preds.setdefault(key, [0] * len(train))
             for i, v in zip(te, p, strict=True):
                 preds[key][i] = int(v)

@@ -749,7 +749,7 @@ def fit_doc_head(
     threshold: float,
     seed: int,
     groups: Sequence[Any] | None = None,
-    select: str = "setf1",
+    select: str = "logloss",
 ) -> DocHeadFit:
     """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) by k-fold
     cross-validation on the training documents under the ``select`` rule (:data:`DOC_SELECT_RULES`;
