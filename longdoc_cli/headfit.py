@@ -8,8 +8,9 @@ Gram matrix is computed once; a candidate set's kernel is the sum of its blocks'
 L2-regularised logistic regression on a set's features equals one on the kernel's eigen-coordinates
 (phi = U sqrt(S), K = phi phi^T; the representer theorem), so every (set, L2) candidate of the
 stratified k-fold cross-validation on the training documents is a small n-dimensional fit, however
-many TF-IDF columns there are; the winner is refitted on all of them and folded back onto each
-block's raw features (exact: tests/test_docfeatures.py). The candidates contain each practitioner's
+many TF-IDF columns there are; the winner (by default the smallest out-of-fold cross-entropy,
+:data:`DOC_SELECT_RULES`) is refitted on all of them and folded back onto each block's raw features
+(exact: tests/test_docfeatures.py). The candidates contain each practitioner's
 baseline (TF-IDF + LR, first-window embedding + LR, mean of chunk embeddings + LR), so the pick can
 only lose to one of them by the noise of the cross-validation.
 
