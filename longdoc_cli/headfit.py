@@ -8,8 +8,9 @@ Gram matrix is computed once; a candidate set's kernel is the sum of its blocks'
 L2-regularised logistic regression on a set's features equals one on the kernel's eigen-coordinates
 (phi = U sqrt(S), K = phi phi^T; the representer theorem), so every (set, L2) candidate of the
 stratified k-fold cross-validation on the training documents is a small n-dimensional fit, however
-many TF-IDF columns there are; the winner is refitted on all of them and folded back onto each
-block's raw features (exact: tests/test_docfeatures.py). The candidates contain each practitioner's
+many TF-IDF columns there are; the winner (by default the smallest out-of-fold cross-entropy,
+:data:`DOC_SELECT_RULES`) is refitted on all of them and folded back onto each block's raw features
+(exact: tests/test_docfeatures.py). The candidates contain each practitioner's
 baseline (TF-IDF + LR, first-window embedding + LR, mean of chunk embeddings + LR), so the pick can
 only lose to one of them by the noise of the cross-validation.
 
@@ -36,7 +37,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -576,8 +577,10 @@ class DocHeadFit:
     l2: float
     weights: dict[str, Tensor]  # block -> (n_labels, d) on the raw block features (words: columns)
     bias: Tensor  # (n_labels,)
-    cv_scores: dict[tuple[str, float], float]  # (feature set name, l2) -> CV macro-F1
+    cv_scores: dict[tuple[str, float], float]  # (feature set name, l2) -> pooled out-of-fold macro-F1
     class_weight: str  # "balanced" or "none", after auto
+    members: tuple[tuple[str, float], ...] = ()  # the (set name, l2) candidates whose logits are averaged
+    cv_log_loss: dict[tuple[str, float], float] = field(default_factory=dict)  # out-of-fold cross-entropy
 
     def logits(self, feats: dict[str, Tensor]) -> Tensor:
         """(n_docs, n_labels) from the raw blocks (``words``: sparse rows over the fitted columns)."""
@@ -586,6 +589,153 @@ class DocHeadFit:
             x, w = feats[b].double(), w.double()
             out = out + (torch.sparse.mm(x, w.T) if x.is_sparse else x @ w.T)
         return out.float()
+
+
+# How the inner cross-validation's candidates become the head (``train.head_select``):
+#   pooled  the one (set, L2) with the best macro-F1 of the pooled out-of-fold predictions
+#   folds   the one with the best mean of the per-fold macro-F1 (scikit-learn's GridSearchCV rule)
+#   logloss the one with the smallest (class-weighted) out-of-fold cross-entropy
+#   setf1   each set's L2 by the smallest out-of-fold cross-entropy (smooth in L2), then the set with
+#           the best pooled macro-F1 at its L2 (the target metric, over a handful of candidates)
+#   top3    the mean of the logits of the three best by pooled macro-F1 (one linear head)
+#   sets3   the best L2 of each set, then the mean of the logits of the three best sets
+#   l2avg   the best set, the mean of the logits of its three best L2 values
+DOC_SELECT_RULES = ("pooled", "folds", "logloss", "setf1", "top3", "sets3", "l2avg")
+
+
+@dataclass
+class DocHeadCV:
+    """The inner cross-validation of every (set name, L2) candidate: its out-of-fold logits."""
+
+    logits: dict[
+        tuple[str, float], Tensor
+    ]  # (n_docs, n_labels) float64, each row from the fold it was held out of
+    parts: list[list[int]]
+    gold: list[tuple[int, ...]]
+    n_labels: int
+    multi: bool
+    threshold: float
+    sample_weight: Tensor  # (n_docs,) the class weights of the loss (ones when not balanced)
+
+    def predictions(self, key: tuple[str, float], rows: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+        z = self.logits[key] if rows is None else self.logits[key][list(rows)]
+        return _decide(z, self.multi, self.threshold)
+
+    def pooled_f1(self) -> dict[tuple[str, float], float]:
+        return {k: macro_f1(self.gold, self.predictions(k), self.n_labels) for k in self.logits}
+
+    def fold_f1(self) -> dict[tuple[str, float], float]:
+        """Mean over the folds of each fold's macro-F1."""
+        out = {}
+        for k in self.logits:
+            per = [
+                macro_f1([self.gold[i] for i in p], self.predictions(k, p), self.n_labels) for p in self.parts
+            ]
+            out[k] = sum(per) / len(per)
+        return out
+
+    def log_loss(self) -> dict[tuple[str, float], float]:
+        """Each candidate's out-of-fold cross-entropy, weighted as the fit's loss is."""
+        out = {}
+        w = self.sample_weight / self.sample_weight.sum()
+        for k, z in self.logits.items():
+            if self.multi:
+                y = torch.zeros_like(z)
+                for i, g in enumerate(self.gold):
+                    y[i, list(g)] = 1.0
+                loss = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(1)
+            else:
+                loss = F.cross_entropy(z, torch.tensor([g[0] for g in self.gold]), reduction="none")
+            out[k] = float((loss * w).sum())
+        return out
+
+
+def _decide(logits: Tensor, multi: bool, threshold: float) -> list[tuple[int, ...]]:
+    if multi:
+        probs = torch.sigmoid(logits)
+        return [tuple(i for i in range(len(p)) if p[i] >= threshold) or (int(p.argmax()),) for p in probs]
+    return [(int(i),) for i in logits.argmax(-1)]
+
+
+def doc_head_cv(
+    kernels: dict[str, Tensor],
+    sets: Sequence[tuple[str, ...]],
+    grid: Sequence[float],
+    targets: Sequence[Any],
+    n_labels: int,
+    parts: list[list[int]],
+    *,
+    balanced: bool,
+    multi: bool,
+    threshold: float,
+) -> DocHeadCV:
+    """Out-of-fold logits of every (set, L2) candidate, each fold's fits on the eigen-coordinates of
+    the set's kernel over the other folds' documents."""
+    y = _as_tensor(targets, multi)
+    n = len(targets)
+    out: dict[tuple[str, float], Tensor] = {}
+    for s in sets:
+        k = sum(kernels[b] for b in s)
+        z = {v: torch.zeros(n, n_labels, dtype=torch.float64) for v in grid}
+        for part in parts:
+            held = set(part)
+            tr = [i for i in range(n) if i not in held]
+            span = _Span.of(k[tr][:, tr])
+            phi, phi_part = span.phi, span.project(k[part][:, tr])
+            lw = _label_weights(label_counts([targets[i] for i in tr], n_labels), balanced, multi, len(tr))
+            for v in grid:
+                head = fit_logistic(
+                    phi, y[tr], n_labels, l2=v, label_weights=lw, multi=multi, standardize=False
+                )
+                z[v][part] = head.logits(phi_part.float()).double()
+        for v in grid:
+            out[(set_name(s), v)] = z[v]
+    counts = label_counts(targets, n_labels)
+    lw = _label_weights(counts, balanced, multi, n)
+    if lw is None or multi:
+        sw = torch.ones(n, dtype=torch.float64)
+    else:
+        sw = torch.tensor([lw[t] for t in targets], dtype=torch.float64)
+    return DocHeadCV(out, parts, [_gold(t) for t in targets], n_labels, multi, threshold, sw)
+
+
+def select_doc_candidates(
+    cv: DocHeadCV, sets: Sequence[tuple[str, ...]], rule: str
+) -> tuple[list[tuple[str, float]], dict[tuple[str, float], float]]:
+    """The candidates the head is made of (one, or several whose logits are averaged) under ``rule``
+    (:data:`DOC_SELECT_RULES`), and the score every candidate got (macro-F1, or log-loss for
+    ``logloss``). Ties: fewer blocks, then the stronger penalty."""
+    if rule not in DOC_SELECT_RULES:
+        raise ValueError(f"unknown head selection rule {rule!r} (one of {', '.join(DOC_SELECT_RULES)})")
+    order = {set_name(s): (len(s), i) for i, s in enumerate(sets)}
+    if rule == "logloss":
+        scores = cv.log_loss()
+        sign = -1.0
+    else:
+        scores = cv.fold_f1() if rule == "folds" else cv.pooled_f1()
+        sign = 1.0
+
+    def rank(keys):  # best first; among equal scores fewer blocks, then the stronger penalty
+        return sorted(keys, key=lambda k: (-sign * round(scores[k], 12), order[k[0]], -k[1]))
+
+    if rule == "setf1":
+        loss = cv.log_loss()
+        per_set: dict[str, tuple[str, float]] = {}
+        for k in sorted(loss, key=lambda k: (round(loss[k], 12), -k[1])):  # ties: the stronger penalty
+            per_set.setdefault(k[0], k)
+        return rank(per_set.values())[:1], scores
+    ranked = rank(scores)
+    if rule in ("pooled", "folds", "logloss"):
+        return [ranked[0]], scores
+    if rule == "top3":
+        return ranked[:3], scores
+    if rule == "l2avg":
+        name = ranked[0][0]
+        return [k for k in ranked if k[0] == name][:3], scores
+    best_per_set: dict[str, tuple[str, float]] = {}
+    for k in ranked:  # sets3
+        best_per_set.setdefault(k[0], k)
+    return rank(best_per_set.values())[:3], scores
 
 
 def fit_doc_head(
@@ -600,11 +750,14 @@ def fit_doc_head(
     threshold: float,
     seed: int,
     groups: Sequence[Any] | None = None,
+    select: str = "logloss",
 ) -> DocHeadFit:
-    """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) with the best
-    k-fold cross-validated macro-F1 on the training documents (ties: fewer blocks, then the stronger
-    penalty), then fit it on all of them. ``feats``: block -> (n_docs, d) dense, or sparse rows.
-    ``groups``: one key per document (``data.group_key``); the folds then keep each group whole."""
+    """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) by k-fold
+    cross-validation on the training documents under the ``select`` rule (:data:`DOC_SELECT_RULES`;
+    an ensemble rule averages the logits of several candidates, which is again one linear head on
+    the union of their blocks), then fit it on all of them. ``feats``: block -> (n_docs, d) dense,
+    or sparse rows. ``groups``: one key per document (``data.group_key``); the folds then keep each
+    group whole."""
     names = sorted({b for s in sets for b in s})
     scaled, scales, kernels = {}, {}, {}
     for b in names:
@@ -614,48 +767,42 @@ def fit_doc_head(
     mode = resolve_class_weight(class_weight, counts)
     balanced = mode == "balanced"
     y = _as_tensor(targets, multi)
-    gold = [_gold(t) for t in targets]
     grid = list(DOC_L2_GRID) if l2 == "auto" else [float(l2)]
     parts = folds(targets, min(CV_FOLDS, len(targets)), seed, groups)
     scores: dict[tuple[str, float], float] = {}
+    losses: dict[tuple[str, float], float] = {}
+    by_name = {set_name(s): s for s in sets}
     if len(sets) * len(grid) > 1 and len(parts) >= 2:
-        for s in sets:
-            k = sum(kernels[b] for b in s)
-            preds = {v: [()] * len(targets) for v in grid}
-            for part in parts:
-                held = set(part)
-                tr = [i for i in range(len(targets)) if i not in held]
-                span = _Span.of(k[tr][:, tr])
-                phi, phi_part = span.phi, span.project(k[part][:, tr])
-                tr_counts = label_counts([targets[i] for i in tr], n_labels)
-                lw = _label_weights(tr_counts, balanced, multi, len(tr))
-                for v in grid:
-                    head = fit_logistic(phi, y[tr], n_labels, l2=v, label_weights=lw, multi=multi,
-                                        standardize=False)  # fmt: skip
-                    for i, p in zip(part, predict(head, phi_part, multi, threshold), strict=True):
-                        preds[v][i] = p
-            for v in grid:
-                scores[(set_name(s), v)] = macro_f1(gold, preds[v], n_labels)
-        best = max(scores.values())
-        order = {set_name(s): (len(s), i) for i, s in enumerate(sets)}
-        name, v = min((key for key, f in scores.items() if f >= best - 1e-12),
-                      key=lambda key: (order[key[0]], -key[1]))  # fmt: skip
-        chosen = next(s for s in sets if set_name(s) == name)
+        cv = doc_head_cv(kernels, sets, grid, targets, n_labels, parts, balanced=balanced, multi=multi,
+                         threshold=threshold)  # fmt: skip
+        members, _ = select_doc_candidates(cv, sets, select)
+        scores, losses = cv.pooled_f1(), cv.log_loss()
     else:
-        chosen, v = sets[0], grid[len(grid) // 2]
-    k = sum(kernels[b] for b in chosen)
-    span = _Span.of(k)
+        members = [(set_name(sets[0]), grid[len(grid) // 2])]
     lw = _label_weights(counts, balanced, multi, len(targets))
-    head = fit_logistic(span.phi, y, n_labels, l2=v, label_weights=lw, multi=multi, standardize=False)
-    a = span.dual(head.weight.double())  # (n, n_labels)
-    weights: dict[str, Tensor] = {}
-    bias = head.bias.double().clone()
-    for b in chosen:
-        z, sc = scaled[b], scales[b]
-        if z.is_sparse:
-            weights[b] = torch.sparse.mm(z.t(), a).T.float()  # (n_labels, n_cols)
-        else:
-            w = (a.T @ z) * sc.factor / sc.sd  # on the raw features
-            weights[b] = w.float()
-            bias = bias - w @ sc.mu
-    return DocHeadFit(tuple(chosen), float(v), weights, bias.float(), scores, mode)
+    used = [b for b in names if any(b in by_name[m[0]] for m in members)]
+    weights = {b: None for b in used}
+    bias = torch.zeros(n_labels, dtype=torch.float64)
+    for name, v in members:
+        chosen = by_name[name]
+        span = _Span.of(sum(kernels[b] for b in chosen))
+        head = fit_logistic(span.phi, y, n_labels, l2=v, label_weights=lw, multi=multi, standardize=False)
+        a = span.dual(head.weight.double()) / len(members)  # (n, n_labels)
+        bias = bias + head.bias.double() / len(members)
+        for b in chosen:
+            z, sc = scaled[b], scales[b]
+            if z.is_sparse:
+                w = torch.sparse.mm(z.t(), a).T  # (n_labels, n_cols)
+            else:
+                w = (a.T @ z) * sc.factor / sc.sd  # on the raw features
+                bias = bias - w @ sc.mu
+            weights[b] = w if weights[b] is None else weights[b] + w
+    blocks = _in_block_order(used)
+    return DocHeadFit(blocks, float(members[0][1]), {b: weights[b].float() for b in blocks}, bias.float(),
+                      scores, mode, tuple(members), losses)  # fmt: skip
+
+
+def _in_block_order(names: Sequence[str]) -> tuple[str, ...]:
+    from .docfeatures import BLOCKS
+
+    return tuple(b for b in BLOCKS if b in names) + tuple(sorted(b for b in names if b not in BLOCKS))

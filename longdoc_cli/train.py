@@ -497,9 +497,11 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
     fitted.to(device).eval()
     record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": sum(n_windows),
               "class_weight": fit.class_weight, "head_features": set_name(fit.blocks), "head_l2": fit.l2,
+              "head_members": [f"{name},l2={v:g}" for name, v in fit.members],
               "feature_window": spec.mean_window,
               **({"cv_groups": len(set(groups))} if groups is not None else {}),
               "cv_macro_f1": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_scores.items()},
+              "cv_log_loss": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_log_loss.items()},
               "embed_s": round(t1 - t0, 3), "fit_s": round(time.perf_counter() - t1, 3),
               "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
     return fitted, record

@@ -79,8 +79,69 @@ def test_inner_cv_picks_the_informative_block_and_reports_every_candidate():
                                threshold=0.5, seed=0)  # fmt: skip
     assert fit.blocks == ("first512",)  # the noise block alone loses; with it, no better than without
     assert len(fit.cv_scores) == len(sets) * len(headfit.DOC_L2_GRID)
-    assert fit.cv_scores[("first512", fit.l2)] == max(fit.cv_scores.values())
+    assert len(fit.cv_log_loss) == len(fit.cv_scores)
+    assert fit.cv_log_loss[("first512", fit.l2)] == min(fit.cv_log_loss.values())  # the default rule
+    assert fit.cv_scores[("first512", fit.l2)] > 0.9
     assert max(v for (s, _), v in fit.cv_scores.items() if s == "first256") < 0.7
+
+
+def _known_cv() -> headfit.DocHeadCV:
+    """Out-of-fold logits of four candidates on 8 documents (labels 0 0 0 0 1 1 1 1, folds of 4)."""
+    gold = [0, 0, 0, 0, 1, 1, 1, 1]
+    sign = torch.tensor([-1.0 if g == 0 else 1.0 for g in gold], dtype=torch.float64)
+
+    def logits(margin: torch.Tensor) -> torch.Tensor:  # margin > 0: the gold label wins
+        return torch.stack([-margin * sign / 2, margin * sign / 2], dim=1)
+
+    timid = torch.full((8,), 0.2, dtype=torch.float64)  # every document right, barely
+    bold = torch.full((8,), 8.0, dtype=torch.float64)
+    bold[0] = -0.2  # every document right and sure of it, but one wrong (barely)
+    cand = {("a", 1e-3): logits(timid), ("a", 1e-2): logits(timid), ("a+b", 1e-1): logits(timid),
+            ("b", 1e-4): logits(bold)}  # fmt: skip
+    parts = [[0, 1, 4, 5], [2, 3, 6, 7]]
+    return headfit.DocHeadCV(
+        cand, parts, [(g,) for g in gold], 2, False, 0.5, torch.ones(8, dtype=torch.float64)
+    )
+
+
+def test_selection_rules_on_known_out_of_fold_logits():
+    cv, sets = _known_cv(), [("a",), ("b",), ("a", "b")]
+    members, scores = headfit.select_doc_candidates(cv, sets, "pooled")
+    assert members == [("a", 1e-2)]  # ties: fewer blocks, then the stronger penalty
+    assert scores[("a", 1e-3)] == 1.0 and scores[("b", 1e-4)] < 1.0
+    folds = cv.fold_f1()  # the mean of each fold's own macro-F1
+    per = [headfit.macro_f1([cv.gold[i] for i in p], cv.predictions(("b", 1e-4), p), 2) for p in cv.parts]
+    assert folds[("b", 1e-4)] == pytest.approx(sum(per) / 2) and per[0] < per[1] == 1.0
+    assert headfit.select_doc_candidates(cv, sets, "folds")[0] == [("a", 1e-2)]
+    loss, ll = headfit.select_doc_candidates(cv, sets, "logloss")
+    assert loss == [("b", 1e-4)] and ll[("b", 1e-4)] < ll[("a", 1e-2)]  # sure and nearly always right
+    # setf1: each set's L2 by log-loss (b: the sure one at 1e-4), then the set by macro-F1 at it
+    assert headfit.select_doc_candidates(cv, sets, "setf1")[0] == [("a", 1e-2)]
+    cv.logits[("b", 1e-5)] = cv.logits[("a", 1e-3)]  # b at 1e-5: every document right, barely
+    b_first = [("b",), ("a",), ("a", "b")]
+    assert headfit.select_doc_candidates(cv, b_first, "pooled")[0] == [("b", 1e-5)]
+    assert headfit.select_doc_candidates(cv, b_first, "setf1")[0] == [("a", 1e-2)]
+    del cv.logits[("b", 1e-5)]
+    assert headfit.select_doc_candidates(cv, sets, "top3")[0] == [("a", 1e-2), ("a", 1e-3), ("a+b", 1e-1)]
+    assert headfit.select_doc_candidates(cv, sets, "l2avg")[0] == [("a", 1e-2), ("a", 1e-3)]
+    assert headfit.select_doc_candidates(cv, sets, "sets3")[0] == [("a", 1e-2), ("a+b", 1e-1), ("b", 1e-4)]
+    with pytest.raises(ValueError, match="unknown head selection rule 'best'"):
+        headfit.select_doc_candidates(cv, sets, "best")
+
+
+def test_an_ensemble_head_is_one_linear_head_equal_to_the_mean_of_its_members_logits():
+    y, feats = _toy()
+    sets = [("first256",), ("first512",), ("first256", "first512")]
+    kw = dict(multi=False, class_weight="none", threshold=0.5, seed=0)
+    fit = headfit.fit_doc_head(feats, y.tolist(), 3, sets=sets, l2="auto", select="sets3", **kw)
+    assert len(fit.members) == 3 and len({m[0] for m in fit.members}) == 3
+    assert fit.blocks == ("first256", "first512")  # the union of the members' blocks
+    alone = [
+        headfit.fit_doc_head({b: feats[b] for b in name.split("+")}, y.tolist(), 3,
+                             sets=[tuple(name.split("+"))], l2=v, **kw).logits(feats)
+        for name, v in fit.members
+    ]  # fmt: skip
+    assert torch.allclose(fit.logits(feats), torch.stack(alone).mean(0), atol=1e-4)
 
 
 def _skewed(path: Path, tiny) -> Path:
@@ -112,8 +173,10 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
     assert conf["classifier"] == "doc-linear" and fit["class_weight"] == "balanced"
     assert "+".join(conf["doc_features"]["blocks"]) == fit["head_features"]
     assert len(fit["cv_macro_f1"]) == len(docfeatures.AUTO_SETS) * len(headfit.DOC_L2_GRID)
-    best = max(fit["cv_macro_f1"].values())
-    assert fit["cv_macro_f1"][f"{fit['head_features']},l2={fit['head_l2']:g}"] == best
+    # the default rule (logloss): the candidate with the smallest out-of-fold cross-entropy
+    pick = f"{fit['head_features']},l2={fit['head_l2']:g}"
+    assert fit["head_members"] == [pick] and len(fit["cv_log_loss"]) == len(fit["cv_macro_f1"])
+    assert fit["cv_log_loss"][pick] == min(fit["cv_log_loss"].values())
 
     # classify = the saved head on the document features computed independently
     model = LongformerForSequenceClassification.from_pretrained(out / "best").eval()
