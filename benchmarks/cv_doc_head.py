@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_fast_head import outer_folds  # noqa: E402
+from cv_fast_head import log, outer_folds, print_repeats_table  # noqa: E402
 from eval_finetune import fit_lr  # noqa: E402
 
 from longdoc_cli import docfeatures, headfit  # noqa: E402
@@ -46,10 +46,6 @@ WIDE_GRID = (1e-10, 3e-10, 1e-9, 3e-9, *SHIPPED_GRID)
 DECADE_GRID = tuple(v for v in SHIPPED_GRID if f"{v:g}".startswith("1e"))  # 1e-8, 1e-7, ..., 0.1
 SKLEARN_C = (0.01, 0.1, 1.0, 10.0, 100.0)  # eval_finetune.fit_lr's grid
 _fit_logistic = headfit.fit_logistic
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 _scale_block = headfit.scale_block
@@ -205,12 +201,8 @@ def main() -> None:
                     picks.setdefault(key, []).append("-")
         for key, p in preds.items():
             rows.setdefault(key, []).append(float(f1_score(y, p, average="macro")))
-    print(f"\n{args.corpus} ({len(train)} training documents, {args.repeats} x {args.folds}-fold outer CV)\n")
-    print("| variant | macro-F1 (mean) | per repeat | picks (set@l2 or C) |")
-    print("|---|---:|---|---|")
-    for key, v in rows.items():
-        common = sorted(set(picks[key]), key=picks[key].count, reverse=True)[:3]
-        print(f"| {key} | {np.mean(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} | {'; '.join(common)} |")
+    title = f"{args.corpus} ({len(train)} training documents, {args.repeats} x {args.folds}-fold outer CV)"
+    print_repeats_table(title, "variant", "picks (set@l2 or C)", rows, picks, top=3)
 
 
 if __name__ == "__main__":

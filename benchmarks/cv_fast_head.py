@@ -48,6 +48,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def print_repeats_table(
+    title: str, first_column: str, picks_column: str, rows: dict, picks: dict, top: int
+) -> None:
+    """A repeated outer CV as a markdown table: each row's mean macro-F1, its repeats, its common picks."""
+    print(f"\n{title}\n")
+    print(f"| {first_column} | macro-F1 (mean) | per repeat | {picks_column} |")
+    print("|---|---:|---|---|")
+    for key, v in rows.items():
+        common = sorted(set(picks[key]), key=picks[key].count, reverse=True)[:top]
+        print(f"| {key} | {sum(v) / len(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} | {'; '.join(common)} |")
+
+
 def first_windows(docs: list[dict], length: int, bf16: bool, cache: Path):
     """(embeddings (n, d), first windows): the first ``length``-token window of every document, as
     `longdoc train` with ``train.windows: first`` sees it, embedded by the default model."""

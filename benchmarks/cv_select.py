@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_fast_head import outer_folds  # noqa: E402
+from cv_fast_head import log, outer_folds, print_repeats_table  # noqa: E402
 from eval_finetune import fit_lr  # noqa: E402
 
 from longdoc_cli import docfeatures, headfit  # noqa: E402
@@ -42,10 +42,6 @@ FAMILIES = {
     "full": [s for s in docfeatures.AUTO_SETS if "first512" not in s],
 }
 _doc_head_cv = headfit.doc_head_cv
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -140,12 +136,8 @@ def main() -> None:
         for key, p in preds.items():
             rows.setdefault(key, []).append(float(f1_score(y, p, average="macro")))
         log(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items()))
-    print(f"\n{args.corpus} ({len(train)} training documents, {args.repeats} x {args.folds}-fold outer CV)\n")
-    print("| family rule | macro-F1 (mean) | per repeat | most common picks |")
-    print("|---|---:|---|---|")
-    for key, v in rows.items():
-        common = sorted(set(picks[key]), key=picks[key].count, reverse=True)[:2]
-        print(f"| {key} | {np.mean(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} | {'; '.join(common)} |")
+    title = f"{args.corpus} ({len(train)} training documents, {args.repeats} x {args.folds}-fold outer CV)"
+    print_repeats_table(title, "family rule", "most common picks", rows, picks, top=2)
 
 
 if __name__ == "__main__":
