@@ -25,18 +25,16 @@ Prints a Markdown table on stdout (progress on stderr). Needs scikit-learn (the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_fast_head import log, outer_folds, print_repeats_table  # noqa: E402
+from cv_fast_head import cached_training_part, log, outer_folds, print_repeats_table  # noqa: E402
 from eval_finetune import fit_lr  # noqa: E402
 
 from longdoc_cli import docfeatures, headfit  # noqa: E402
@@ -89,18 +87,10 @@ def main() -> None:
     args = ap.parse_args()
     from sklearn.metrics import f1_score
 
-    cdir = Path(args.out) / args.corpus
-    train = [json.loads(x) for x in (cdir / "train.jsonl").read_text().splitlines()]
+    train, first, mean, counts, labels, y = cached_training_part(args.out, args.corpus, args.tag)
     if args.corpus == "sotu":
         for d in train:  # sotu-1790-george-washington -> george-washington
             d["group"] = re.sub(r"^sotu-\d+-", "", d["id"])
-    z = np.load(cdir / f"emb256-train-{args.tag}.npz")
-    chunks = [torch.from_numpy(z["feats"][z["owner"] == i]) for i in range(len(train))]
-    first = torch.stack([c[0] for c in chunks])
-    mean = torch.stack([c.mean(0) for c in chunks])
-    counts = [docfeatures.word_counts(d["text"]) for d in train]
-    labels = sorted({d["label"] for d in train})
-    y = [labels.index(d["label"]) for d in train]
     variants = {
         "shipped": (100, SHIPPED_GRID),
         "iter1000": (1000, SHIPPED_GRID),

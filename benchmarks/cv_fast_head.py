@@ -60,6 +60,26 @@ def print_repeats_table(
         print(f"| {key} | {sum(v) / len(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} | {'; '.join(common)} |")
 
 
+def cached_training_part(
+    out: str, corpus: str, tag: str
+) -> tuple[list[dict], torch.Tensor, torch.Tensor, list, list[str], list[int]]:
+    """eval_finetune.py's cached training part of ``corpus`` under ``out``: its documents, their
+    first-chunk and mean-of-chunks embeddings, word counts, the sorted labels and each one's index."""
+    import numpy as np
+
+    from longdoc_cli import docfeatures
+
+    cdir = Path(out) / corpus
+    train = [json.loads(x) for x in (cdir / "train.jsonl").read_text().splitlines()]
+    z = np.load(cdir / f"emb256-train-{tag}.npz")
+    chunks = [torch.from_numpy(z["feats"][z["owner"] == i]) for i in range(len(train))]
+    first = torch.stack([c[0] for c in chunks])
+    mean = torch.stack([c.mean(0) for c in chunks])
+    counts = [docfeatures.word_counts(d["text"]) for d in train]
+    labels = sorted({d["label"] for d in train})
+    return train, first, mean, counts, labels, [labels.index(d["label"]) for d in train]
+
+
 def first_windows(docs: list[dict], length: int, bf16: bool, cache: Path):
     """(embeddings (n, d), first windows): the first ``length``-token window of every document, as
     `longdoc train` with ``train.windows: first`` sees it, embedded by the default model."""
