@@ -152,6 +152,10 @@ class TrainSection:
         "frozen encoder: document feature sets the head picks from by CV (README; window = per window)",
     )
     feature_window: int = _f(256, "frozen encoder: tokens per window of the 'mean' feature block")
+    head_select: str = _f(
+        "logloss",
+        "frozen encoder: how the CV picks the head: logloss | pooled | folds | setf1 | top3 | sets3 | l2avg",
+    )
 
 
 @dataclass
@@ -496,6 +500,10 @@ def _check(cfg: LongdocConfig, problems: list[str]) -> None:
         except ValueError as e:
             need(False, "train.head_features", str(e))
     need(tr.feature_window >= 8, "train.feature_window", f"must be >= 8, got {tr.feature_window}")
+    from .docfeatures import DOC_SELECT_RULES
+
+    need(tr.head_select in DOC_SELECT_RULES, "train.head_select",
+         f"expected one of {', '.join(DOC_SELECT_RULES)}, got {tr.head_select}")  # fmt: skip
     if cfg.task == "qa":
         need(tr.freeze_encoder is not True, "train.freeze_encoder",
              "a frozen encoder is for classification only (QA trains the whole model)")  # fmt: skip

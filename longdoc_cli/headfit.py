@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .docfeatures import set_name
+from .docfeatures import DOC_SELECT_RULES, set_name
 from .tokenize import Window
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # candidates for head_l2: auto (penalty per unit of mean loss)
@@ -589,18 +589,6 @@ class DocHeadFit:
             x, w = feats[b].double(), w.double()
             out = out + (torch.sparse.mm(x, w.T) if x.is_sparse else x @ w.T)
         return out.float()
-
-
-# How the inner cross-validation's candidates become the head (``train.head_select``):
-#   pooled  the one (set, L2) with the best macro-F1 of the pooled out-of-fold predictions
-#   folds   the one with the best mean of the per-fold macro-F1 (scikit-learn's GridSearchCV rule)
-#   logloss the one with the smallest (class-weighted) out-of-fold cross-entropy
-#   setf1   each set's L2 by the smallest out-of-fold cross-entropy (smooth in L2), then the set with
-#           the best pooled macro-F1 at its L2 (the target metric, over a handful of candidates)
-#   top3    the mean of the logits of the three best by pooled macro-F1 (one linear head)
-#   sets3   the best L2 of each set, then the mean of the logits of the three best sets
-#   l2avg   the best set, the mean of the logits of its three best L2 values
-DOC_SELECT_RULES = ("pooled", "folds", "logloss", "setf1", "top3", "sets3", "l2avg")
 
 
 @dataclass

@@ -472,7 +472,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
     fit = fit_doc_head(
         feats, doc_targets, len(info["labels"]), sets=sets, multi=bool(info.get("multi_label")),
         class_weight=cfg.train.class_weight, l2=cfg.train.head_l2, threshold=cfg.inference.threshold,
-        seed=cfg.train.seed, groups=groups,
+        seed=cfg.train.seed, groups=groups, select=cfg.train.head_select,
     )  # fmt: skip
     # The model with exactly the picked blocks (its head's shapes follow config.json's spec).
     chosen = FeatureSpec(fit.blocks, spec.mean_window)
@@ -497,6 +497,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
     fitted.to(device).eval()
     record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": sum(n_windows),
               "class_weight": fit.class_weight, "head_features": set_name(fit.blocks), "head_l2": fit.l2,
+              "head_select": cfg.train.head_select,
               "head_members": [f"{name},l2={v:g}" for name, v in fit.members],
               "feature_window": spec.mean_window,
               **({"cv_groups": len(set(groups))} if groups is not None else {}),

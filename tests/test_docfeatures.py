@@ -175,7 +175,8 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
     assert len(fit["cv_macro_f1"]) == len(docfeatures.AUTO_SETS) * len(headfit.DOC_L2_GRID)
     # the default rule (logloss): the candidate with the smallest out-of-fold cross-entropy
     pick = f"{fit['head_features']},l2={fit['head_l2']:g}"
-    assert fit["head_members"] == [pick] and len(fit["cv_log_loss"]) == len(fit["cv_macro_f1"])
+    assert fit["head_select"] == "logloss" and fit["head_members"] == [pick]
+    assert len(fit["cv_log_loss"]) == len(fit["cv_macro_f1"])
     assert fit["cv_log_loss"][pick] == min(fit["cv_log_loss"].values())
 
     # classify = the saved head on the document features computed independently
@@ -224,6 +225,33 @@ def _train_fast_first256(tiny, tiny_model_dir, data: Path, out: Path) -> Path:
                                  *[x for s in over for x in ("--set", s)]])  # fmt: skip
     assert r.exit_code == 0, r.output
     return out
+
+
+def test_head_select_reaches_the_fit_and_is_recorded(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    """train.head_select=pooled goes to fit_doc_head as its rule; the pick is a best pooled
+    out-of-fold macro-F1, and the log says which rule made it."""
+    seen = []
+    real = headfit.fit_doc_head
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("select"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(headfit, "fit_doc_head", spy)  # train.py imports it from headfit when it runs
+    data = _skewed(tmp_path / "skewed.jsonl", tiny)
+    out = tmp_path / "out"
+    extra = {"data.dev_fraction": 0.0, "train.freeze_encoder": "true",
+             "train.head_features": "first256,words", "train.head_select": "pooled"}  # fmt: skip
+    sets = tiny.overrides(tiny_model_dir, data, **extra)
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(out),
+                                 *[x for s in sets for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen == ["pooled"]
+    logs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    (fit,) = [x for x in logs if "head_members" in x]
+    pick = f"{fit['head_features']},l2={fit['head_l2']:g}"
+    assert fit["head_select"] == "pooled" and fit["head_members"] == [pick]
+    assert fit["cv_macro_f1"][pick] == max(fit["cv_macro_f1"].values())
 
 
 def test_fast_recipe_reads_first_windows_only(tiny, tiny_model_dir, tmp_path):

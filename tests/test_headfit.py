@@ -93,12 +93,21 @@ def test_config_keys_are_strict_and_in_the_defaults():
     cfg = default_config("classify")
     assert cfg.frozen and not default_config("qa").frozen
     t = config_to_dict(cfg)["train"]
-    keys = ("freeze_encoder", "class_weight", "windows", "max_windows", "token_features", "head_l2")
-    assert [t[k] for k in keys] == ["auto", "auto", "all", None, True, "auto"]
+    keys = (
+        "freeze_encoder",
+        "class_weight",
+        "windows",
+        "max_windows",
+        "token_features",
+        "head_l2",
+        "head_select",
+    )
+    assert [t[k] for k in keys] == ["auto", "auto", "all", None, True, "auto", "logloss"]
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.class_weight=weighted", "train.windows=every", "train.max_windows=0",
-                           "train.head_l2=-1"])  # fmt: skip
+                           "train.head_l2=-1", "train.head_select=best"])  # fmt: skip
     text = str(e.value)
+    assert "train.head_select: expected one of pooled, folds, logloss" in text
     assert "train.class_weight: expected one of auto, balanced, none" in text
     assert "train.windows: expected one of first, all" in text
     assert "train.max_windows: must be >= 1" in text and "train.head_l2: must be >= 0 or auto" in text
