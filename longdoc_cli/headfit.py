@@ -240,11 +240,11 @@ def fit_logistic(
     times ``token_scale``, which sets how much less their weights are penalised); returned folded back
     onto the raw features. ``y``: label indices (n,), or multi-hot (n, n_labels) with ``multi``.
     Single-label: ``label_weights`` weight each document by its label; multi-label: they scale the
-    positive terms. ``standardize`` False: the features as given (the penalty is then on their own
-    scale)."""
+    positive terms. ``standardize``: each column scaled as :func:`feature_scale` does (scikit-learn's
+    StandardScaler); False: the features as given (the penalty is then on their own scale)."""
     x = x.double()
     if standardize:
-        mu, sd = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+        mu, sd = feature_scale(x)  # as StandardScaler, like the document head (no sd clamp at 1e-6)
     else:
         mu, sd = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
     z = (x - mu) / sd

@@ -78,6 +78,21 @@ def test_logistic_head_is_folded_back_onto_raw_features():
     assert (raw.logits(x).argmax(-1) == y).float().mean() > 0.9
 
 
+def test_window_head_scales_a_tiny_but_informative_column_like_standard_scaler():
+    """A column whose spread is 1e-9 but which alone separates the labels: the window head, like the
+    document head, standardises it to unit variance (StandardScaler's rule; a clamp of the sd at 1e-6
+    shrank it to ~0 and lost it), and the folded weights stay finite."""
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1] * 15)
+    signal = (y.double() * 2 - 1) * 1e-9 + 1e-10 * torch.randn(30, dtype=torch.float64)
+    x = torch.cat([torch.randn(30, 3, dtype=torch.float64), signal[:, None]], dim=1)
+    head = headfit.fit_logistic(x, y, 2, l2=1e-3)
+    assert torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()
+    assert (head.logits(x.float()).argmax(-1) == y).float().mean() > 0.95
+    mu, sd = headfit.feature_scale(x)
+    assert float(sd[3]) == float(x[:, 3].std(unbiased=False))  # scaled, not clamped
+
+
 def test_windows_and_folds():
     ws = list(range(10))
     assert headfit.pick_windows(ws, "first", None) == [0]
