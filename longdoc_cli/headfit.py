@@ -365,11 +365,13 @@ def choose_l2(
     seed: int,
     grid: Sequence[tuple[float, float]] | None = None,
     tokens: Tensor | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[tuple[float, float], dict[tuple[float, float], float]]:
     """The (L2 strength, token scale) with the best k-fold cross-validated macro-F1 on the training
-    documents (ties: the stronger penalty), and every candidate's score."""
+    documents (ties: the stronger penalty), and every candidate's score. ``groups``: one key per
+    document (``data.group_key``); the folds then keep each group whole."""
     grid = list(grid or (TOKEN_GRID if tokens is not None else [(l2, 1.0) for l2 in L2_GRID]))
-    parts = folds(targets, min(CV_FOLDS, len(targets)), seed)
+    parts = folds(targets, min(CV_FOLDS, len(targets)), seed, groups)
     if len(parts) < 2:
         return grid[len(grid) // 2], {}
     y = _as_tensor(targets, multi)
@@ -454,10 +456,12 @@ def fit_head(
     token_features: bool = False,
     specials: Sequence[int] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> HeadFitResult:
     """Embed the given windows of every training document once, then fit the head on the
     token-weighted mean of each document's window embeddings (and, with ``token_features``, of its
-    windows' TF-IDF rows)."""
+    windows' TF-IDF rows). ``groups`` (``data.group_key``): the L2's cross-validation folds keep
+    each group whole."""
     flat: list[Window] = []
     owner: list[int] = []
     for d, ws in enumerate(docs_windows):
@@ -477,8 +481,10 @@ def fit_head(
     balanced = mode == "balanced"
     scores: dict[tuple[float, float], float] = {}
     if l2 == "auto":
-        (l2, scale), scores = choose_l2(x, targets, n_labels, balanced=balanced, multi=multi,
-                                        threshold=threshold, seed=seed, tokens=tokens)  # fmt: skip
+        (l2, scale), scores = choose_l2(
+            x, targets, n_labels, balanced=balanced, multi=multi, threshold=threshold, seed=seed,
+            tokens=tokens, groups=groups,
+        )  # fmt: skip
     else:
         scale = 10.0
     head = fit_logistic(x, _as_tensor(targets, multi), n_labels, l2=float(l2),

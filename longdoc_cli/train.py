@@ -392,12 +392,13 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     def on_batch(done: int, n: int) -> None:
         emit({"event": "embed", "step": done, "total_steps": n, "elapsed_s": time.perf_counter() - t0})
 
+    groups = [d.group for d in train_items] if cfg.data.group_key else None
     fit = fit_head(
         model.longformer, tokenizer, docs_windows, doc_targets, len(info["labels"]),
         multi=bool(info.get("multi_label")), class_weight=cfg.train.class_weight, l2=cfg.train.head_l2,
         threshold=cfg.inference.threshold, batch_size=bs, seed=cfg.train.seed,
         bf16=_embed_bf16(cfg, device), token_features=cfg.train.token_features,
-        specials=[tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id], on_batch=on_batch,
+        specials=[tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id], on_batch=on_batch, groups=groups,
     )  # fmt: skip
     head = model.classifier
     with torch.no_grad():
@@ -409,6 +410,7 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     model.eval()
     record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": fit.n_windows,
               "class_weight": fit.class_weight, "head_l2": fit.l2, "token_scale": fit.token_scale,
+              **({"cv_groups": len(set(groups))} if groups is not None else {}),
               "cv_macro_f1": {f"l2={k[0]:g},token_scale={k[1]:g}": v for k, v in fit.cv_scores.items()},
               "embed_s": round(fit.embed_seconds, 3), "fit_s": round(fit.fit_seconds, 3),
               "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip

@@ -361,6 +361,16 @@ def test_group_key_reaches_the_dev_split_and_the_heads_folds(tiny, tiny_model_di
     fit = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert fit["cv_groups"] == n_groups and seen == [[d.group for d in got.docs]]
 
+    # the per-window head's L2 cross-validation keeps the groups whole too
+    seen.clear()
+    sets = tiny.overrides(tiny_model_dir, data, **{**extra, "train.head_features": "window"})
+    r = CliRunner().invoke(app, ["train", str(CONFIGS / "classify-fast.yaml"), "-o", str(tmp_path / "win"),
+                                 *[x for s in sets for x in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    logs = [json.loads(x) for x in (tmp_path / "win" / "train_log.jsonl").read_text().splitlines()]
+    (fit,) = [x for x in logs if "token_scale" in x]
+    assert fit["cv_groups"] == n_groups and seen == [[d.group for d in got.docs]]
+
 
 def test_tiny_but_informative_dimensions_are_standardised_like_scikit_learn():
     """A dimension whose spread is 1e-30 (the default model's pooled embeddings have a few at 1e-33
