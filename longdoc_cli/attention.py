@@ -100,6 +100,14 @@ def global_indices(global_mask: Tensor) -> tuple[Tensor, Tensor]:
     return index, valid
 
 
+def _global_mask(attention_mask: Tensor, global_index: Tensor | None, global_valid: Tensor | None) -> Tensor:
+    """(B, n) bool: True at the real global rows ``global_index`` (:func:`global_indices`) marks."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    if global_index is not None and global_index.shape[1] > 0:
+        mask.scatter_(1, global_index, global_valid)
+    return mask
+
+
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, H, n, Dh), index (B, G) -> (B, H, G, Dh)."""
     B, H, _, Dh = x.shape
@@ -145,13 +153,11 @@ def local_attention(
         if flex_attention is None:
             raise ValueError("kernel='flex' needs flex_attention (runtime.compiled_flex(device_type))")
         if block_mask is None:
-            global_mask = torch.zeros_like(attention_mask)
-            if global_index is not None:
-                global_mask.scatter_(1, global_index, global_valid)
             tile = int((flex_options or {}).get("tile", 0)) or None
             block_mask = longformer_block_mask(
-                attention_mask, global_mask, window=window, dilation=dilation, block=tile
-            )
+                attention_mask, _global_mask(attention_mask, global_index, global_valid), window=window,
+                dilation=dilation, block=tile,
+            )  # fmt: skip
         return flex_local_attention(
             q, k, v, block_mask, attention_mask, flex_attention=flex_attention, options=flex_options
         )
@@ -653,12 +659,8 @@ def _dense_banded(
     is (B, n, n) with n <= 2w + 1, no larger than the band's own (n, 2w + 1) footprint;
     ``band_mask`` is :func:`short_band_mask` of this batch when the caller built it once for every
     layer (additive, in q's dtype), else it is built here."""
-    B, H, n, Dh = q.shape
     if band_mask is None:
-        is_global = torch.zeros(B, n, dtype=torch.bool, device=q.device)
-        if global_index is not None and global_index.shape[1] > 0:
-            is_global.scatter_(1, global_index, global_valid)
-        band_mask = short_band_mask(key_ok, is_global, window)
+        band_mask = short_band_mask(key_ok, _global_mask(key_ok, global_index, global_valid), window)
     out = _sdpa(q, k, v, band_mask, dropout_p)
     if bool(key_ok.all()):  # nothing to zero: no multiply (and none in the backward pass)
         return out
@@ -751,10 +753,7 @@ def global_attention_from_hidden(
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
     acc = torch.promote_types(q_global.dtype, torch.float32)
-    # One bmm per head over the batch's rows: matmul's broadcast over the batch would copy the weight B
-    # times (and sum its gradient B ways).
-    qk = torch.bmm(q_global.transpose(0, 1).reshape(H, B * G, Dh), key_weight.view(H, Dh, d))  # (H, B*G, d)
-    qk = qk.view(H, B, G, d).transpose(0, 1).to(acc).reshape(B, H * G, d)  # (B, H*G, d)
+    qk = _queries_through_keys(q_global, key_weight).to(acc).reshape(B, H * G, d)  # (B, H*G, d)
     if hidden.dtype == acc:
         scores = torch.matmul(qk, hidden.transpose(1, 2))
     else:  # hidden in acc precision a chunk at a time: no (B, n, d) fp32 copy of a bf16 hidden state
@@ -764,12 +763,30 @@ def global_attention_from_hidden(
     if key_bias is not None:  # q . b_k is constant over keys: softmax ignores it, kept for parity
         scores = scores + (q_global.to(acc) * key_bias.to(acc).view(1, H, 1, Dh)).sum(-1, keepdim=True)
     probs = _global_probs(scores / math.sqrt(Dh), attention_mask, dropout_p)
-    ph = torch.matmul(probs.to(hidden.dtype).view(B, H * G, -1), hidden).view(B, H, G, d)
-    ph = ph.transpose(0, 1).reshape(H, B * G, d)  # (H, B*G, d)
+    ph = torch.matmul(probs.to(hidden.dtype).view(B, H * G, -1), hidden)  # (B, H*G, d)
+    return _through_values(ph, value_weight, value_bias, H)
+
+
+def _queries_through_keys(q_global: Tensor, key_weight: Tensor) -> Tensor:
+    """(B, H, G, d): each head's global queries times its rows of the key weight (q W_k_h), so that
+    their scores against the hidden state are the scores against the global keys (bias aside). One
+    bmm per head over the batch's rows: matmul's broadcast over the batch would copy the weight B
+    times (and sum its gradient B ways)."""
+    B, H, G, Dh = q_global.shape
+    d = key_weight.shape[-1]
+    qk = torch.bmm(q_global.transpose(0, 1).reshape(H, B * G, Dh), key_weight.view(H, Dh, d))  # (H, B*G, d)
+    return qk.view(H, B, G, d).transpose(0, 1)
+
+
+def _through_values(ph: Tensor, value_weight: Tensor, value_bias: Tensor | None, H: int) -> Tensor:
+    """(B, H, G, Dh): the attention-weighted hidden states ``ph`` (B, H*G, d), head h's rows through
+    head h's rows of the value weight (P hidden W_v_h^T), plus the bias (rows of P sum to 1, so it
+    passes through unchanged)."""
+    B, HG, d = ph.shape
+    G, Dh = HG // H, value_weight.shape[0] // H
+    ph = ph.view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)  # (H, B*G, d)
     out = torch.bmm(ph, value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
-    if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
-        out = out + value_bias.view(1, H, 1, Dh)
-    return out
+    return out if value_bias is None else out + value_bias.view(1, H, 1, Dh)
 
 
 def global_rows_fused(
@@ -794,18 +811,14 @@ def global_rows_fused(
     q_global: (B, H, G, Dh); hidden: (B, n, d); weights (H*Dh, d). Returns (B, H, G, Dh)."""
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
-    qk = torch.bmm(q_global.transpose(0, 1).reshape(H, B * G, Dh), key_weight.view(H, Dh, d))  # (H, B*G, d)
-    qk = qk.view(H, B, G, d).transpose(0, 1).reshape(B, 1, H * G, d)
+    qk = _queries_through_keys(q_global, key_weight).reshape(B, 1, H * G, d)
     keys = hidden[:, None]  # (B, 1, n, d)
     real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
     mask = None if bool(attention_mask.all()) else real
     ph = F.scaled_dot_product_attention(
         qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
     )  # (B, 1, H*G, d)
-    ph = ph.view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)
-    out = torch.bmm(ph, value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
-    if value_bias is not None:  # rows of P sum to 1, so the bias passes through unchanged
-        out = out + value_bias.view(1, H, 1, Dh)
+    out = _through_values(ph.view(B, H * G, d), value_weight, value_bias, H)
     if key_bias is not None and key_bias.requires_grad:
         out = out + key_bias.sum() * 0.0
     return out
