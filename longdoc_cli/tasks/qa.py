@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..tokenize import Encoding, Window
-from .runner import TaskModel, embed_texts, pool, run_windows, window_overlap
+from .runner import TaskModel, embed_encodings, embed_texts, run_windows, window_overlap
 from .text import context_around, paragraph_blocks, sentence_spans, span_kind
 
 SCHEMA_VERSION = 2  # 2: optional "seconds" and a final {"summary": ...} record (--timings)
@@ -368,28 +368,19 @@ def embed_keeping_states(
     """``embed_texts``'s embeddings (len(texts), d); for each text the token states (T, d) of its
     own tokens (specials left out; fp16 to halve the memory), in text order (a text longer than one
     window takes each token from the first window that holds it); and each text's encoding."""
-    windows: list[Window] = []
-    owner: list[int] = []
-    stride = min(64, (tm.max_length - 2) // 2)
     encodings = [tm.tokenizer.encode(t) for t in texts]
-    for t, enc in enumerate(encodings):
-        for w in tm.tokenizer.document_windows(enc, tm.max_length, stride):
-            windows.append(w)
-            owner.append(t)
     d = tm.config.hidden_size
-    sums, weights = torch.zeros(len(texts), d), torch.zeros(len(texts), 1)
     states = [torch.zeros(len(enc), d, dtype=torch.float16) for enc in encodings]
     filled = [torch.zeros(len(enc), dtype=torch.bool) for enc in encodings]
-    for i, out in run_windows(tm, windows, batch_size):
-        t, w = owner[i], windows[i]
-        sums[t] += pool(out, tm.pooling) * len(w)
-        weights[t] += len(w)
+
+    def keep(t: int, w: Window, out: Tensor) -> None:
         rows = [k for k, o in enumerate(w.offsets) if o is not None]  # the text's tokens doc_start..
         tokens = torch.arange(w.doc_start, w.doc_start + len(rows))
         new = ~filled[t][tokens]
         states[t][tokens[new]] = out[rows][new].to(torch.float16)
         filled[t][tokens[new]] = True
-    return F.normalize(sums / weights.clamp(min=1), dim=-1), states, encodings
+
+    return embed_encodings(tm, encodings, batch_size, keep), states, encodings
 
 
 def reading_ahead(states: list[Tensor], alone: Tensor, max_tokens: int) -> Tensor:

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from ..model import (
     load_hf_config,
 )
 from ..runtime import cpu_pass_workers, pick_device, pick_dtype, reuse_freed_memory
-from ..tokenize import DocumentTokenizer, Window
+from ..tokenize import DocumentTokenizer, Encoding, Window
 
 
 @dataclass
@@ -210,18 +210,32 @@ def embed_texts(tm: TaskModel, texts: Sequence[str], batch_size: int) -> Tensor:
     """L2-normalised embeddings (len(texts), d) of short texts (labels, passages, questions).
 
     A text longer than one window is embedded as the token-weighted mean of its windows."""
+    return embed_encodings(tm, [tm.tokenizer.encode(text) for text in texts], batch_size)
+
+
+def embed_encodings(
+    tm: TaskModel,
+    encodings: Sequence[Encoding],
+    batch_size: int,
+    on_window: Callable[[int, Window, Tensor], None] | None = None,
+) -> Tensor:
+    """:func:`embed_texts` of texts already encoded; ``on_window(text index, window, token states)``
+    is called with each window's output as it comes (the token states of its rows, specials
+    included)."""
     windows: list[Window] = []
     owner: list[int] = []
     stride = min(64, (tm.max_length - 2) // 2)
-    for t, text in enumerate(texts):
-        for w in tm.tokenizer.document_windows(tm.tokenizer.encode(text), tm.max_length, stride):
+    for t, enc in enumerate(encodings):
+        for w in tm.tokenizer.document_windows(enc, tm.max_length, stride):
             windows.append(w)
             owner.append(t)
-    sums = torch.zeros(len(texts), tm.config.hidden_size)
-    weights = torch.zeros(len(texts), 1)
+    sums = torch.zeros(len(encodings), tm.config.hidden_size)
+    weights = torch.zeros(len(encodings), 1)
     for i, states in run_windows(tm, windows, batch_size):
         sums[owner[i]] += pool(states, tm.pooling) * len(windows[i])
         weights[owner[i]] += len(windows[i])
+        if on_window is not None:
+            on_window(owner[i], windows[i], states)
     return F.normalize(sums / weights.clamp(min=1), dim=-1)
 
 
