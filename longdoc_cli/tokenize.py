@@ -254,19 +254,19 @@ def encode_in_pieces(tokenizer: Tokenizer, text: str) -> Encoding | None:
     encodings = tokenizer.encode_batch(
         [text[a:e] for a, e in zip(cuts[:-1], ends, strict=True)], add_special_tokens=False
     )
+    # each piece's offsets into the whole text, computed once (a seam reads two pieces)
+    shifted = [[(a + c, b + c) for a, b in enc.offsets] for enc, c in zip(encodings, cuts[:-1], strict=True)]
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     start = 0  # where the current piece's tokens begin (after the previous seam)
     for p, enc in enumerate(encodings):
-        shift = cuts[p]
-        p_ids, p_offsets = enc.ids, [(a + shift, b + shift) for a, b in enc.offsets]
+        p_ids, p_offsets = enc.ids, shifted[p]
         if p == len(encodings) - 1:
             stop = len(p_ids)
             nxt = 0
         else:
-            nxt_enc = encodings[p + 1]
-            nxt_offsets = [(a + cuts[p + 1], b + cuts[p + 1]) for a, b in nxt_enc.offsets]
-            seam = _seam(p_ids, p_offsets, nxt_enc.ids, nxt_offsets, cuts[p + 1], ends[p] - _MARGIN_CHARS)
+            limit = ends[p] - _MARGIN_CHARS
+            seam = _seam(p_ids, p_offsets, encodings[p + 1].ids, shifted[p + 1], cuts[p + 1], limit)
             if seam is None:
                 return None
             stop, nxt = seam
