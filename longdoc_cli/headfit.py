@@ -284,7 +284,12 @@ def fit_logistic(
 def predict(
     head: LinearHead, x: Tensor, multi: bool, threshold: float, tokens: Tensor | None = None
 ) -> list[tuple[int, ...]]:
-    logits = head.logits(x.float(), tokens)
+    return _decide(head.logits(x.float(), tokens), multi, threshold)
+
+
+def _decide(logits: Tensor, multi: bool, threshold: float) -> list[tuple[int, ...]]:
+    """Predicted labels from logits: the labels whose sigmoid reaches ``threshold`` (at least the
+    best) with ``multi``, else the argmax."""
     if multi:
         probs = torch.sigmoid(logits)
         return [tuple(i for i in range(len(p)) if p[i] >= threshold) or (int(p.argmax()),) for p in probs]
@@ -630,25 +635,21 @@ class DocHeadCV:
 
     def log_loss(self) -> dict[tuple[str, float], float]:
         """Each candidate's out-of-fold cross-entropy, weighted as the fit's loss is."""
-        out = {}
         w = self.sample_weight / self.sample_weight.sum()
+        if self.multi:  # the targets, built once for every candidate
+            y = torch.zeros(len(self.gold), self.n_labels, dtype=torch.float64)
+            for i, g in enumerate(self.gold):
+                y[i, list(g)] = 1.0
+        else:
+            y = torch.tensor([g[0] for g in self.gold])
+        out = {}
         for k, z in self.logits.items():
             if self.multi:
-                y = torch.zeros_like(z)
-                for i, g in enumerate(self.gold):
-                    y[i, list(g)] = 1.0
-                loss = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(1)
+                loss = F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").mean(1)
             else:
-                loss = F.cross_entropy(z, torch.tensor([g[0] for g in self.gold]), reduction="none")
+                loss = F.cross_entropy(z, y, reduction="none")
             out[k] = float((loss * w).sum())
         return out
-
-
-def _decide(logits: Tensor, multi: bool, threshold: float) -> list[tuple[int, ...]]:
-    if multi:
-        probs = torch.sigmoid(logits)
-        return [tuple(i for i in range(len(p)) if p[i] >= threshold) or (int(p.argmax()),) for p in probs]
-    return [(int(i),) for i in logits.argmax(-1)]
 
 
 def doc_head_cv(
