@@ -301,6 +301,17 @@ def _use_bf16(cfg: LongdocConfig, device) -> bool:
     return bool(cfg.train.bf16)
 
 
+def _cv_groups(cfg: LongdocConfig, items) -> list[str] | None:
+    """The frozen heads' cross-validation groups: each training document's ``data.group_key`` value
+    (None without the key: every document alone)."""
+    return [d.group for d in items] if cfg.data.group_key else None
+
+
+def _groups_record(groups: list[str] | None) -> dict[str, int]:
+    """The train log's ``cv_groups`` (how many groups the folds kept whole), when there are groups."""
+    return {} if groups is None else {"cv_groups": len(set(groups))}
+
+
 def _embed_bf16(cfg: LongdocConfig, device) -> bool:
     """Whether a frozen encoder's embedding pass (the fast recipes) runs in bf16. ``train.bf16: auto``
     follows ``--dtype auto`` for classification: besides a GPU with bf16, a CPU that computes bf16
@@ -392,7 +403,7 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     def on_batch(done: int, n: int) -> None:
         emit({"event": "embed", "step": done, "total_steps": n, "elapsed_s": time.perf_counter() - t0})
 
-    groups = [d.group for d in train_items] if cfg.data.group_key else None
+    groups = _cv_groups(cfg, train_items)
     fit = fit_head(
         model.longformer, tokenizer, docs_windows, doc_targets, len(info["labels"]),
         multi=bool(info.get("multi_label")), class_weight=cfg.train.class_weight, l2=cfg.train.head_l2,
@@ -410,7 +421,7 @@ def _train_frozen(cfg, out, model, tokenizer, source_dir, train_items, dev_items
     model.eval()
     record = {"step": 1, "epoch": 0, "frozen_encoder": True, "n_windows": fit.n_windows,
               "class_weight": fit.class_weight, "head_l2": fit.l2, "token_scale": fit.token_scale,
-              **({"cv_groups": len(set(groups))} if groups is not None else {}),
+              **_groups_record(groups),
               "cv_macro_f1": {f"l2={k[0]:g},token_scale={k[1]:g}": v for k, v in fit.cv_scores.items()},
               "embed_s": round(fit.embed_seconds, 3), "fit_s": round(fit.fit_seconds, 3),
               "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
@@ -469,7 +480,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
         counts = [count_words(t) for t in texts]
         vocab = fit_word_vocab(counts)
         feats["words"] = word_rows(counts, vocab.columns, vocab.idf)
-    groups = [d.group for d in train_items] if cfg.data.group_key else None
+    groups = _cv_groups(cfg, train_items)
     t1 = time.perf_counter()
     fit = fit_doc_head(
         feats, doc_targets, len(info["labels"]), sets=sets, multi=bool(info.get("multi_label")),
@@ -502,7 +513,7 @@ def _fit_document_head(cfg, model, tokenizer, train_items, dev_items, info, doc_
               "head_select": cfg.train.head_select,
               "head_members": [f"{name},l2={v:g}" for name, v in fit.members],
               "feature_window": spec.mean_window,
-              **({"cv_groups": len(set(groups))} if groups is not None else {}),
+              **_groups_record(groups),
               "cv_macro_f1": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_scores.items()},
               "cv_log_loss": {f"{k[0]},l2={k[1]:g}": v for k, v in fit.cv_log_loss.items()},
               "embed_s": round(t1 - t0, 3), "fit_s": round(time.perf_counter() - t1, 3),

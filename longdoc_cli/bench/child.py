@@ -146,6 +146,15 @@ def hf_incompatible(cfg) -> str:
     return ""
 
 
+def _quiet_transformers():
+    """The transformers module, with its warnings and progress bars off (the bench's own output)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
 BERT_POSITIONS = 512  # BERT's position table: the ``bert`` row runs at most this many tokens
 
 
@@ -157,12 +166,9 @@ def bert_checkpoint(model: str, checkpoint: Path, tmp: Path) -> Path:
     weights without the global projections, and the position rows that number tokens 0, 1, ... (at
     most 512, BERT's limit). Full attention at every length: the same function as the Longformer
     where its window covers the input and no token is global (checked before timing)."""
-    import transformers
-
     from ..model import load_hf_config, load_state_dict
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers = _quiet_transformers()
     cfg = load_hf_config(checkpoint)
     out = tmp / "bert"
     if model == "default" and "adapted" not in (cfg.extra.get("longdoc") or {}):  # no shipped delta on top
@@ -215,10 +221,7 @@ def load_impl(impl: str, checkpoint: Path, device: str, dtype: str, n: int | Non
     from ..model import LongformerEncoder, load_hf_config
 
     if impl in ("hf", "bert"):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        transformers = _quiet_transformers()
         if impl == "hf":
             model = transformers.LongformerModel.from_pretrained(checkpoint, add_pooling_layer=False)
         else:  # ``checkpoint``: the directory bert_checkpoint wrote
