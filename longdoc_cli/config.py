@@ -153,8 +153,9 @@ class TrainSection:
     )
     feature_window: int = _f(256, "frozen encoder: tokens per window of the 'mean' feature block")
     head_select: str = _f(
-        "logloss",
-        "frozen encoder: how the CV picks the head: logloss | pooled | folds | setf1 | top3 | sets3 | l2avg",
+        "logloss+ens",
+        "frozen encoder: how the CV picks the head: logloss+ens | logloss | pooled | folds | setf1 | top3"
+        " | sets3 | l2avg",
     )
 
 

@@ -45,13 +45,16 @@ AUTO_SETS = (
 # (``train.head_select``; headfit.select_doc_candidates):
 #   pooled  the one (set, L2) with the best macro-F1 of the pooled out-of-fold predictions
 #   folds   the one with the best mean of the per-fold macro-F1 (scikit-learn's GridSearchCV rule)
-#   logloss the one with the smallest (class-weighted) out-of-fold cross-entropy (the default)
+#   logloss the one with the smallest (class-weighted) out-of-fold cross-entropy
 #   setf1   each set's L2 by the smallest out-of-fold cross-entropy (smooth in L2), then the set with
 #           the best pooled macro-F1 at its L2 (the target metric, over a handful of candidates)
 #   top3    the mean of the logits of the three best by pooled macro-F1 (one linear head)
 #   sets3   the best L2 of each set, then the mean of the logits of the three best sets
 #   l2avg   the best set, the mean of the logits of its three best L2 values
-DOC_SELECT_RULES = ("pooled", "folds", "logloss", "setf1", "top3", "sets3", "l2avg")
+#   logloss+ens (the default) the least out-of-fold cross-entropy among every single candidate and
+#           the logit means of the 2 and 3 sets of least cross-entropy (each at its own best L2) and
+#           of the best set at its 2 and 3 best L2 values: an average where it fits better, else one
+DOC_SELECT_RULES = ("pooled", "folds", "logloss", "setf1", "top3", "sets3", "l2avg", "logloss+ens")
 HASH_BITS = 20
 WORDS_MIN_DF = 2
 WORDS_MAX_COLUMNS = 200_000

@@ -8,11 +8,11 @@ Gram matrix is computed once; a candidate set's kernel is the sum of its blocks'
 L2-regularised logistic regression on a set's features equals one on the kernel's eigen-coordinates
 (phi = U sqrt(S), K = phi phi^T; the representer theorem), so every (set, L2) candidate of the
 stratified k-fold cross-validation on the training documents is a small n-dimensional fit, however
-many TF-IDF columns there are; the winner (by default the smallest out-of-fold cross-entropy,
-:data:`DOC_SELECT_RULES`) is refitted on all of them and folded back onto each block's raw features
-(exact: tests/test_docfeatures.py). The candidates contain each practitioner's
-baseline (TF-IDF + LR, first-window embedding + LR, mean of chunk embeddings + LR), so the pick can
-only lose to one of them by the noise of the cross-validation.
+many TF-IDF columns there are; the winner (by default the least out-of-fold cross-entropy among
+the candidates and a few logit averages of them, :data:`DOC_SELECT_RULES`) is refitted on all of
+them and folded back onto each block's raw features (exact: tests/test_docfeatures.py). The
+candidates contain each practitioner's baseline (TF-IDF + LR, first-window embedding + LR, mean of
+chunk embeddings + LR), so the pick can only lose to one of them by the noise of the cross-validation.
 
 The per-window head (``head_features: window``): every window of every training document goes
 through the encoder once (no gradients); a window's embedding is the mean of its token states,
@@ -635,21 +635,31 @@ class DocHeadCV:
 
     def log_loss(self) -> dict[tuple[str, float], float]:
         """Each candidate's out-of-fold cross-entropy, weighted as the fit's loss is."""
+        y = self._targets()  # built once for every candidate
+        return {k: float(self._loss(z[None], y)[0]) for k, z in self.logits.items()}
+
+    def ensemble_log_loss(self, members: Sequence[tuple[str, float]]) -> float:
+        """The out-of-fold cross-entropy of the mean of ``members``' logits: the out-of-fold logits of
+        the averaged head (in each fold its members are fitted on the same documents)."""
+        z = torch.stack([self.logits[m] for m in members]).mean(0)
+        return float(self._loss(z[None], self._targets())[0])
+
+    def _targets(self) -> Tensor:
+        if not self.multi:
+            return torch.tensor([g[0] for g in self.gold])
+        y = torch.zeros(len(self.gold), self.n_labels, dtype=torch.float64)
+        for i, g in enumerate(self.gold):
+            y[i, list(g)] = 1.0
+        return y
+
+    def _loss(self, z: Tensor, y: Tensor) -> Tensor:
+        """(m,) weighted cross-entropy of m stacked logits (m, n_docs, n_labels)."""
         w = self.sample_weight / self.sample_weight.sum()
-        if self.multi:  # the targets, built once for every candidate
-            y = torch.zeros(len(self.gold), self.n_labels, dtype=torch.float64)
-            for i, g in enumerate(self.gold):
-                y[i, list(g)] = 1.0
+        if self.multi:
+            loss = F.binary_cross_entropy_with_logits(z, y.to(z.dtype).expand_as(z), reduction="none").mean(2)
         else:
-            y = torch.tensor([g[0] for g in self.gold])
-        out = {}
-        for k, z in self.logits.items():
-            if self.multi:
-                loss = F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").mean(1)
-            else:
-                loss = F.cross_entropy(z, y, reduction="none")
-            out[k] = float((loss * w).sum())
-        return out
+            loss = F.cross_entropy(z.transpose(1, 2), y.expand(z.shape[0], -1), reduction="none")
+        return (loss * w).sum(1)
 
 
 def doc_head_cv(
@@ -699,11 +709,11 @@ def select_doc_candidates(
 ) -> tuple[list[tuple[str, float]], dict[tuple[str, float], float]]:
     """The candidates the head is made of (one, or several whose logits are averaged) under ``rule``
     (:data:`DOC_SELECT_RULES`), and the score every candidate got (macro-F1, or log-loss for
-    ``logloss``). Ties: fewer blocks, then the stronger penalty."""
+    ``logloss`` and ``logloss+ens``). Ties: fewer blocks, then the stronger penalty."""
     if rule not in DOC_SELECT_RULES:
         raise ValueError(f"unknown head selection rule {rule!r} (one of {', '.join(DOC_SELECT_RULES)})")
     order = {set_name(s): (len(s), i) for i, s in enumerate(sets)}
-    if rule == "logloss":
+    if rule in ("logloss", "logloss+ens"):
         scores = cv.log_loss()
         sign = -1.0
     else:
@@ -722,6 +732,8 @@ def select_doc_candidates(
     ranked = rank(scores)
     if rule in ("pooled", "folds", "logloss"):
         return [ranked[0]], scores
+    if rule.endswith("+ens"):
+        return _least_loss_pool(cv, ranked), scores
     if rule == "top3":
         return ranked[:3], scores
     if rule == "l2avg":
@@ -731,6 +743,27 @@ def select_doc_candidates(
     for k in ranked:  # sets3
         best_per_set.setdefault(k[0], k)
     return rank(best_per_set.values())[:3], scores
+
+
+def _least_loss_pool(cv: DocHeadCV, ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The ``+ens`` rules: among every single candidate and the logit means of the best 2 and 3 sets
+    (each at its best L2) and of the best set at its 2 and 3 best L2 values (``ranked``: best first
+    by the rule's loss), the one whose out-of-fold logits have the least cross-entropy (an average's
+    out-of-fold logits are the average of its members'); a single candidate wins ties."""
+    per_set: dict[str, tuple[str, float]] = {}
+    for k in ranked:
+        per_set.setdefault(k[0], k)
+    best_sets = list(per_set.values())
+    best_l2s = [k for k in ranked if k[0] == ranked[0][0]]
+    pool = [best_sets[:2], best_sets[:3], best_l2s[:2], best_l2s[:3]]
+    best, best_loss = [ranked[0]], round(cv.ensemble_log_loss([ranked[0]]), 12)
+    for members in pool:
+        if len(members) < 2:
+            continue
+        v = round(cv.ensemble_log_loss(members), 12)
+        if v < best_loss:
+            best, best_loss = members, v
+    return best
 
 
 def fit_doc_head(
@@ -745,7 +778,7 @@ def fit_doc_head(
     threshold: float,
     seed: int,
     groups: Sequence[Any] | None = None,
-    select: str = "logloss",
+    select: str = "logloss+ens",
 ) -> DocHeadFit:
     """Pick the feature set (and, ``l2`` auto, the L2 strength from :data:`DOC_L2_GRID`) by k-fold
     cross-validation on the training documents under the ``select`` rule (:data:`DOC_SELECT_RULES`;

@@ -173,11 +173,14 @@ def test_document_head_run_records_its_pick_and_classify_reproduces_it(tiny, tin
     assert conf["classifier"] == "doc-linear" and fit["class_weight"] == "balanced"
     assert "+".join(conf["doc_features"]["blocks"]) == fit["head_features"]
     assert len(fit["cv_macro_f1"]) == len(docfeatures.AUTO_SETS) * len(headfit.DOC_L2_GRID)
-    # the default rule (logloss): the candidate with the smallest out-of-fold cross-entropy
-    pick = f"{fit['head_features']},l2={fit['head_l2']:g}"
-    assert fit["head_select"] == "logloss" and fit["head_members"] == [pick]
+    # the default rule (logloss+ens): the candidate with the smallest out-of-fold cross-entropy, or a
+    # logit average led by it; the model's blocks are the union of its members'
+    pick = fit["head_members"][0]
+    assert fit["head_select"] == "logloss+ens" and pick.endswith(f",l2={fit['head_l2']:g}")
     assert len(fit["cv_log_loss"]) == len(fit["cv_macro_f1"])
     assert fit["cv_log_loss"][pick] == min(fit["cv_log_loss"].values())
+    members = {b for m in fit["head_members"] for b in m.split(",")[0].split("+")}
+    assert set(fit["head_features"].split("+")) == members
 
     # classify = the saved head on the document features computed independently
     model = LongformerForSequenceClassification.from_pretrained(out / "best").eval()
@@ -420,3 +423,39 @@ def test_frozen_embedding_follows_auto_dtype_on_the_cpu(tiny, tiny_model_dir, tm
 
     saved = load_file(str(out / "best" / "model.safetensors"))
     assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
+
+
+def _complementary_cv() -> headfit.DocHeadCV:
+    """Two candidates each sure and right on one label and a little wrong on the other: their mean
+    is right on every document."""
+    gold = [0, 0, 0, 0, 1, 1, 1, 1]
+    sign = torch.tensor([-1.0 if g == 0 else 1.0 for g in gold], dtype=torch.float64)
+    a = torch.tensor([6.0] * 4 + [-1.0] * 4, dtype=torch.float64)  # margins of the gold label
+
+    def logits(margin: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-margin * sign / 2, margin * sign / 2], dim=1)
+
+    cand = {("a", 1e-3): logits(a), ("a", 1e-2): logits(a * 0.5), ("b", 1e-3): logits(a.flip(0))}
+    parts = [[0, 1, 4, 5], [2, 3, 6, 7]]
+    return headfit.DocHeadCV(
+        cand, parts, [(g,) for g in gold], 2, False, 0.5, torch.ones(8, dtype=torch.float64)
+    )
+
+
+def test_ensemble_rule_averages_candidates_only_where_that_lowers_the_out_of_fold_loss():
+    # an average's out-of-fold logits are its members' mean: one member is the candidate itself
+    cv = _known_cv()
+    ll = cv.log_loss()
+    assert all(cv.ensemble_log_loss([k]) == pytest.approx(v) for k, v in ll.items())
+    # the single candidate with the least cross-entropy beats every average of the pool
+    sets = [("a",), ("b",), ("a", "b")]
+    members, scores = headfit.select_doc_candidates(cv, sets, "logloss+ens")
+    assert members == [("b", 1e-4)] and scores == ll
+    pool = [[("b", 1e-4), ("a", 1e-2)], [("b", 1e-4), ("a", 1e-2), ("a+b", 1e-1)]]
+    assert all(cv.ensemble_log_loss(p) > ll[("b", 1e-4)] for p in pool)
+    # two complementary sets: their mean is right everywhere and is picked over either alone
+    cv = _complementary_cv()
+    members, _ = headfit.select_doc_candidates(cv, [("a",), ("b",)], "logloss+ens")
+    assert members == [("a", 1e-2), ("b", 1e-3)]  # each set at its own L2 of least cross-entropy
+    assert cv.ensemble_log_loss(members) < min(cv.log_loss().values())
+    assert headfit.select_doc_candidates(cv, [("a",), ("b",)], "logloss")[0] == [("a", 1e-2)]

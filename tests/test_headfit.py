@@ -117,7 +117,7 @@ def test_config_keys_are_strict_and_in_the_defaults():
         "head_l2",
         "head_select",
     )
-    assert [t[k] for k in keys] == ["auto", "auto", "all", None, True, "auto", "logloss"]
+    assert [t[k] for k in keys] == ["auto", "auto", "all", None, True, "auto", "logloss+ens"]
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.class_weight=weighted", "train.windows=every", "train.max_windows=0",
                            "train.head_l2=-1", "train.head_select=best"])  # fmt: skip
