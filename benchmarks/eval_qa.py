@@ -12,11 +12,17 @@ Two parts, one run, one loaded model:
    and one window of 3 sentences); the second default ("paragraphs": the sentence, its following
    windows of 2..6 sentences and its paragraph block); the third ("reread": paragraphs, then its 7
    best candidates read again, each as the 128 tokens that start at it: the mean of the token
-   states of the passes already made, tasks.qa.reread_candidates); the current default ("new":
+   states of the passes already made, tasks.qa.reread_candidates); the fourth ("every paragraph":
    reread, then the answers after the first picked for diversity, maximal marginal relevance over
-   the 20 best candidates, tasks.qa.answer_candidates); and variants, each changing one thing,
-   scored from the new index's embeddings (only window, paragraphs, new and BM25 are timed, each
-   with its own index): the diversity weight and rules by position (one answer per paragraph, none
+   the 20 best candidates, tasks.qa.answer_candidates); the current default ("new": the same, but
+   on a document of more than 48 candidates each question embeds only the paragraphs of its 48
+   best candidates, ranked with each paragraph guessed as the mean of its sentences, and those its
+   second stage reads into, tasks.qa.focus); and variants, each changing one thing, scored from
+   the every-paragraph index's embeddings (only window, paragraphs, every paragraph, new and BM25
+   are timed, each with its own index): focus at other numbers of candidates (simulated over the
+   every-paragraph index: tasks.qa.prefilter's candidates keep their scores, the others none;
+   "changed": questions whose 5 answers differ from every paragraph's), the diversity weight and
+   rules by position (one answer per paragraph, none
    next to a better one, no overlapping contexts); over reread, the second stage's k and weight,
    its passages embedded anew; over paragraphs (the first stage alone), the paragraph added to the window
    scoring, max-sim and rank fusion of the granularities, a paragraph-opening prior (see
@@ -64,6 +70,7 @@ from longdoc_cli.tasks.qa import (
     answer_candidates,
     candidate_pool,
     following_windows,
+    prefilter,
     reread_candidates,
     score_sentences,
 )
@@ -74,7 +81,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEW = SentenceScoring()
 OLD, WINDOW = "old (before issue 12)", "window (issue 12's first default)"
 PARAGRAPHS = "paragraphs (issue 12's second default: reread without the second stage)"
-REREAD_NAME = "reread (issue 12's third default: new without diversity)"
+REREAD_NAME = "reread (issue 12's third default: every paragraph without diversity)"
+EAGER = replace(NEW, block_candidates=0)
+EAGER_NAME = "every paragraph (issue 12's fourth default: new without focus)"
+# focus (tasks.qa.focus) at other numbers of candidates, simulated over the every-paragraph index
+FOCUS: dict[str, int] = {f"new, paragraphs of the best {m} candidates": m for m in (16, 24, 32, 64, 96)}
 P = PARAGRAPH_SCORING
 R = REREAD_SCORING
 # The second stage (tasks.qa.reread_candidates), one thing of the third default changed at a time.
@@ -145,7 +156,15 @@ CUSTOM = ["max-sim of sentence, window, paragraph", "RRF of sentence, window, pa
 CUSTOM += [f"paragraphs + paragraph-opening prior {b} (FAQ artefact, see CAUTION)" for b in PARAGRAPH_START]
 
 
-LISTED = [*DIVERSITY, *RULES, *REREAD, *VARIANTS, *CUSTOM, "RRF(paragraphs, BM25)"]  # after the defaults
+LISTED = [
+    *FOCUS,
+    *DIVERSITY,
+    *RULES,
+    *REREAD,
+    *VARIANTS,
+    *CUSTOM,
+    "RRF(paragraphs, BM25)",
+]  # after the defaults
 
 
 def words(text: str) -> list[str]:
@@ -224,6 +243,16 @@ def rule_rankings(index: SentenceIndex, pool: list[int]) -> dict[str, list[int]]
     }
 
 
+def simulated_focus(tm, index: SentenceIndex, q: torch.Tensor, question: str, m: int) -> list[int]:
+    """The 5 answers of focus at ``m`` candidates, over an index with every paragraph embedded: the
+    candidates of tasks.qa.prefilter keep their scores, the other sentences get none."""
+    scoring = replace(NEW, block_candidates=m)
+    scores = score_sentences(index, q, question, scoring)
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    keep[prefilter(index, q, question, scoring, 5)] = True
+    return answer_candidates(tm, index, q, scores.masked_fill(~keep, -math.inf), scoring, 16, 5)[0]
+
+
 def variant_index(index: SentenceIndex, scoring: SentenceScoring, cache: dict) -> SentenceIndex:
     """``index`` with the following windows ``scoring`` asks for (from the same sentence embeddings)."""
     key = (scoring.following_n, scoring.following_scales)
@@ -300,8 +329,10 @@ def faq(args, tm) -> None:
     print("held-out pages:", ", ".join(sorted(by_context[c][0]["title"] for c in set(by_context) - dev)))
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
     paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
+    eager = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=EAGER)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
     table, elapsed = Table(), collections.Counter()
+    changed = collections.Counter()  # questions whose 5 answers differ from every paragraph's
     scoring_time = collections.Counter()  # score_sentences alone, from the same embeddings
     reread_time = collections.Counter()  # the REREAD variants' second stage (passages not yet read)
     pick_time = collections.Counter()  # answer_candidates with and without diversity, same index
@@ -316,8 +347,8 @@ def faq(args, tm) -> None:
             gold_start, gold_texts = r["answers"]["answer_start"][0], r["answers"]["text"]
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
             ranked: dict[str, list[int]] = {}
-            timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
-            for name, answerer in timed[page % 3 :] + timed[: page % 3]:  # who embeds a page first rotates
+            timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), (EAGER_NAME, eager), ("new (default)", new)]
+            for name, answerer in timed[page % 4 :] + timed[: page % 4]:  # who embeds a page first rotates
                 t = time.perf_counter()
                 result = answerer.answer(r["id"], context, [r["question"]])[0]
                 elapsed[name] += time.perf_counter() - t
@@ -329,8 +360,12 @@ def faq(args, tm) -> None:
             bm_scores = bm25.scores(words(r["question"]))
             ranked["BM25 over sentences"] = sorted(range(len(spans)), key=lambda i: -bm_scores[i])[:5]
             elapsed["BM25 over sentences"] += time.perf_counter() - t
-            index, windows = new._index(context), {}
+            index, windows = eager._index(context), {}
             q = embed_texts(tm, [r["question"]], 1)[0]
+            for name, m in FOCUS.items():
+                ranked[name] = simulated_focus(tm, index, q, r["question"], m)
+            for name in ("new (default)", *FOCUS):
+                changed[name] += ranked[name] != ranked[EAGER_NAME]
             ranked[OLD] = top(
                 score_sentences(variant_index(index, LEGACY_SCORING, windows), q, "", LEGACY_SCORING), 5
             )
@@ -365,6 +400,7 @@ def faq(args, tm) -> None:
                 WINDOW,
                 PARAGRAPHS,
                 REREAD_NAME,
+                EAGER_NAME,
                 "new (default)",
                 *LISTED,
             ):
@@ -375,16 +411,25 @@ def faq(args, tm) -> None:
     n = len(records)
     table.print(["dev", "held-out", "all"], {k: v / n for k, v in elapsed.items()})
     dev_rank = lambda m: (table.stats[m, "dev"]["hit1"], table.stats[m, "dev"]["hit5"])  # noqa: E731
-    contenders = ["new (default)", REREAD_NAME, *DIVERSITY, *RULES, *REREAD, PARAGRAPHS, WINDOW,
-                  *(m for m in VARIANTS if m not in FEEDBACK), CUSTOM[0], CUSTOM[1]]  # fmt: skip
+    contenders = ["new (default)", EAGER_NAME, *FOCUS, REREAD_NAME, *DIVERSITY, *RULES, *REREAD, PARAGRAPHS,
+                  WINDOW, *(m for m in VARIANTS if m not in FEEDBACK), CUSTOM[0], CUSTOM[1]]  # fmt: skip
     best = max(contenders, key=dev_rank)  # the default wins ties
     print(f"\nbest on dev (hit@1, then hit@5; the default wins ties; no prior): {best}")
+    print("focus: questions whose 5 answers differ from every paragraph's: " + "; ".join(
+        f"{name} {changed[name]}" for name in ("new (default)", *FOCUS)))  # fmt: skip
+    eager_dev = dev_rank(EAGER_NAME)
+    same = [
+        m for name, m in FOCUS.items() if all(x >= y for x, y in zip(dev_rank(name), eager_dev, strict=True))
+    ]
+    print(f"focus: the fewest candidates (of {sorted(FOCUS.values())}) whose dev hit@1 and hit@5 are "
+          f"every paragraph's or better: {min(same, default=None)}")  # fmt: skip
     best = max(["new (default)", REREAD_NAME, *DIVERSITY, *RULES], key=dev_rank)
     print(f"diversity of the answers (the same first answer), best on dev (hit@5; default wins ties): {best}")
     best = max([PARAGRAPHS, *FEEDBACK], key=dev_rank)
     print(f"feedback grid over paragraphs, best on dev (hit@1, then hit@5; paragraphs wins ties): {best}")
     ratio = elapsed["new (default)"] / elapsed[WINDOW]
-    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU); paragraphs / window = "
+    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU); every paragraph / "
+          f"window = {elapsed[EAGER_NAME] / elapsed[WINDOW]:.2f}; paragraphs / window = "
           f"{elapsed[PARAGRAPHS] / elapsed[WINDOW]:.2f}")  # fmt: skip
     ms = {name: 1000 * pick_time[name] / n for name in (REREAD_NAME, "new (default)")}
     print(f"speed: picking the 5 answers from the first stage's scores (answer_candidates): "
@@ -474,10 +519,13 @@ def planted(args, tm) -> None:
           f"boundary in the last half (mean depth {100 * depth:.0f}% of the sentences; seed 12)")  # fmt: skip
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
     paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
+    eager = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=EAGER)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
-    names = ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, "new (default)", CUSTOM[3])
+    names = ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, EAGER_NAME, "new (default)", *FOCUS, CUSTOM[3])
     hits = {m: collections.Counter() for m in names}
     elapsed = collections.Counter()
+    changed = collections.Counter()  # addresses whose 5 answers differ from every paragraph's
+    embedded = []  # new: the paragraph blocks its question embedded, of the address's
     answerable, unanswerable = [], []
     for i, (doc_id, doc, (a, b), question, _, _) in enumerate(cases):
         other_question = cases[(i + 1) % len(cases)][3]
@@ -486,17 +534,24 @@ def planted(args, tm) -> None:
         scores = bm25.scores(words(question))
         bm = sorted(range(len(spans)), key=lambda j: -scores[j])[:5]
         found = {"BM25 over sentences": [spans[j] for j in bm]}
-        timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
-        for name, answerer in timed[i % 3 :] + timed[: i % 3]:
+        timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), (EAGER_NAME, eager), ("new (default)", new)]
+        for name, answerer in timed[i % 4 :] + timed[: i % 4]:
             t = time.perf_counter()
             result = answerer.answer(doc_id, doc, [question])[0]
             elapsed[name] += time.perf_counter() - t
             found[name] = [(x.start, x.end) for x in result.answers]
             if name == "new (default)":
+                lazy = answerer._index(doc).lazy
+                if lazy:
+                    embedded.append((len(lazy["embedded"]), len(answerer._index(doc).blocks)))
                 answerable.append(result.answers[0].score)
                 unanswerable.append(answerer.answer(doc_id, doc, [other_question])[0].answers[0].score)
-        index, windows = new._index(doc), {}
+        index, windows = eager._index(doc), {}
         q = embed_texts(tm, [question], 1)[0]
+        for name, m in FOCUS.items():
+            found[name] = [index.spans[j] for j in simulated_focus(tm, index, q, question, m)]
+        for name in ("new (default)", *FOCUS):
+            changed[name] += found[name] != found[EAGER_NAME]
         for name, scoring in ((OLD, LEGACY_SCORING),):
             ranks = top(score_sentences(variant_index(index, scoring, windows), q, "", scoring), 5)
             found[name] = [index.spans[j] for j in ranks]
@@ -512,6 +567,15 @@ def planted(args, tm) -> None:
     for name, st in hits.items():
         sec = f"{elapsed[name] / n:.2f}" if name in elapsed else ""
         print(f"| {name} | {n} | {100 * st['hit1'] / n:.1f} | {100 * st['hit5'] / n:.1f} | {sec} |")
+    print(f"speed: new / window = {elapsed['new (default)'] / elapsed[WINDOW]:.2f}, every paragraph / "
+          f"window = {elapsed[EAGER_NAME] / elapsed[WINDOW]:.2f}, paragraphs / window = "
+          f"{elapsed[PARAGRAPHS] / elapsed[WINDOW]:.2f} (seconds per question, same run)")  # fmt: skip
+    if embedded:
+        got, blocks = sum(e for e, _ in embedded), sum(b for _, b in embedded)
+        print(f"new: paragraph blocks embedded for the question {got} of {blocks} "
+              f"({100 * got / blocks:.0f}%, {len(embedded)} addresses read with focus)")  # fmt: skip
+    print("focus: addresses whose 5 answers differ from every paragraph's: " + "; ".join(
+        f"{name} {changed[name]}" for name in ("new (default)", *FOCUS)))  # fmt: skip
     print_scores("planted, new (default): top score of a question", answerable, unanswerable,
                  "answerable (its fact planted)", "unanswerable (another address's fact)")  # fmt: skip
 
