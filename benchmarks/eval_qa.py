@@ -19,7 +19,7 @@ Two parts, one run, one loaded model:
    best candidates, ranked with each paragraph guessed as the mean of its sentences, and those its
    second stage reads into, tasks.qa.focus); and variants, each changing one thing, scored from
    the every-paragraph index's embeddings (only window, paragraphs, every paragraph, new and BM25
-   are timed, each with its own index): focus at other numbers of candidates (simulated over the
+   are timed, each with its own index): focus at 16 to 96 candidates (simulated over the
    every-paragraph index: tasks.qa.prefilter's candidates keep their scores, the others none;
    "changed": questions whose 5 answers differ from every paragraph's), the diversity weight and
    rules by position (one answer per paragraph, none
@@ -85,7 +85,7 @@ REREAD_NAME = "reread (issue 12's third default: every paragraph without diversi
 EAGER = replace(NEW, block_candidates=0)
 EAGER_NAME = "every paragraph (issue 12's fourth default: new without focus)"
 # focus (tasks.qa.focus) at other numbers of candidates, simulated over the every-paragraph index
-FOCUS: dict[str, int] = {f"new, paragraphs of the best {m} candidates": m for m in (16, 24, 32, 64, 96)}
+FOCUS: dict[str, int] = {f"new, paragraphs of the best {m} candidates": m for m in (16, 24, 32, 48, 64, 96)}
 P = PARAGRAPH_SCORING
 R = REREAD_SCORING
 # The second stage (tasks.qa.reread_candidates), one thing of the third default changed at a time.
@@ -365,7 +365,8 @@ def faq(args, tm) -> None:
             for name, m in FOCUS.items():
                 ranked[name] = simulated_focus(tm, index, q, r["question"], m)
             for name in ("new (default)", *FOCUS):
-                changed[name] += ranked[name] != ranked[EAGER_NAME]
+                for part in parts:
+                    changed[name, part] += ranked[name] != ranked[EAGER_NAME]
             ranked[OLD] = top(
                 score_sentences(variant_index(index, LEGACY_SCORING, windows), q, "", LEGACY_SCORING), 5
             )
@@ -415,14 +416,19 @@ def faq(args, tm) -> None:
                   WINDOW, *(m for m in VARIANTS if m not in FEEDBACK), CUSTOM[0], CUSTOM[1]]  # fmt: skip
     best = max(contenders, key=dev_rank)  # the default wins ties
     print(f"\nbest on dev (hit@1, then hit@5; the default wins ties; no prior): {best}")
-    print("focus: questions whose 5 answers differ from every paragraph's: " + "; ".join(
-        f"{name} {changed[name]}" for name in ("new (default)", *FOCUS)))  # fmt: skip
+    print("focus: questions (dev / held-out / all) whose 5 answers differ from every paragraph's: "
+          + "; ".join(
+        f"{name} {changed[name, 'dev']} / {changed[name, 'held-out']} / {changed[name, 'all']}"
+        for name in ("new (default)", *FOCUS)))  # fmt: skip
     eager_dev = dev_rank(EAGER_NAME)
     same = [
         m for name, m in FOCUS.items() if all(x >= y for x, y in zip(dev_rank(name), eager_dev, strict=True))
     ]
     print(f"focus: the fewest candidates (of {sorted(FOCUS.values())}) whose dev hit@1 and hit@5 are "
           f"every paragraph's or better: {min(same, default=None)}")  # fmt: skip
+    same = [m for name, m in FOCUS.items() if not changed[name, "dev"]]
+    print(f"focus: the fewest candidates (of {sorted(FOCUS.values())}) whose 5 answers are every "
+          f"paragraph's on every dev question: {min(same, default=None)}")  # fmt: skip
     best = max(["new (default)", REREAD_NAME, *DIVERSITY, *RULES], key=dev_rank)
     print(f"diversity of the answers (the same first answer), best on dev (hit@5; default wins ties): {best}")
     best = max([PARAGRAPHS, *FEEDBACK], key=dev_rank)
