@@ -18,9 +18,14 @@ the two passes already computed, in the paragraph's context: no extra pass), and
 score mixed with the passage's cosine (reread_candidates). With ``--top-k`` above 1, the answers
 after the first are picked for diversity (answer_candidates: maximal marginal relevance over the 20
 best candidates, weight 0.05 on the highest cosine with an answer already shown), so a sentence that
-repeats a better answer gives way; the first answer never changes. A lexical part (the share of the
-question's informative words, idf-weighted, that the sentence holds) can be mixed in
-(``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
+repeats a better answer gives way; the first answer never changes. On a document of more than 48
+candidate sentences, paragraphs are read only where they can matter (focus): each question ranks
+every sentence with each paragraph's embedding guessed as the mean of its sentences' (no pass),
+embeds the paragraphs of its 48 best candidates and those its second stage reads ahead into (each
+once per document), and ranks those 48 with the scores an index with every paragraph would give
+them; a long document's question thus pays for a fraction of the paragraph pass. A lexical part
+(the share of the question's informative words, idf-weighted, that the sentence holds) can be mixed
+in (``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
 pseudo-relevance-feedback step (``SentenceScoring.feedback_k``, ``feedback_weight``: the question
 moved towards its best candidates, every sentence scored again): it lost hit@1 on the dev pages.
 The weights were chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and are reported
@@ -354,7 +359,8 @@ class SentenceIndex:
     # focus (SentenceScoring.block_candidates): no paragraph embedded yet (``block`` and ``ahead``
     # are empty); ``lazy`` holds what the questions embedded so far: "embedded" (block position ->
     # embedding) and "states" (each span's token states: its own pass's, or its block's once the
-    # block is embedded, when the second stage reads ahead).
+    # block is embedded, when the second stage reads ahead; fp16, 768 bytes a token for the default
+    # model, kept as long as the index: about 5 MB for a 7,000-word address).
     lazy: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
