@@ -823,9 +823,10 @@ def focus(
 
 # Once the blocks embedded for a document's questions would pass this share of its blocks, the rest
 # are embedded in the same pass: many questions about one document end up needing most blocks, and
-# one pass over them all is cheaper than a small pass per question (on a FAQ page of 722 sentences
-# and 52 questions, a pass per question took 1.1x the seconds of embedding every block up front;
-# benchmarks/README.md). The answers do not change: focus ranks prefilter's candidates either way.
+# one pass over them all costs less than a small pass per question (on three FAQ pages of 223-722
+# sentences and 25-52 questions, a pass per question took 0.94-1.28x the seconds of embedding every
+# block up front, with this rule 0.87-1.12x; benchmarks/README.md). The answers do not change:
+# focus ranks prefilter's candidates either way.
 EMBED_ALL_SHARE = 0.5
 
 
