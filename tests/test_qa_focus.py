@@ -205,3 +205,18 @@ def test_answers_do_not_depend_on_the_questions_asked_before(tiny, monkeypatch):
     one = QuestionAnswerer(tiny, top_k=3, batch_size=8, scoring=scoring)
     one.answer("d", text, questions[:1])
     assert len(one._index(text).lazy["embedded"]) < len(index.blocks)
+
+
+def test_more_answers_asked_than_candidates_are_all_ranked(tiny):
+    text = _long_document()
+    question = "the band?"
+    scoring = replace(SentenceScoring(), block_candidates=8, diversity=0.0)
+    answerer = QuestionAnswerer(tiny, top_k=30, batch_size=8, scoring=scoring)
+    (got,) = answerer.answer("d", text, [question])
+    assert len(got.answers) == 30 and [a.score for a in got.answers] == sorted(
+        (a.score for a in got.answers), reverse=True
+    )
+    # the candidates are the 30 asked for, not 8: the guessed ranking's 30 best
+    index = answerer._index(text)
+    chosen = prefilter(index, embed_texts(tiny, [question], 1)[0], question, scoring, 30)
+    assert sorted(a.start for a in got.answers) == sorted(index.spans[i][0] for i in chosen.tolist())
