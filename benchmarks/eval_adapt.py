@@ -5,9 +5,13 @@ directory is built the way ``longdoc`` builds the default (conversion, then ``ap
 measured on data the adaptation never saw:
 
 - zero-shot QA on the Python FAQ (../shared/data/pyfaq_qa.jsonl; the FAQ pages are not in pydocs):
-  the default scoring (tasks.qa.SentenceScoring(), its second stage included; also the first stage
-  alone), hit@1 / hit@5 on eval_qa.py's dev and held-out pages and on all; each page's sentences
-  embedded once (the ranking of ``longdoc qa``);
+  the default scoring (tasks.qa.SentenceScoring(): the second stage and the diversity of the
+  answers after the first included, tasks.qa.rank_sentences; also the first stage alone), hit@1 /
+  hit@5 on eval_qa.py's dev and held-out pages and on all; each page's sentences and paragraphs
+  embedded once (the ranking of ``longdoc qa``, but with every paragraph embedded up front,
+  ``block_candidates=0``, so that the first stage can rank every sentence: focus, which embeds
+  only the paragraphs of a question's best candidates, is left out; eval_qa.py counts the answers
+  it changes);
 - zero-shot topics with the default labels (@topics): the State of the Union addresses, the
   **evaluation half** of pydocs (adapt_default.pydocs_split; the other half gave the training pairs),
   and eval_zero_shot.py's held-out licences and software manuals; and the README's six plain labels
@@ -45,7 +49,7 @@ from longdoc_cli.tasks.classify import Classifier, load_labels  # noqa: E402
 from longdoc_cli.tasks.qa import (  # noqa: E402
     QuestionAnswerer,
     SentenceScoring,
-    reread_candidates,
+    rank_sentences,
     score_sentences,
 )
 from longdoc_cli.tasks.runner import embed_texts, load_task_model  # noqa: E402
@@ -76,7 +80,8 @@ def qa(model_dir: Path, data: Path) -> dict[str, tuple[float, float, int]]:
     ranked_pages = sorted(by_context, key=lambda c: (-len(by_context[c]), by_context[c][0]["id"]))
     dev = {c for i, c in enumerate(ranked_pages) if i % 2 == 1}  # eval_qa.py's split
     tm = load_task_model(model_dir, task="qa", device="cpu", dtype="fp32")
-    answerer = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=SentenceScoring())
+    scoring = SentenceScoring(block_candidates=0)  # every paragraph: the first stage ranks every sentence
+    answerer = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=scoring)
     st: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for context in ranked_pages:
         spans = sentence_spans(context)
@@ -85,9 +90,9 @@ def qa(model_dir: Path, data: Path) -> dict[str, tuple[float, float, int]]:
             gold_start = r["answers"]["answer_start"][0]
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
             q = embed_texts(tm, [r["question"]], 1)[0]
-            scores = score_sentences(index, q, r["question"], answerer.scoring)
+            scores = score_sentences(index, q, r["question"], scoring)
             first = torch.argsort(scores, descending=True)[:5].tolist()  # the first stage alone
-            ranked = reread_candidates(tm, index, q, scores, answerer.scoring, 16, 5)[0][:5]
+            ranked = rank_sentences(tm, index, q, r["question"], scoring, 16, 5)[0]
             for part in ("dev" if context in dev else "held-out", "all"):
                 st[part]["n"] += 1
                 st[part]["hit1"] += ranked[:1] == [gold]

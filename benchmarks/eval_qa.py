@@ -10,14 +10,25 @@ Two parts, one run, one loaded model:
    Methods: BM25 over sentences; the scoring before issue 12 ("old": every sentence, following
    weight 0.5, no lexical part); the first default of issue 12 ("window": prose only, the sentence
    and one window of 3 sentences); the second default ("paragraphs": the sentence, its following
-   windows of 2..6 sentences and its paragraph block); the current default ("new": paragraphs, then
-   its 7 best candidates read again, each as the 128 tokens that start at it: the mean of the
-   token states of the passes already made, tasks.qa.reread_candidates); and variants, each
-   changing one thing, scored from the new index's embeddings (only window, paragraphs, new and
-   BM25 are timed, each with its own index): the second stage's k and weight, its passages
-   embedded anew; over paragraphs (the first stage alone), the paragraph added to the window
+   windows of 2..6 sentences and its paragraph block); the third ("reread": paragraphs, then its 7
+   best candidates read again, each as the 128 tokens that start at it: the mean of the token
+   states of the passes already made, tasks.qa.reread_candidates); the fourth ("every paragraph":
+   reread, then the answers after the first picked for diversity, maximal marginal relevance over
+   the 20 best candidates, tasks.qa.answer_candidates); the current default ("new": the same, but
+   on a document of more than 48 candidates each question embeds only the paragraphs of its 48
+   best candidates, ranked with each paragraph guessed as the mean of its sentences, and those its
+   second stage reads into, tasks.qa.focus); and variants, each changing one thing, scored from
+   the every-paragraph index's embeddings (only window, paragraphs, every paragraph, new and BM25
+   are timed, each with its own index): focus at 16 to 96 candidates (simulated over the
+   every-paragraph index: tasks.qa.prefilter's candidates keep their scores, the others none;
+   "changed": questions whose 5 answers differ from every paragraph's), the diversity weight and
+   rules by position (one answer per paragraph, none
+   next to a better one, no overlapping contexts); over reread, the second stage's k and weight,
+   its passages embedded anew; over paragraphs (the first stage alone), the paragraph added to the window
    scoring, max-sim and rank fusion of the granularities, a paragraph-opening prior (see
-   PARAGRAPH_START), a grid of one pseudo-relevance-feedback step.
+   PARAGRAPH_START), a grid of one pseudo-relevance-feedback step. "overlaps": of the answers
+   ranked 2..5, how many sit within 240 characters of a better one (their contexts, about 120
+   characters on each side, overlap), summed over the questions.
 2. A planted fact in long State of the Union addresses (default ../shared/data/sotu.jsonl): a
    generated sentence about invented names and numbers is inserted at a sentence boundary at a
    random position in the last half of a long address (seeded), and a question about it is asked;
@@ -51,32 +62,57 @@ from longdoc_cli.hub import resolve_model
 from longdoc_cli.tasks.qa import (
     LEGACY_SCORING,
     PARAGRAPH_SCORING,
+    REREAD_SCORING,
     WINDOW_SCORING,
     QuestionAnswerer,
     SentenceIndex,
     SentenceScoring,
+    answer_candidates,
+    candidate_pool,
     following_windows,
+    prefilter,
     reread_candidates,
     score_sentences,
 )
 from longdoc_cli.tasks.runner import embed_texts, load_task_model
-from longdoc_cli.tasks.text import sentence_spans
+from longdoc_cli.tasks.text import paragraph_blocks, sentence_spans
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEW = SentenceScoring()
 OLD, WINDOW = "old (before issue 12)", "window (issue 12's first default)"
-PARAGRAPHS = "paragraphs (issue 12's second default: new without the second stage)"
+PARAGRAPHS = "paragraphs (issue 12's second default: reread without the second stage)"
+REREAD_NAME = "reread (issue 12's third default: every paragraph without diversity)"
+EAGER = replace(NEW, block_candidates=0)
+EAGER_NAME = "every paragraph (issue 12's fourth default: new without focus)"
+# focus (tasks.qa.focus) at other numbers of candidates, simulated over the every-paragraph index
+FOCUS: dict[str, int] = {f"new, paragraphs of the best {m} candidates": m for m in (16, 24, 32, 48, 64, 96)}
 P = PARAGRAPH_SCORING
-# The second stage (tasks.qa.reread_candidates), one thing of the default changed at a time.
+R = REREAD_SCORING
+# The second stage (tasks.qa.reread_candidates), one thing of the third default changed at a time.
 REREAD: dict[str, SentenceScoring] = {
-    "new, second stage k=10": replace(NEW, reread_k=10),
-    "new, second stage weight 0.1": replace(NEW, reread_weight=0.1),
-    "new, second stage weight 0.25": replace(NEW, reread_weight=0.25),
-    "new, second stage weight 0.5": replace(NEW, reread_weight=0.5),
+    "reread, second stage k=10": replace(R, reread_k=10),
+    "reread, second stage weight 0.1": replace(R, reread_weight=0.1),
+    "reread, second stage weight 0.25": replace(R, reread_weight=0.25),
+    "reread, second stage weight 0.5": replace(R, reread_weight=0.5),
     # each passage's text embedded anew (one more pass per question) instead of the token states
-    "new, second stage passages embedded, weight 0.15": replace(NEW, reread_passes=True),
-    "new, second stage passages embedded, weight 0.25": replace(NEW, reread_passes=True, reread_weight=0.25),
+    "reread, second stage passages embedded, weight 0.15": replace(R, reread_passes=True),
+    "reread, second stage passages embedded, weight 0.25": replace(R, reread_passes=True, reread_weight=0.25),
 }
+# Diversity of the answers after the first (the first never changes): maximal marginal relevance
+# (SentenceScoring.diversity, the default 0.05) at other weights, and rules by position, each
+# walking down the same pool of candidates (tasks.qa.candidate_pool) and skipping a candidate
+# that breaks the rule against a better answer (filled up from the skipped ones if fewer than 5
+# remain): one answer per paragraph (sentences between blank lines), none within 1 sentence of a
+# better one, none whose context overlaps a better one's (within 240 characters).
+DIVERSITY: dict[str, SentenceScoring] = {
+    f"new, diversity {w}": replace(NEW, diversity=w) for w in (0.1, 0.2, 0.3)
+}
+RULES = [
+    "reread + one answer per paragraph",
+    "reread + none within 1 sentence of a better answer",
+    "reread + no context overlapping a better answer's",
+]
+CONTEXT_MARGIN = 120  # tasks.text.context_around's margin
 # Over paragraphs (the first stage alone).
 VARIANTS: dict[str, SentenceScoring] = {
     # the paragraph block beside (or instead of) the first default's one following window
@@ -120,6 +156,17 @@ CUSTOM = ["max-sim of sentence, window, paragraph", "RRF of sentence, window, pa
 CUSTOM += [f"paragraphs + paragraph-opening prior {b} (FAQ artefact, see CAUTION)" for b in PARAGRAPH_START]
 
 
+LISTED = [
+    *FOCUS,
+    *DIVERSITY,
+    *RULES,
+    *REREAD,
+    *VARIANTS,
+    *CUSTOM,
+    "RRF(paragraphs, BM25)",
+]  # after the defaults
+
+
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -161,6 +208,51 @@ def top(scores: torch.Tensor, k: int) -> list[int]:
     return [i for i in order if scores[i] > -math.inf]
 
 
+def apart(a: tuple[int, int], b: tuple[int, int]) -> int:
+    """Characters between two spans (0 when they touch or overlap)."""
+    return max(0, max(a[0], b[0]) - min(a[1], b[1]))
+
+
+def overlaps(spans: list[tuple[int, int]]) -> int:
+    """Of the answers ranked 2.., how many have a context overlapping a better answer's."""
+    return sum(
+        any(apart(spans[r], spans[s]) < 2 * CONTEXT_MARGIN for s in range(r)) for r in range(1, len(spans))
+    )
+
+
+def by_rule(pool: list[int], allowed: Callable[[int, int], bool], k: int = 5) -> list[int]:
+    """Walk down ``pool`` (best first) and keep a candidate only if ``allowed(it, each kept one)``;
+    fewer than ``k`` kept: filled up with the skipped ones, in order."""
+    kept: list[int] = []
+    for i in pool:
+        if len(kept) == k:
+            break
+        if all(allowed(i, j) for j in kept):
+            kept.append(i)
+    return kept + [i for i in pool if i not in kept][: k - len(kept)]
+
+
+def rule_rankings(index: SentenceIndex, pool: list[int]) -> dict[str, list[int]]:
+    """The RULES rankings from the reread pool (``pool``: sentence indices, best first)."""
+    spans = index.spans
+    paragraph = paragraph_blocks(index.text, spans, [0] * len(spans), 1)  # blank lines only
+    return {
+        RULES[0]: by_rule(pool, lambda i, j: paragraph[i] != paragraph[j]),
+        RULES[1]: by_rule(pool, lambda i, j: abs(i - j) > 1),
+        RULES[2]: by_rule(pool, lambda i, j: apart(spans[i], spans[j]) >= 2 * CONTEXT_MARGIN),
+    }
+
+
+def simulated_focus(tm, index: SentenceIndex, q: torch.Tensor, question: str, m: int) -> list[int]:
+    """The 5 answers of focus at ``m`` candidates, over an index with every paragraph embedded: the
+    candidates of tasks.qa.prefilter keep their scores, the other sentences get none."""
+    scoring = replace(NEW, block_candidates=m)
+    scores = score_sentences(index, q, question, scoring)
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    keep[prefilter(index, q, question, scoring, 5)] = True
+    return answer_candidates(tm, index, q, scores.masked_fill(~keep, -math.inf), scoring, 16, 5)[0]
+
+
 def variant_index(index: SentenceIndex, scoring: SentenceScoring, cache: dict) -> SentenceIndex:
     """``index`` with the following windows ``scoring`` asks for (from the same sentence embeddings)."""
     key = (scoring.following_n, scoring.following_scales)
@@ -195,7 +287,7 @@ class Table:
         self.methods: list[str] = []
 
     def add(self, method: str, parts: tuple[str, ...], ranked: list[int], gold: int | None, top_text: str,
-            gold_texts: list[str]) -> None:  # fmt: skip
+            gold_texts: list[str], overlapping: int = 0) -> None:  # fmt: skip
         if method not in self.methods:
             self.methods.append(method)
         for part in parts:
@@ -205,10 +297,11 @@ class Table:
             st["hit5"] += gold in ranked[:5]
             st["em"] += max(exact_match_score(top_text, g) for g in gold_texts)
             st["f1"] += max(f1_score(top_text, g) for g in gold_texts)
+            st["overlaps"] += overlapping
 
     def print(self, parts: list[str], seconds: dict[str, float]) -> None:
-        print("| method | part | n | hit@1 | hit@5 | EM | F1 | s/question |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("| method | part | n | hit@1 | hit@5 | EM | F1 | overlaps | s/question |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for method in self.methods:
             for part in parts:
                 st = self.stats[method, part]
@@ -217,7 +310,7 @@ class Table:
                 n = st["n"]
                 cells = " | ".join(f"{100 * st[k] / n:.1f}" for k in ("hit1", "hit5", "em", "f1"))
                 sec = f"{seconds[method]:.3f}" if method in seconds and part == "all" else ""
-                print(f"| {method} | {part} | {n} | {cells} | {sec} |")
+                print(f"| {method} | {part} | {n} | {cells} | {st['overlaps']} | {sec} |")
 
 
 def faq(args, tm) -> None:
@@ -236,10 +329,13 @@ def faq(args, tm) -> None:
     print("held-out pages:", ", ".join(sorted(by_context[c][0]["title"] for c in set(by_context) - dev)))
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
     paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
+    eager = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=EAGER)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
     table, elapsed = Table(), collections.Counter()
+    changed = collections.Counter()  # questions whose 5 answers differ from every paragraph's
     scoring_time = collections.Counter()  # score_sentences alone, from the same embeddings
     reread_time = collections.Counter()  # the REREAD variants' second stage (passages not yet read)
+    pick_time = collections.Counter()  # answer_candidates with and without diversity, same index
     right, wrong = [], []  # the new method's top score when its first answer is right / wrong
     for page, context in enumerate(ranked_pages):
         group = by_context[context]
@@ -251,8 +347,8 @@ def faq(args, tm) -> None:
             gold_start, gold_texts = r["answers"]["answer_start"][0], r["answers"]["text"]
             gold = next((i for i, (s, e) in enumerate(spans) if s <= gold_start < e), None)
             ranked: dict[str, list[int]] = {}
-            timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
-            for name, answerer in timed[page % 3 :] + timed[: page % 3]:  # who embeds a page first rotates
+            timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), (EAGER_NAME, eager), ("new (default)", new)]
+            for name, answerer in timed[page % 4 :] + timed[: page % 4]:  # who embeds a page first rotates
                 t = time.perf_counter()
                 result = answerer.answer(r["id"], context, [r["question"]])[0]
                 elapsed[name] += time.perf_counter() - t
@@ -264,8 +360,13 @@ def faq(args, tm) -> None:
             bm_scores = bm25.scores(words(r["question"]))
             ranked["BM25 over sentences"] = sorted(range(len(spans)), key=lambda i: -bm_scores[i])[:5]
             elapsed["BM25 over sentences"] += time.perf_counter() - t
-            index, windows = new._index(context), {}
+            index, windows = eager._index(context), {}
             q = embed_texts(tm, [r["question"]], 1)[0]
+            for name, m in FOCUS.items():
+                ranked[name] = simulated_focus(tm, index, q, r["question"], m)
+            for name in ("new (default)", *FOCUS):
+                for part in parts:
+                    changed[name, part] += ranked[name] != ranked[EAGER_NAME]
             ranked[OLD] = top(
                 score_sentences(variant_index(index, LEGACY_SCORING, windows), q, "", LEGACY_SCORING), 5
             )
@@ -280,29 +381,65 @@ def faq(args, tm) -> None:
                 t = time.perf_counter()
                 ranked[name] = reread_candidates(tm, index, q, first, scoring, 16, 5)[0][:5]
                 reread_time[name] += time.perf_counter() - t
+            for name, scoring in ((REREAD_NAME, R), ("new (default)", NEW)):  # the diversity step's cost
+                t = time.perf_counter()
+                answer_candidates(tm, index, q, first, scoring, 16, 5)
+                pick_time[name] += time.perf_counter() - t
+            ranked[REREAD_NAME] = answer_candidates(tm, index, q, first, R, 16, 5)[0]
+            for name, scoring in DIVERSITY.items():
+                ranked[name] = answer_candidates(tm, index, q, first, scoring, 16, 5)[0]
+            ranked.update(rule_rankings(index, candidate_pool(tm, index, q, first, NEW, 16, 5)[0]))
             three = variant_index(index, WINDOW_SCORING, windows).local[0]
             for name, scores in custom_scores(index, q, three).items():
                 ranked[name] = top(scores, 5)
             dense = top(score_sentences(index, q, r["question"], P), len(spans))
             bm25_all = [i for i in sorted(range(len(spans)), key=lambda i: -bm_scores[i]) if i in set(dense)]
             ranked["RRF(paragraphs, BM25)"] = rrf(dense, bm25_all)[:5]
-            for name in ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, "new (default)", *REREAD, *VARIANTS,
-                         *CUSTOM, "RRF(paragraphs, BM25)"):  # fmt: skip
+            for name in (
+                "BM25 over sentences",
+                OLD,
+                WINDOW,
+                PARAGRAPHS,
+                REREAD_NAME,
+                EAGER_NAME,
+                "new (default)",
+                *LISTED,
+            ):
                 first = ranked[name][0] if ranked[name] else None
                 text = context[spans[first][0] : spans[first][1]] if first is not None else ""
-                table.add(name, parts, ranked[name], gold, text, gold_texts)
+                shown = overlaps([spans[i] for i in ranked[name][:5]])
+                table.add(name, parts, ranked[name], gold, text, gold_texts, shown)
     n = len(records)
     table.print(["dev", "held-out", "all"], {k: v / n for k, v in elapsed.items()})
     dev_rank = lambda m: (table.stats[m, "dev"]["hit1"], table.stats[m, "dev"]["hit5"])  # noqa: E731
-    contenders = ["new (default)", *REREAD, PARAGRAPHS, WINDOW, *(m for m in VARIANTS if m not in FEEDBACK),
-                  CUSTOM[0], CUSTOM[1]]  # fmt: skip
+    contenders = ["new (default)", EAGER_NAME, *FOCUS, REREAD_NAME, *DIVERSITY, *RULES, *REREAD, PARAGRAPHS,
+                  WINDOW, *(m for m in VARIANTS if m not in FEEDBACK), CUSTOM[0], CUSTOM[1]]  # fmt: skip
     best = max(contenders, key=dev_rank)  # the default wins ties
     print(f"\nbest on dev (hit@1, then hit@5; the default wins ties; no prior): {best}")
+    print("focus: questions (dev / held-out / all) whose 5 answers differ from every paragraph's: "
+          + "; ".join(
+        f"{name} {changed[name, 'dev']} / {changed[name, 'held-out']} / {changed[name, 'all']}"
+        for name in ("new (default)", *FOCUS)))  # fmt: skip
+    eager_dev = dev_rank(EAGER_NAME)
+    same = [
+        m for name, m in FOCUS.items() if all(x >= y for x, y in zip(dev_rank(name), eager_dev, strict=True))
+    ]
+    print(f"focus: the fewest candidates (of {sorted(FOCUS.values())}) whose dev hit@1 and hit@5 are "
+          f"every paragraph's or better: {min(same, default=None)}")  # fmt: skip
+    same = [m for name, m in FOCUS.items() if not changed[name, "dev"]]
+    print(f"focus: the fewest candidates (of {sorted(FOCUS.values())}) whose 5 answers are every "
+          f"paragraph's on every dev question: {min(same, default=None)}")  # fmt: skip
+    best = max(["new (default)", REREAD_NAME, *DIVERSITY, *RULES], key=dev_rank)
+    print(f"diversity of the answers (the same first answer), best on dev (hit@5; default wins ties): {best}")
     best = max([PARAGRAPHS, *FEEDBACK], key=dev_rank)
     print(f"feedback grid over paragraphs, best on dev (hit@1, then hit@5; paragraphs wins ties): {best}")
     ratio = elapsed["new (default)"] / elapsed[WINDOW]
-    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU); paragraphs / window = "
+    print(f"\nspeed: new / window seconds per question = {ratio:.2f} (same run, CPU); every paragraph / "
+          f"window = {elapsed[EAGER_NAME] / elapsed[WINDOW]:.2f}; paragraphs / window = "
           f"{elapsed[PARAGRAPHS] / elapsed[WINDOW]:.2f}")  # fmt: skip
+    ms = {name: 1000 * pick_time[name] / n for name in (REREAD_NAME, "new (default)")}
+    print(f"speed: picking the 5 answers from the first stage's scores (answer_candidates): "
+          f"{ms['new (default)']:.2f} ms/question with diversity, {ms[REREAD_NAME]:.2f} without")  # fmt: skip
     for name in REREAD:  # what the variant's own passages (those the default did not read) cost
         total = (elapsed["new (default)"] + reread_time[name]) / elapsed[WINDOW]
         print(f"speed: {name}: second stage beyond the default's {1000 * reread_time[name] / n:.1f} "
@@ -388,10 +525,13 @@ def planted(args, tm) -> None:
           f"boundary in the last half (mean depth {100 * depth:.0f}% of the sentences; seed 12)")  # fmt: skip
     window = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=WINDOW_SCORING)
     paragraphs = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=P)
+    eager = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=EAGER)
     new = QuestionAnswerer(tm, top_k=5, batch_size=16, scoring=NEW)
-    names = ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, "new (default)", CUSTOM[3])
+    names = ("BM25 over sentences", OLD, WINDOW, PARAGRAPHS, EAGER_NAME, "new (default)", *FOCUS, CUSTOM[3])
     hits = {m: collections.Counter() for m in names}
     elapsed = collections.Counter()
+    changed = collections.Counter()  # addresses whose 5 answers differ from every paragraph's
+    embedded = []  # new: the paragraph blocks its question embedded, of the address's
     answerable, unanswerable = [], []
     for i, (doc_id, doc, (a, b), question, _, _) in enumerate(cases):
         other_question = cases[(i + 1) % len(cases)][3]
@@ -400,17 +540,24 @@ def planted(args, tm) -> None:
         scores = bm25.scores(words(question))
         bm = sorted(range(len(spans)), key=lambda j: -scores[j])[:5]
         found = {"BM25 over sentences": [spans[j] for j in bm]}
-        timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), ("new (default)", new)]
-        for name, answerer in timed[i % 3 :] + timed[: i % 3]:
+        timed = [(WINDOW, window), (PARAGRAPHS, paragraphs), (EAGER_NAME, eager), ("new (default)", new)]
+        for name, answerer in timed[i % 4 :] + timed[: i % 4]:
             t = time.perf_counter()
             result = answerer.answer(doc_id, doc, [question])[0]
             elapsed[name] += time.perf_counter() - t
             found[name] = [(x.start, x.end) for x in result.answers]
             if name == "new (default)":
+                lazy = answerer._index(doc).lazy
+                if lazy:
+                    embedded.append((len(lazy["embedded"]), len(answerer._index(doc).blocks)))
                 answerable.append(result.answers[0].score)
                 unanswerable.append(answerer.answer(doc_id, doc, [other_question])[0].answers[0].score)
-        index, windows = new._index(doc), {}
+        index, windows = eager._index(doc), {}
         q = embed_texts(tm, [question], 1)[0]
+        for name, m in FOCUS.items():
+            found[name] = [index.spans[j] for j in simulated_focus(tm, index, q, question, m)]
+        for name in ("new (default)", *FOCUS):
+            changed[name] += found[name] != found[EAGER_NAME]
         for name, scoring in ((OLD, LEGACY_SCORING),):
             ranks = top(score_sentences(variant_index(index, scoring, windows), q, "", scoring), 5)
             found[name] = [index.spans[j] for j in ranks]
@@ -426,6 +573,15 @@ def planted(args, tm) -> None:
     for name, st in hits.items():
         sec = f"{elapsed[name] / n:.2f}" if name in elapsed else ""
         print(f"| {name} | {n} | {100 * st['hit1'] / n:.1f} | {100 * st['hit5'] / n:.1f} | {sec} |")
+    print(f"speed: new / window = {elapsed['new (default)'] / elapsed[WINDOW]:.2f}, every paragraph / "
+          f"window = {elapsed[EAGER_NAME] / elapsed[WINDOW]:.2f}, paragraphs / window = "
+          f"{elapsed[PARAGRAPHS] / elapsed[WINDOW]:.2f} (seconds per question, same run)")  # fmt: skip
+    if embedded:
+        got, blocks = sum(e for e, _ in embedded), sum(b for _, b in embedded)
+        print(f"new: paragraph blocks embedded for the question {got} of {blocks} "
+              f"({100 * got / blocks:.0f}%, {len(embedded)} addresses read with focus)")  # fmt: skip
+    print("focus: addresses whose 5 answers differ from every paragraph's: " + "; ".join(
+        f"{name} {changed[name]}" for name in ("new (default)", *FOCUS)))  # fmt: skip
     print_scores("planted, new (default): top score of a question", answerable, unanswerable,
                  "answerable (its fact planted)", "unanswerable (another address's fact)")  # fmt: skip
 

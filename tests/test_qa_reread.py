@@ -14,6 +14,7 @@ from longdoc_cli.errors import LongdocError
 from longdoc_cli.tasks import qa
 from longdoc_cli.tasks.qa import (
     PARAGRAPH_SCORING,
+    REREAD_SCORING,
     QuestionAnswerer,
     SentenceScoring,
     embed_keeping_states,
@@ -166,12 +167,13 @@ def test_the_index_reads_ahead_in_the_paragraphs_context(tiny):
 
 def test_the_answerer_returns_the_second_stages_order_and_scores(tiny):
     question = "Who played the song at the concert?"
-    answerer = QuestionAnswerer(tiny, top_k=2, batch_size=4)
+    # without the diversity of the answers after the first (tests/test_qa_diversity.py)
+    answerer = QuestionAnswerer(tiny, top_k=2, batch_size=4, scoring=REREAD_SCORING)
     result = answerer.answer("d", DOC, [question])[0]
     index = answerer._index(DOC)
     q = embed_texts(tiny, [question], 1)[0]
-    first = score_sentences(index, q, question, SentenceScoring())
-    top, values = reread_candidates(tiny, index, q, first, SentenceScoring(), 16, 2)
+    first = score_sentences(index, q, question, REREAD_SCORING)
+    top, values = reread_candidates(tiny, index, q, first, REREAD_SCORING, 16, 2)
     assert [a.start for a in result.answers] == [index.spans[i][0] for i in top[:2]]
     assert [a.score for a in result.answers] == pytest.approx(values[:2], abs=1e-5)
     assert all(a.context for a in result.answers)

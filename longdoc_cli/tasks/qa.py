@@ -15,9 +15,17 @@ and its next 1, 2, ..., 5 sentences (a good answer is followed by more of the sa
 whichever length); and of its paragraph's embedding. Then a second stage reads the 7 best
 candidates again, each as the passage of 128 tokens that starts at it (the mean of the token states
 the two passes already computed, in the paragraph's context: no extra pass), and ranks them by their
-score mixed with the passage's cosine (reread_candidates). A lexical part (the share of the
-question's informative words, idf-weighted, that the sentence holds) can be mixed in
-(``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
+score mixed with the passage's cosine (reread_candidates). With ``--top-k`` above 1, the answers
+after the first are picked for diversity (answer_candidates: maximal marginal relevance over the 20
+best candidates, weight 0.05 on the highest cosine with an answer already shown), so a sentence that
+repeats a better answer gives way; the first answer never changes. On a document of more than 48
+candidate sentences, paragraphs are read only where they can matter (focus): each question ranks
+every sentence with each paragraph's embedding guessed as the mean of its sentences' (no pass),
+embeds the paragraphs of its 48 best candidates and those its second stage reads ahead into (each
+once per document), and ranks those 48 with the scores an index with every paragraph would give
+them; a long document's question thus pays for a fraction of the paragraph pass. A lexical part
+(the share of the question's informative words, idf-weighted, that the sentence holds) can be mixed
+in (``SentenceScoring.lexical``) but is off: on the dev pages it did not help. So is one
 pseudo-relevance-feedback step (``SentenceScoring.feedback_k``, ``feedback_weight``: the question
 moved towards its best candidates, every sentence scored again): it lost hit@1 on the dev pages.
 The weights were chosen on half of the FAQ pages of ../shared/data/pyfaq_qa.jsonl and are reported
@@ -209,12 +217,11 @@ class QuestionAnswerer:
     def _sentences_for(self, text: str, enc: Encoding, question: str) -> list[Answer]:
         index = self._index(text, enc)
         q = embed_texts(self.tm, [question], 1)[0]
-        scores = score_sentences(index, q, question, self.scoring)
         batch = max(self.batch_size, 16)
-        top, values = reread_candidates(self.tm, index, q, scores, self.scoring, batch, self.top_k)
+        top, values = rank_sentences(self.tm, index, q, question, self.scoring, batch, self.top_k)
         return [
             Answer(text[index.spans[i][0] : index.spans[i][1]], *index.spans[i], round(v, 6))
-            for i, v in zip(top[: self.top_k], values[: self.top_k], strict=True)
+            for i, v in zip(top, values, strict=True)
         ]
 
     def _index(self, text: str, enc: Encoding | None = None) -> SentenceIndex:
@@ -268,12 +275,36 @@ class SentenceScoring:
     reread_weight: float = 0.15
     reread_tokens: int = 128
     reread_passes: bool = False
+    # Diversity of the answers after the first (maximal marginal relevance, answer_candidates): of
+    # the diversity_pool best candidates, each next answer is the one of the largest score -
+    # diversity * (its sentence's highest cosine with an answer already picked), so an answer that
+    # says again what a better one said gives way. The first answer never changes. 0.05 was chosen
+    # on the dev pages among 0.05 / 0.1 / 0.2 / 0.3 and rules by position (one answer per
+    # paragraph, none next to a better one, no overlapping contexts), which lost hit@5 there: an
+    # answer runs over several sentences, so the gold is often the neighbour of a better-scored
+    # sentence of the same answer (benchmarks/README.md). Off when 0. The pool's candidates beyond
+    # the second stage's are scored as it scores them (with reread_passes, their passages embedded).
+    diversity: float = 0.05
+    diversity_pool: int = 20
+    # Paragraphs read only where they can matter (focus): on a document of more than
+    # block_candidates candidate sentences, the index embeds no paragraph; each question ranks every
+    # sentence with each paragraph's embedding guessed as the mean of its sentences' (no pass), and
+    # embeds the paragraphs of its block_candidates best (at least the answers asked for, the
+    # second stage's and the diversity pool's) and those the second stage reads ahead into, each
+    # once per document; only those candidates are ranked on. A document with fewer candidates
+    # embeds every paragraph up front, as when 0. 48 kept the 20 best of the full ranking on every
+    # dev question (benchmarks/README.md).
+    block_candidates: int = 48
 
     def __post_init__(self) -> None:
         if self.feedback_k < 0 or self.feedback_weight < 0:
             raise UsageError("feedback_k and feedback_weight must be at least 0")
         if self.reread_k < 0 or self.reread_weight < 0 or self.reread_tokens < 1:
             raise UsageError("reread_k and reread_weight must be at least 0 and reread_tokens at least 1")
+        if self.diversity < 0 or self.diversity_pool < 1:
+            raise UsageError("diversity must be at least 0 and diversity_pool at least 1")
+        if self.block_candidates < 0:
+            raise UsageError("block_candidates must be at least 0")
         if min(self.alone, self.following, self.block) < 0 or not self.alone + self.following + self.block:
             raise UsageError("alone, following and block must be at least 0, and one of them above 0")
         if self.following_n < 0 or self.block_tokens < 1:
@@ -283,16 +314,19 @@ class SentenceScoring:
 # Before issue 12: sentences of every kind, one following window of 3 sentences weighted 0.5, no
 # paragraph, no lexical part (for the benchmark).
 LEGACY_SCORING = SentenceScoring(
-    alone=1.0, following=0.5, following_n=2, following_scales=False, block=0.0, prose_only=False, reread_k=0
-)
+    alone=1.0, following=0.5, following_n=2, following_scales=False, block=0.0, prose_only=False,
+    reread_k=0, diversity=0.0,
+)  # fmt: skip
 # The first default of issue 12: prose only, the sentence and one following window of 3 sentences
 # equally weighted, no paragraph (for the benchmark).
 WINDOW_SCORING = SentenceScoring(
-    alone=1.0, following=1.0, following_n=2, following_scales=False, block=0.0, reread_k=0
+    alone=1.0, following=1.0, following_n=2, following_scales=False, block=0.0, reread_k=0, diversity=0.0
 )
 # The second default of issue 12: the sentence, its following windows of 2..6 sentences and its
 # paragraph block, with no second stage (for the benchmark).
-PARAGRAPH_SCORING = SentenceScoring(reread_k=0)
+PARAGRAPH_SCORING = SentenceScoring(reread_k=0, diversity=0.0)
+# The third default of issue 12: PARAGRAPH_SCORING and the second stage, answers in its order.
+REREAD_SCORING = SentenceScoring(diversity=0.0)
 
 
 @dataclass(frozen=True)
@@ -317,6 +351,17 @@ class SentenceIndex:
     # What reread_passes read, kept for the next question about the same text: token counts of
     # spans ("tokens", i) and passage embeddings (i, max_tokens) (passage_embeddings).
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The paragraph blocks that embed_blocks embeds (of several sentences, one of them needed), each
+    # a list of span indices, and (n, d) each span's block embedding guessed as the L2-normalised
+    # mean of its block's ``alone`` rows (``alone``'s row for a span in no such block).
+    blocks: list[list[int]] = field(default_factory=list, compare=False, repr=False)
+    block_guess: Tensor = field(default_factory=lambda: torch.empty(0, 0), compare=False, repr=False)
+    # focus (SentenceScoring.block_candidates): no paragraph embedded yet (``block`` and ``ahead``
+    # are empty); ``lazy`` holds what the questions embedded so far: "embedded" (block position ->
+    # embedding) and "states" (each span's token states: its own pass's, or its block's once the
+    # block is embedded, when the second stage reads ahead; fp16, 768 bytes a token for the default
+    # model, kept as long as the index: about 5 MB for a 7,000-word address).
+    lazy: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def words_of(text: str) -> list[str]:
@@ -329,8 +374,9 @@ _WORD = re.compile(r"\w+")
 def index_sentences(
     tm: TaskModel, text: str, batch_size: int, scoring: SentenceScoring, enc: Encoding | None = None
 ) -> SentenceIndex:
-    """Embed ``text``'s sentences (and, when ``scoring.block`` is above 0, its paragraph blocks;
-    ``enc``: the text's encoding, encoded here when not given)."""
+    """Embed ``text``'s sentences (and, when ``scoring.block`` is above 0, its paragraph blocks, or
+    with ``scoring.block_candidates`` below the number of candidates none yet: see focus; ``enc``:
+    the text's encoding, encoded here when not given)."""
     spans = sentence_spans(text)
     n, d = len(spans), tm.config.hidden_size
     if not spans:
@@ -348,17 +394,48 @@ def index_sentences(
     local = following_windows(alone, scoring.following_n, scoring.following_scales)
     prose = torch.tensor([span_kind(text, s, e) == "prose" for s, e in spans])
     block = torch.zeros_like(alone)
+    groups: list[list[int]] = []
+    guess, lazy = torch.empty(0, 0), {}
     if scoring.block:
         needed = prose if scoring.prose_only else torch.ones_like(prose)
-        block = embed_blocks(
-            tm, text, spans, alone, needed, scoring.block_tokens, batch_size, enc, token_states=states
-        )
-    ahead = reading_ahead([states[i] for i in range(n)], alone, scoring.reread_tokens) if states else None
+        groups = block_groups(tm, text, spans, needed, scoring.block_tokens, enc)
+        guess = guessed_blocks(alone, groups)
+        if scoring.block_candidates and int(needed.sum()) > scoring.block_candidates:
+            owner = [-1] * n
+            for g, members in enumerate(groups):
+                for i in members:
+                    owner[i] = g
+            lazy = {
+                "embedded": {},
+                "owner": owner,
+                "states": [states[i] for i in range(n)] if states else None,
+            }
+            block = torch.empty(0, d)
+        else:
+            block = alone.clone()
+            for m, e in zip(groups, embed_groups(tm, text, spans, groups, batch_size, states), strict=True):
+                block[m] = e
+    ahead = None
+    if states and not lazy:
+        ahead = reading_ahead([states[i] for i in range(n)], alone, scoring.reread_tokens)
     words = [frozenset(words_of(text[s:e])) for s, e in spans]
     df = Counter(w for ws in words for w in ws)
     idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}  # BM25's idf
     unseen = math.log(1 + (n + 0.5) / 0.5)
-    index = SentenceIndex(text, spans, prose, alone, local, block, words, idf, unseen)
+    index = SentenceIndex(
+        text,
+        spans,
+        prose,
+        alone,
+        local,
+        block,
+        words,
+        idf,
+        unseen,
+        blocks=groups,
+        block_guess=guess,
+        lazy=lazy,
+    )
     return index if ahead is None else replace(index, ahead=ahead, ahead_tokens=scoring.reread_tokens)
 
 
@@ -383,19 +460,30 @@ def embed_keeping_states(
     return embed_encodings(tm, encodings, batch_size, keep), states, encodings
 
 
-def reading_ahead(states: list[Tensor], alone: Tensor, max_tokens: int) -> Tensor:
+def reading_ahead(
+    states: list[Tensor], alone: Tensor, max_tokens: int, rows: Sequence[int] | None = None
+) -> Tensor:
     """(n, d): for each span, the L2-normalised mean of the ``max_tokens`` token states that start
     at its first token and run on through the next spans (``states``: each span's (T_i, d) token
-    states, in text order); a span with no token from it to the end keeps its ``alone`` row."""
-    sequence = torch.cat(states) if states else torch.empty(0, alone.shape[1])
+    states, in text order); a span with no token from it to the end keeps its ``alone`` row. With
+    ``rows``, only those spans' rows are computed (the others keep ``alone``'s)."""
     ahead = alone.clone()
-    start = 0
-    for i, st in enumerate(states):
-        window = sequence[start : start + max_tokens]
+    for i in range(len(states)) if rows is None else rows:
+        window = torch.cat(_ahead_states(states, i, max_tokens))[:max_tokens]
         if len(window):
             ahead[i] = F.normalize(window.float().mean(0), dim=-1)
-        start += len(st)
     return ahead
+
+
+def _ahead_states(states: list[Tensor], i: int, max_tokens: int) -> list[Tensor]:
+    """The token states of span ``i`` and of the spans after it, up to the one that takes the count
+    to ``max_tokens`` (an empty (0, d) piece when there is none)."""
+    parts, count, j = [states[i][:0]], 0, i
+    while j < len(states) and count < max_tokens:
+        parts.append(states[j])
+        count += len(states[j])
+        j += 1
+    return parts
 
 
 def following_windows(alone: Tensor, following_n: int, scales: bool) -> Tensor:
@@ -431,31 +519,67 @@ def embed_blocks(
     ``enc``: the text's encoding (for the sentences' token counts), encoded here when not given.
     ``token_states`` (span -> its token states): the spans of an embedded block get their tokens'
     states from the block's pass instead (read in the paragraph's context)."""
+    groups = block_groups(tm, text, spans, needed, max_tokens, enc)
+    block = alone.clone()
+    for m, e in zip(groups, embed_groups(tm, text, spans, groups, batch_size, token_states), strict=True):
+        block[m] = e
+    return block
+
+
+def block_groups(
+    tm: TaskModel,
+    text: str,
+    spans: list[tuple[int, int]],
+    needed: Tensor,
+    max_tokens: int,
+    enc: Encoding | None = None,
+) -> list[list[int]]:
+    """The paragraph blocks embed_blocks embeds, in text order, each as its span indices: blocks
+    (tasks.text.paragraph_blocks, cut at ``max_tokens`` tokens of ``enc``, the text's encoding) of
+    several spans, one of them ``needed``."""
     if enc is None:
         enc = tm.tokenizer.encode(text)
     token_starts = [a for a, _ in enc.offsets]
     sizes = [bisect.bisect_left(token_starts, e) - bisect.bisect_left(token_starts, s) for s, e in spans]
-    ids = paragraph_blocks(text, spans, sizes, max_tokens)
     members: dict[int, list[int]] = {}
-    for i, b in enumerate(ids):
+    for i, b in enumerate(paragraph_blocks(text, spans, sizes, max_tokens)):
         members.setdefault(b, []).append(i)
-    several = [m for m in members.values() if len(m) > 1 and bool(needed[m].any())]
-    texts = [text[spans[m[0]][0] : spans[m[-1]][1]] for m in several]
+    return [m for m in members.values() if len(m) > 1 and bool(needed[m].any())]
+
+
+def embed_groups(
+    tm: TaskModel,
+    text: str,
+    spans: list[tuple[int, int]],
+    groups: list[list[int]],
+    batch_size: int,
+    token_states: dict[int, Tensor] | list[Tensor] | None = None,
+) -> Tensor:
+    """(len(groups), d): the embedding of each group of consecutive spans read as one text; with
+    ``token_states``, each span's entry becomes its tokens' states from its group's pass."""
+    texts = [text[spans[m[0]][0] : spans[m[-1]][1]] for m in groups]
+    if not texts:
+        return torch.empty(0, tm.config.hidden_size)
     if token_states is None:
-        embedded = embed_texts(tm, texts, batch_size)
-    else:
-        embedded, states, encodings = embed_keeping_states(tm, texts, batch_size)
-        for m, st, block_enc in zip(several, states, encodings, strict=True):
-            # the block's tokens, split by the span their first character is in
-            begins, base = [a for a, _ in block_enc.offsets], spans[m[0]][0]
-            for i in m:
-                lo = bisect.bisect_left(begins, spans[i][0] - base)
-                hi = bisect.bisect_left(begins, spans[i][1] - base)
-                token_states[i] = st[lo:hi]
-    block = alone.clone()
-    for m, e in zip(several, embedded, strict=True):
-        block[m] = e
-    return block
+        return embed_texts(tm, texts, batch_size)
+    embedded, states, encodings = embed_keeping_states(tm, texts, batch_size)
+    for m, st, block_enc in zip(groups, states, encodings, strict=True):
+        # the block's tokens, split by the span their first character is in
+        begins, base = [a for a, _ in block_enc.offsets], spans[m[0]][0]
+        for i in m:
+            lo = bisect.bisect_left(begins, spans[i][0] - base)
+            hi = bisect.bisect_left(begins, spans[i][1] - base)
+            token_states[i] = st[lo:hi]
+    return embedded
+
+
+def guessed_blocks(alone: Tensor, groups: list[list[int]]) -> Tensor:
+    """(n, d): each span's block embedding guessed without a pass: the L2-normalised mean of the
+    ``alone`` rows of its group (``alone``'s own row for a span in no group)."""
+    guess = alone.clone()
+    for m in groups:
+        guess[m] = F.normalize(alone[m].mean(0), dim=-1)
+    return guess
 
 
 def lexical_coverage(index: SentenceIndex, question: str) -> Tensor:
@@ -485,11 +609,15 @@ def score_sentences(index: SentenceIndex, q: Tensor, question: str, scoring: Sen
 
 
 def _scores(index: SentenceIndex, q: Tensor, coverage: Tensor | None, scoring: SentenceScoring) -> Tensor:
-    dense = (
-        scoring.alone * (index.alone @ q)
-        + scoring.following * (index.local @ q).mean(0)
-        + scoring.block * (index.block @ q)
-    ) / (scoring.alone + scoring.following + scoring.block)
+    dense = scoring.alone * (index.alone @ q) + scoring.following * (index.local @ q).mean(0)
+    if scoring.block:
+        if len(index.block) != len(index.spans):
+            raise ValueError(
+                "the index embeds its paragraphs per question (SentenceScoring.block_candidates): "
+                "rank with rank_sentences"
+            )
+        dense = dense + scoring.block * (index.block @ q)
+    dense = dense / (scoring.alone + scoring.following + scoring.block)
     scores = dense
     if coverage is not None:
         scores = (1 - scoring.lexical) * dense + scoring.lexical * coverage
@@ -520,8 +648,21 @@ def reread_candidates(
     if k < 1:
         return [], []
     best = torch.topk(scores, k)
-    top, values = best.indices, best.values
-    if scoring.reread_k and scoring.reread_weight:
+    return _reread(tm, index, q, best.indices, best.values, scoring, batch_size)
+
+
+def _reread(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    top: Tensor,
+    values: Tensor,
+    scoring: SentenceScoring,
+    batch_size: int,
+) -> tuple[list[int], list[float]]:
+    """The candidates ``top`` with their first-stage ``values``, mixed with their passages' cosines
+    (when the scoring has a second stage) and sorted by the result (stable)."""
+    if scoring.reread_k and scoring.reread_weight and len(top):
         if scoring.reread_passes:
             passages = passage_embeddings(tm, index, top.tolist(), scoring.reread_tokens, batch_size)
         elif index.ahead_tokens == scoring.reread_tokens and len(index.ahead) == len(index.spans):
@@ -536,6 +677,180 @@ def reread_candidates(
         order = torch.argsort(values, descending=True, stable=True)
         top, values = top[order], values[order]
     return top.tolist(), [float(v) for v in values]
+
+
+def candidate_pool(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    scores: Tensor,
+    scoring: SentenceScoring,
+    batch_size: int,
+    k: int,
+) -> tuple[list[int], list[float]]:
+    """The candidates ``k`` answers are picked from, best first: the second stage's (reread_candidates
+    with ``at_least=k``), then, up to ``max(scoring.diversity_pool, k)`` in all, the next candidates
+    of the first stage, each scored as the second stage scores (its passage's cosine mixed in) and
+    sorted among themselves. The first one is always the second stage's best."""
+    top, values = reread_candidates(tm, index, q, scores, scoring, batch_size, k)
+    size = min(max(scoring.diversity_pool, k), int(torch.isfinite(scores).sum()))
+    if len(top) < size:
+        rest = scores.clone()
+        rest[top] = -math.inf
+        more = torch.topk(rest, size - len(top))
+        tail, tail_values = _reread(tm, index, q, more.indices, more.values, scoring, batch_size)
+        top, values = top + tail, values + tail_values
+    return top, values
+
+
+def diverse_order(values: Sequence[float], embeddings: Tensor, k: int, weight: float) -> list[int]:
+    """Maximal marginal relevance: ``k`` positions of ``values`` (best first), the first one first,
+    each next one the position of the largest ``value - weight * (the highest cosine of its row of
+    embeddings (L2-normalised, one row per value) with the rows already picked)`` (the earlier
+    position on a tie). With weight 0: the first k positions."""
+    n = min(k, len(values))
+    if n < 1:
+        return []
+    scores = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    similar = (embeddings.float() @ embeddings.float().T).double()  # (m, m)
+    picked = [0]
+    closest = similar[0].clone()  # each row's highest cosine with an answer picked
+    while len(picked) < n:
+        gain = scores - weight * closest
+        gain[picked] = -math.inf
+        best = int(torch.argmax(gain))  # the first of equal maxima
+        picked.append(best)
+        closest = torch.maximum(closest, similar[best])
+    return picked
+
+
+def answer_candidates(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    scores: Tensor,
+    scoring: SentenceScoring,
+    batch_size: int,
+    k: int,
+) -> tuple[list[int], list[float]]:
+    """The ``k`` answers (sentence indices) and their scores, in the order they are shown: the
+    second stage's best first (reread_candidates); with ``scoring.diversity``, the next ones picked
+    from ``candidate_pool`` by maximal marginal relevance over the sentences' own embeddings
+    (``diverse_order``), so a sentence that repeats a better answer gives way to one that adds to
+    it. A score is the candidate's own (not lowered by the diversity term), so the scores of ranks
+    2.. need not decrease."""
+    if not scoring.diversity or k < 2:
+        top, values = reread_candidates(tm, index, q, scores, scoring, batch_size, k)
+        return top[:k], values[:k]
+    top, values = candidate_pool(tm, index, q, scores, scoring, batch_size, k)
+    order = diverse_order(values, index.alone[top], k, scoring.diversity)
+    return [top[i] for i in order], [values[i] for i in order]
+
+
+def rank_sentences(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    question: str,
+    scoring: SentenceScoring,
+    batch_size: int,
+    k: int,
+) -> tuple[list[int], list[float]]:
+    """The ``k`` answers (sentence indices) and their scores, in the order they are shown, for the
+    question ``question`` embedded as ``q`` (d,): score_sentences, then answer_candidates; over an
+    index that embeds its paragraphs per question, through focus first."""
+    if index.lazy:
+        index, scores = focus(tm, index, q, question, scoring, batch_size, k)
+    else:
+        scores = score_sentences(index, q, question, scoring)
+    return answer_candidates(tm, index, q, scores, scoring, batch_size, k)
+
+
+def _answers_read(scoring: SentenceScoring, k: int) -> int:
+    """How many of the best candidates answer_candidates reads for ``k`` answers."""
+    size = max(k, scoring.reread_k) if scoring.reread_k and scoring.reread_weight else k
+    return max(size, scoring.diversity_pool) if scoring.diversity and k >= 2 else size
+
+
+def prefilter(index: SentenceIndex, q: Tensor, question: str, scoring: SentenceScoring, k: int) -> Tensor:
+    """The sentences focus embeds the paragraphs of, best first: the ``max(scoring.block_candidates,
+    the candidates answer_candidates reads for k answers)`` best of score_sentences with every block
+    embedding guessed (``index.block_guess``, no pass)."""
+    guessed = score_sentences(replace(index, block=index.block_guess), q, question, scoring)
+    m = min(max(scoring.block_candidates, _answers_read(scoring, k)), int(torch.isfinite(guessed).sum()))
+    return torch.topk(guessed, m).indices if m > 0 else torch.empty(0, dtype=torch.long)
+
+
+def focus(
+    tm: TaskModel,
+    index: SentenceIndex,
+    q: Tensor,
+    question: str,
+    scoring: SentenceScoring,
+    batch_size: int,
+    k: int,
+) -> tuple[SentenceIndex, Tensor]:
+    """Paragraphs read only where they can matter, for an index built without them (``index.lazy``):
+    the candidates of prefilter get their paragraph blocks embedded (those not embedded for an
+    earlier question) and are scored by score_sentences; every other sentence gets -inf. Then the
+    blocks the second stage's passages read ahead into are embedded too, for the candidates
+    answer_candidates reads. Returns the index with those blocks and passages (the rows of other
+    spans are their ``alone`` rows) and the scores. A candidate's score and passage are the ones an
+    index with every paragraph embedded gives it (up to the last digits a batch of other texts can
+    move), so the answers are the same as long as prefilter keeps the candidates they come from."""
+    n = len(index.spans)
+    chosen = prefilter(index, q, question, scoring, k)
+    owner, lazy = index.lazy["owner"], index.lazy
+    _embed_lazily(tm, index, {owner[i] for i in chosen.tolist()}, batch_size)
+    view = replace(index, block=_lazy_block(index))
+    scores = torch.full((n,), -math.inf)
+    scores[chosen] = score_sentences(view, q, question, scoring)[chosen]
+    states = lazy["states"]
+    if states is None or not len(chosen):
+        return view, scores
+    read = torch.topk(scores, min(_answers_read(scoring, k), len(chosen))).indices.tolist()
+    while True:  # a block's tokens can run the passage on into one more block
+        touched = set()
+        for i in read:
+            ahead = _ahead_states(states, i, scoring.reread_tokens)
+            touched.update(owner[j] for j in range(i, i + len(ahead) - 1))
+        if touched <= lazy["embedded"].keys() | {-1}:
+            break
+        _embed_lazily(tm, index, touched, batch_size)
+    ahead = reading_ahead(states, index.alone, scoring.reread_tokens, read)
+    return replace(view, block=_lazy_block(index), ahead=ahead, ahead_tokens=scoring.reread_tokens), scores
+
+
+# Once the blocks embedded for a document's questions would pass this share of its blocks, the rest
+# are embedded in the same pass: many questions about one document end up needing most blocks, and
+# one pass over them all costs less than a small pass per question (on three FAQ pages of 223-722
+# sentences and 25-52 questions, a pass per question took 0.94-1.28x the seconds of embedding every
+# block up front, with this rule 0.87-1.12x; benchmarks/README.md). The answers do not change:
+# focus ranks prefilter's candidates either way.
+EMBED_ALL_SHARE = 0.5
+
+
+def _embed_lazily(tm: TaskModel, index: SentenceIndex, groups: set[int], batch_size: int) -> None:
+    """Embed the blocks ``index.blocks[g]`` for ``g`` in ``groups`` not yet embedded (-1: none), or
+    every block not yet embedded when that would take the embedded ones past EMBED_ALL_SHARE."""
+    lazy = index.lazy
+    todo = sorted(g for g in groups if g >= 0 and g not in lazy["embedded"])
+    if not todo:
+        return
+    if len(lazy["embedded"]) + len(todo) > EMBED_ALL_SHARE * len(index.blocks):
+        todo = [g for g in range(len(index.blocks)) if g not in lazy["embedded"]]
+    members = [index.blocks[g] for g in todo]
+    embedded = embed_groups(tm, index.text, index.spans, members, batch_size, lazy["states"])
+    for g, e in zip(todo, embedded, strict=True):
+        lazy["embedded"][g] = e
+
+
+def _lazy_block(index: SentenceIndex) -> Tensor:
+    """(n, d): the block embeddings of the blocks embedded so far, ``alone``'s rows elsewhere."""
+    block = index.alone.clone()
+    for g, e in index.lazy["embedded"].items():
+        block[index.blocks[g]] = e
+    return block
 
 
 def passage_embeddings(
