@@ -667,14 +667,81 @@ def _dense_banded(
     return out * key_ok[:, None, :, None]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float, scale: float | None = None
+) -> Tensor:
     """Scaled-dot-product attention over the ``allowed`` keys (boolean, or additive 0 / -inf;
-    broadcast). With attention dropout on the CPU it runs :func:`attention_with_dropout`, since SDPA
-    then takes its unfused path and F.dropout's ``bernoulli_`` took 34% of a training step of the
-    default model (2 x 4096 tokens)."""
+    broadcast; None: every key). With attention dropout on the CPU it runs
+    :func:`attention_with_dropout`, since SDPA then takes its unfused path and F.dropout's
+    ``bernoulli_`` took 34% of a training step of the default model (2 x 4096 tokens). With autograd
+    on bf16 CPU tensors it runs :class:`_FlashFp32Backward` (its backward pass in fp32)."""
     if dropout_p > 0 and q.device.type == "cpu":
         return attention_with_dropout(q, k, v, allowed, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    if _fp32_backward_applies(q, k, v, dropout_p):
+        mask = None if allowed is None else _additive(allowed, torch.float32)
+        return _FlashFp32Backward.apply(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+
+
+def band_mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`short_band_mask`'s additive mask is built in for attention over ``dtype``
+    inputs: fp32 for bf16 with autograd (what :class:`_FlashFp32Backward` reads both ways), else
+    ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and torch.is_grad_enabled() else dtype
+
+
+def _fp32_backward_applies(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """bf16 CPU attention with autograd and no dropout, inputs the CPU flash kernel takes as they
+    are (last dimension contiguous): where :class:`_FlashFp32Backward` runs."""
+    return (
+        dropout_p == 0.0
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.dim() == 4
+        and all(t.stride(-1) == 1 for t in (q, k, v))
+    )
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = allowed) as the additive 0 / -inf one SDPA reads, in ``dtype``; an
+    additive mask converted to ``dtype``."""
+    if allowed.dtype != torch.bool:
+        return allowed.to(dtype)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
+class _FlashFp32Backward(torch.autograd.Function):
+    """The CPU flash kernel with bf16 inputs: the forward pass in bf16 (its fp32 log-sum-exp kept),
+    the backward pass in fp32 (the saved bf16 inputs, output and incoming gradient converted, the
+    gradients converted back to bf16). The kernel's bf16 backward is its slow half: one layer's
+    attention of the default model's shape (12 heads of 32, 512 tokens, band mask), forward +
+    backward, one thread, took 15.8 ms against 23.6 ms in bf16 both ways (4 rows: 61.2 against
+    80.1), while its bf16 forward is twice as fast as the fp32 one; the gradients are closer to a
+    float64 reference than bf16's (benchmarks/README.md, "bf16 attention's backward in fp32").
+    ``mask``: additive (fp32, or q's dtype) or None; ``scale``: SDPA's (None: 1 / sqrt(Dh))."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        fp32 = (t.float() for t in (grad, q, k, v, out))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *fp32, lse, 0.0, False, attn_mask=None if mask is None else mask.float(), scale=ctx.scale
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, p: float) -> Tensor:
@@ -815,9 +882,7 @@ def global_rows_fused(
     keys = hidden[:, None]  # (B, 1, n, d)
     real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
     mask = None if bool(attention_mask.all()) else real
-    ph = F.scaled_dot_product_attention(
-        qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
-    )  # (B, 1, H*G, d)
+    ph = _sdpa(qk, keys, keys, mask, 0.0, scale=1 / math.sqrt(Dh))  # (B, 1, H*G, d)
     out = _through_values(ph.view(B, H * G, d), value_weight, value_bias, H)
     if key_bias is not None and key_bias.requires_grad:
         out = out + key_bias.sum() * 0.0
