@@ -760,3 +760,75 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
         a = torch.zeros_like(leaves[i]) if a is None else a
         b = torch.zeros_like(leaves[i]) if b is None else b.nan_to_num(0.0)
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"leaf {i}")
+
+
+@pytest.mark.parametrize(
+    ("mask_kind", "scale", "same_kv"),
+    [("none", None, False), ("bool", None, False), ("bf16", 0.3, False), ("fp32-rows", None, True)],
+)
+def test_bf16_attention_backward_in_fp32(mask_kind, scale, same_kv):
+    """bf16 CPU attention with autograd (_sdpa -> _FlashFp32Backward): the forward is the stock
+    kernel's, bit for bit; the gradients, computed in fp32, are close to a float64 reference and no
+    further from it than the stock bf16 backward's. Awkward sizes, a broadcast or per-row mask (a
+    row that masks most keys), a custom scale, keys that are the values."""
+    B, H, n, Dh = 2, 3, 37, 8
+    g = torch.Generator().manual_seed(11)
+    leaves = [torch.randn(B, n, H, Dh, generator=g).to(torch.bfloat16) for _ in range(3)]
+    if same_kv:
+        leaves[2] = leaves[1]
+    allowed = torch.rand(1, 1, n, n, generator=g) > 0.4
+    allowed |= torch.eye(n, dtype=torch.bool)
+    if mask_kind == "fp32-rows":
+        allowed = allowed.repeat(B, 1, 1, 1)
+        allowed[1, :, :, 5:] = False
+    masks = {
+        "none": None,
+        "bool": allowed,
+        "bf16": torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, float("-inf")),
+        "fp32-rows": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
+    }
+    mask = masks[mask_kind]
+    upstream = torch.randn(B, H, n, Dh, generator=g, dtype=F64)
+
+    def run(dtype, fn):
+        params = [t.detach().to(dtype).requires_grad_() for t in leaves[: 2 if same_kv else 3]]
+        q, k, v = (t.transpose(1, 2) for t in (params + params[1:] if same_kv else params))
+        m = (
+            mask
+            if mask is None or mask.dtype == torch.bool
+            else mask.to(dtype if dtype == F64 else mask.dtype)
+        )
+        out = fn(q, k, v, m)
+        return out, torch.autograd.grad((out.double() * upstream).sum(), params)
+
+    out, grads = run(torch.bfloat16, lambda q, k, v, m: attention._sdpa(q, k, v, m, 0.0, scale=scale))
+    assert type(out.grad_fn).__name__ == "_FlashFp32BackwardBackward"
+    assert out.dtype == torch.bfloat16 and out.stride() == (n * H * Dh, Dh, H * Dh, 1)  # token-major
+
+    def stock(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+
+    stock_out, stock_grads = run(torch.bfloat16, stock)
+    assert torch.equal(out, stock_out)
+    ref_out, ref_grads = run(F64, stock)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    for name, got, bf16, want in zip("qkv", grads, stock_grads, ref_grads, strict=False):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        stock_err = ((bf16.double() - want).norm() / want.norm()).item()
+        assert err < 1e-2 and err <= 1.1 * stock_err, (name, err, stock_err)
+
+
+def test_fp32_backward_only_for_bf16_with_autograd():
+    """fp32, inference, and attention dropout keep their paths (the stock kernel, or
+    attention_with_dropout): _FlashFp32Backward runs only for bf16 CPU tensors with autograd."""
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
+    assert type(attention._sdpa(q, k, v, None, 0.0).grad_fn).__name__.startswith("ScaledDotProduct")
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        assert attention._sdpa(*low, None, 0.0).grad_fn is None
+    out = attention._sdpa(*low, torch.ones(9, 9, dtype=torch.bool), 0.5)
+    assert not type(out.grad_fn).__name__.startswith("_FlashFp32")
+    assert attention.band_mask_dtype(torch.bfloat16) == torch.float32
+    assert attention.band_mask_dtype(torch.float32) == torch.float32
+    with torch.no_grad():
+        assert attention.band_mask_dtype(torch.bfloat16) == torch.bfloat16
