@@ -333,6 +333,19 @@ def test_global_rows_fused_equal_projected_keys(pads):
     torch.testing.assert_close(out.double() * real, ref.detach() * real, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("pads", [[0, 0], [0, 4], [0, 7]], ids=["no-padding", "padding", "all-padding-row"])
+def test_global_rows_fused_gradcheck(pads):
+    """The fused global rows' gradients against finite differences (float64): every input, two rows,
+    two global slots, padding, a row of padding only."""
+    B, H, G, Dh, n = 2, 2, 2, 3, 7
+    d = H * Dh
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+              [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)]]  # fmt: skip
+    am, _ = make_masks(n, pads, [[], []])
+    assert torch.autograd.gradcheck(lambda *t: attention.global_rows_fused(*t, am), inputs)
+
+
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
     """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
     projected-keys reference, gradients flow through the chunks."""
@@ -767,7 +780,7 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
     [("none", None, False), ("bool", None, False), ("bf16", 0.3, False), ("fp32-rows", None, True)],
 )
 def test_bf16_attention_backward_in_fp32(mask_kind, scale, same_kv):
-    """bf16 CPU attention with autograd (_sdpa -> _FlashFp32Backward): the forward is the stock
+    """bf16 CPU attention with autograd (_FlashFp32Backward): the forward is the stock
     kernel's, bit for bit; the gradients, computed in fp32, are close to a float64 reference and no
     further from it than the stock bf16 backward's. Awkward sizes, a broadcast or per-row mask (a
     row that masks most keys), a custom scale, keys that are the values."""
@@ -801,7 +814,11 @@ def test_bf16_attention_backward_in_fp32(mask_kind, scale, same_kv):
         out = fn(q, k, v, m)
         return out, torch.autograd.grad((out.double() * upstream).sum(), params)
 
-    out, grads = run(torch.bfloat16, lambda q, k, v, m: attention._sdpa(q, k, v, m, 0.0, scale=scale))
+    def ours(q, k, v, m):
+        additive = None if m is None else attention._additive(m, torch.float32)
+        return attention._FlashFp32Backward.apply(q, k, v, additive, scale)
+
+    out, grads = run(torch.bfloat16, ours)
     assert type(out.grad_fn).__name__ == "_FlashFp32BackwardBackward"
     assert out.dtype == torch.bfloat16 and out.stride() == (n * H * Dh, Dh, H * Dh, 1)  # token-major
 
@@ -824,6 +841,8 @@ def test_fp32_backward_only_for_bf16_with_autograd():
     q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
     assert type(attention._sdpa(q, k, v, None, 0.0).grad_fn).__name__.startswith("ScaledDotProduct")
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attention._sdpa(*low, torch.ones(9, 9, dtype=torch.bool), 0.0)
+    assert type(out.grad_fn).__name__ == "_FlashFp32BackwardBackward"
     with torch.no_grad():
         assert attention._sdpa(*low, None, 0.0).grad_fn is None
     out = attention._sdpa(*low, torch.ones(9, 9, dtype=torch.bool), 0.5)
