@@ -676,7 +676,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: fl
     if dropout_p > 0 and q.device.type == "cpu":
         return attention_with_dropout(q, k, v, allowed, dropout_p)
     if _fp32_backward_applies(q, k, v, dropout_p):
-        mask = None if allowed is None else _additive(allowed, torch.float32)
+        # A boolean mask additive in q's dtype, as the stock call converts it (the backward's fp32
+        # copy is made there and then, not kept): no more memory saved for the backward than stock.
+        mask = _additive(allowed, q.dtype) if allowed is not None and allowed.dtype == torch.bool else allowed
         return _FlashFp32Backward.apply(q, k, v, mask, None)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
@@ -703,10 +705,7 @@ def _fp32_backward_applies(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) ->
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask (True = allowed) as the additive 0 / -inf one SDPA reads, in ``dtype``; an
-    additive mask converted to ``dtype``."""
-    if allowed.dtype != torch.bool:
-        return allowed.to(dtype)
+    """A boolean mask (True = allowed) as the additive 0 / -inf one SDPA reads, in ``dtype``."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
     )
@@ -720,7 +719,8 @@ class _FlashFp32Backward(torch.autograd.Function):
     backward, one thread, took 15.8 ms against 23.6 ms in bf16 both ways (4 rows: 61.2 against
     80.1), while its bf16 forward is twice as fast as the fp32 one; the gradients are closer to a
     float64 reference than bf16's (benchmarks/README.md, "bf16 attention's backward in fp32").
-    ``mask``: additive (fp32, or q's dtype) or None; ``scale``: SDPA's (None: 1 / sqrt(Dh))."""
+    ``mask``: additive (fp32, or q's dtype: converted to fp32 for the backward) or None; ``scale``:
+    SDPA's (None: 1 / sqrt(Dh))."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:

@@ -815,7 +815,7 @@ def test_bf16_attention_backward_in_fp32(mask_kind, scale, same_kv):
         return out, torch.autograd.grad((out.double() * upstream).sum(), params)
 
     def ours(q, k, v, m):
-        additive = None if m is None else attention._additive(m, torch.float32)
+        additive = attention._additive(m, torch.bfloat16) if m is not None and m.dtype == torch.bool else m
         return attention._FlashFp32Backward.apply(q, k, v, additive, scale)
 
     out, grads = run(torch.bfloat16, ours)
