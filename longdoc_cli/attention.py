@@ -714,11 +714,12 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 class _FlashFp32Backward(torch.autograd.Function):
     """The CPU flash kernel with bf16 inputs: the forward pass in bf16 (its fp32 log-sum-exp kept),
     the backward pass in fp32 (the saved bf16 inputs, output and incoming gradient converted, the
-    gradients converted back to bf16). The kernel's bf16 backward is its slow half: one layer's
-    attention of the default model's shape (12 heads of 32, 512 tokens, band mask), forward +
-    backward, one thread, took 15.8 ms against 23.6 ms in bf16 both ways (4 rows: 61.2 against
-    80.1), while its bf16 forward is twice as fast as the fp32 one; the gradients are closer to a
-    float64 reference than bf16's (benchmarks/README.md, "bf16 attention's backward in fp32").
+    gradients converted back to bf16). The kernel's bf16 backward is its slow half, while its bf16
+    forward is about twice as fast as the fp32 one: one layer's local attention of the default
+    model's shape (12 heads of 32, w = 256, one global token), forward + backward, one thread, took
+    0.87x the stock time at 1 x 512 tokens, 0.71x at 4 x 512, 0.72x / 0.78x at 1024 / 4096 tokens,
+    with gradients closer to float64 (benchmarks/bf16_backward_ab.py; benchmarks/README.md, "bf16
+    attention's backward in fp32").
     ``mask``: additive (fp32, or q's dtype: converted to fp32 for the backward) or None; ``scale``:
     SDPA's (None: 1 / sqrt(Dh))."""
 
@@ -881,7 +882,8 @@ def global_rows_fused(
     real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
     mask = None if bool(attention_mask.all()) else real
     # The stock kernel, also in bf16: its bf16 backward at this shape (H*G queries of width d) was
-    # faster than _FlashFp32Backward's fp32 one (1.4 against 2.0 ms per layer, 1 x 512 tokens).
+    # faster than _FlashFp32Backward's fp32 one (2.2 against 3.0 ms per layer at 1 x 512 tokens, 5.0
+    # against 7.4 at 4 x 512; benchmarks/global_rows_ab.py).
     ph = F.scaled_dot_product_attention(
         qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
     )  # (B, 1, H*G, d)
