@@ -851,3 +851,44 @@ def test_fp32_backward_only_for_bf16_with_autograd():
     assert attention.band_mask_dtype(torch.float32) == torch.float32
     with torch.no_grad():
         assert attention.band_mask_dtype(torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("n", [19, 61], ids=["one-masked-call", "query-blocks"])
+def test_bf16_local_attention_gradients_with_fp32_backward(n, monkeypatch):
+    """bf16 local attention with autograd on both CPU paths that _FlashFp32Backward serves (the short
+    path's one masked call, w + 1 < n <= 2w + 1, and query blocks beyond it; padding, globals, a
+    row mostly padding): the local rows' values and the gradients of q, k, v within bf16 precision
+    of the float64 reference, and no further from it than with the stock bf16 backward."""
+    B, H, Dh, window = 3, 2, 8, 10
+    assert attention.dense_band_applies(n, window, 1, torch.device("cpu")) == (n == 19)
+    am, gm = make_masks(n, [0, 5, n - 4], [[0, 17], [3], [1]])
+    g = torch.Generator().manual_seed(9)
+    data = [torch.randn(B, n, H, Dh, generator=g) for _ in range(3)]
+    index, valid = global_indices(gm & am)
+    local_rows = (am & ~gm)[:, None, :, None]
+    upstream = torch.randn(B, H, n, Dh, generator=g, dtype=F64) * local_rows
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in data]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        if dtype == F64:
+            out = reference_attention(q, k, v, q, k, v, window=window, attention_mask=am, global_mask=gm)
+        else:
+            out = local_attention(q, k, v, window=window, attention_mask=am, global_index=index,
+                                  global_valid=valid, kernel="band")  # fmt: skip
+        out = out.double() * local_rows
+        return out, torch.autograd.grad((out * upstream).sum(), leaves)
+
+    ref, want = run(F64)
+    calls = []
+    apply = attention._FlashFp32Backward.apply
+    monkeypatch.setattr(attention._FlashFp32Backward, "apply", lambda *a: calls.append(1) or apply(*a))
+    out, got = run(torch.bfloat16)
+    assert calls
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=0)
+    monkeypatch.setattr(attention, "_fp32_backward_applies", lambda *a: False)
+    _, stock = run(torch.bfloat16)
+    for name, a, s, w in zip("qkv", got, stock, want, strict=True):
+        err = ((a.double() - w).norm() / w.norm()).item()
+        stock_err = ((s.double() - w).norm() / w.norm()).item()
+        assert err < 2e-2 and err <= 1.1 * stock_err + 1e-3, (name, err, stock_err)
