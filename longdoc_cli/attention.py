@@ -667,14 +667,80 @@ def _dense_banded(
     return out * key_ok[:, None, :, None]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float) -> Tensor:
     """Scaled-dot-product attention over the ``allowed`` keys (boolean, or additive 0 / -inf;
-    broadcast). With attention dropout on the CPU it runs :func:`attention_with_dropout`, since SDPA
-    then takes its unfused path and F.dropout's ``bernoulli_`` took 34% of a training step of the
-    default model (2 x 4096 tokens)."""
+    broadcast; None: every key). With attention dropout on the CPU it runs
+    :func:`attention_with_dropout`, since SDPA then takes its unfused path and F.dropout's
+    ``bernoulli_`` took 34% of a training step of the default model (2 x 4096 tokens). With autograd
+    on bf16 CPU tensors it runs :class:`_FlashFp32Backward` (its backward pass in fp32)."""
     if dropout_p > 0 and q.device.type == "cpu":
         return attention_with_dropout(q, k, v, allowed, dropout_p)
+    if _fp32_backward_applies(q, k, v, dropout_p):
+        # A boolean mask additive in q's dtype, as the stock call converts it (the backward's fp32
+        # copy is made there and then, not kept): no more memory saved for the backward than stock.
+        mask = _additive(allowed, q.dtype) if allowed is not None and allowed.dtype == torch.bool else allowed
+        return _FlashFp32Backward.apply(q, k, v, mask, None)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def band_mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`short_band_mask`'s additive mask is built in for attention over ``dtype``
+    inputs: fp32 for bf16 with autograd (what :class:`_FlashFp32Backward` reads both ways), else
+    ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and torch.is_grad_enabled() else dtype
+
+
+def _fp32_backward_applies(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """bf16 CPU attention with autograd and no dropout, inputs the CPU flash kernel takes as they
+    are (last dimension contiguous): where :class:`_FlashFp32Backward` runs."""
+    return (
+        dropout_p == 0.0
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.dim() == 4
+        and all(t.stride(-1) == 1 for t in (q, k, v))
+    )
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = allowed) as the additive 0 / -inf one SDPA reads, in ``dtype``."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
+class _FlashFp32Backward(torch.autograd.Function):
+    """The CPU flash kernel with bf16 inputs: the forward pass in bf16 (its fp32 log-sum-exp kept),
+    the backward pass in fp32 (the saved bf16 inputs, output and incoming gradient converted, the
+    gradients converted back to bf16). The kernel's bf16 backward is its slow half, while its bf16
+    forward is about twice as fast as the fp32 one: one layer's local attention of the default
+    model's shape (12 heads of 32, w = 256, one global token), forward + backward, one thread, took
+    0.87x the stock time at 1 x 512 tokens, 0.71x at 4 x 512, 0.72x / 0.78x at 1024 / 4096 tokens,
+    with gradients closer to float64 (benchmarks/bf16_backward_ab.py; benchmarks/README.md, "bf16
+    attention's backward in fp32").
+    ``mask``: additive (fp32, or q's dtype: converted to fp32 for the backward) or None; ``scale``:
+    SDPA's (None: 1 / sqrt(Dh))."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        fp32 = (t.float() for t in (grad, q, k, v, out))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *fp32, lse, 0.0, False, attn_mask=None if mask is None else mask.float(), scale=ctx.scale
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, p: float) -> Tensor:
@@ -815,6 +881,9 @@ def global_rows_fused(
     keys = hidden[:, None]  # (B, 1, n, d)
     real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
     mask = None if bool(attention_mask.all()) else real
+    # The stock kernel, also in bf16: its bf16 backward at this shape (H*G queries of width d) was
+    # faster than _FlashFp32Backward's fp32 one (2.2 against 3.0 ms per layer at 1 x 512 tokens, 5.0
+    # against 7.4 at 4 x 512; benchmarks/global_rows_ab.py).
     ph = F.scaled_dot_product_attention(
         qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
     )  # (B, 1, H*G, d)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import (
     FLEX_BLOCK,
+    band_mask_dtype,
     choose_kernel,
     dense_band_applies,
     global_indices,
@@ -452,7 +453,7 @@ class LongformerSelfAttention(nn.Module):
             kernel=kernel, block_mask=masks.block_mask(self.window, self.dilation) if flex else None,
             flex_attention=compiled_flex(x.device.type) if flex else None,
             flex_options=flex_options() if flex else None,
-            band_mask=masks.band_mask(self.window, q.dtype) if dense else None,
+            band_mask=masks.band_mask(self.window, band_mask_dtype(q.dtype)) if dense else None,
         )  # (B, H, T, Dh)  # fmt: skip
         return out.transpose(1, 2).reshape(B, T, d)
 

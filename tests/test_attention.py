@@ -333,6 +333,19 @@ def test_global_rows_fused_equal_projected_keys(pads):
     torch.testing.assert_close(out.double() * real, ref.detach() * real, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("pads", [[0, 0], [0, 4], [0, 7]], ids=["no-padding", "padding", "all-padding-row"])
+def test_global_rows_fused_gradcheck(pads):
+    """The fused global rows' gradients against finite differences (float64): every input, two rows,
+    two global slots, padding, a row of padding only."""
+    B, H, G, Dh, n = 2, 2, 2, 3, 7
+    d = H * Dh
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+              [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)]]  # fmt: skip
+    am, _ = make_masks(n, pads, [[], []])
+    assert torch.autograd.gradcheck(lambda *t: attention.global_rows_fused(*t, am), inputs)
+
+
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
     """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
     projected-keys reference, gradients flow through the chunks."""
@@ -760,3 +773,122 @@ def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatc
         a = torch.zeros_like(leaves[i]) if a is None else a
         b = torch.zeros_like(leaves[i]) if b is None else b.nan_to_num(0.0)
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"leaf {i}")
+
+
+@pytest.mark.parametrize(
+    ("mask_kind", "scale", "same_kv"),
+    [("none", None, False), ("bool", None, False), ("bf16", 0.3, False), ("fp32-rows", None, True)],
+)
+def test_bf16_attention_backward_in_fp32(mask_kind, scale, same_kv):
+    """bf16 CPU attention with autograd (_FlashFp32Backward): the forward is the stock
+    kernel's, bit for bit; the gradients, computed in fp32, are close to a float64 reference and no
+    further from it than the stock bf16 backward's. Awkward sizes, a broadcast or per-row mask (a
+    row that masks most keys), a custom scale, keys that are the values."""
+    B, H, n, Dh = 2, 3, 37, 8
+    g = torch.Generator().manual_seed(11)
+    leaves = [torch.randn(B, n, H, Dh, generator=g).to(torch.bfloat16) for _ in range(3)]
+    if same_kv:
+        leaves[2] = leaves[1]
+    allowed = torch.rand(1, 1, n, n, generator=g) > 0.4
+    allowed |= torch.eye(n, dtype=torch.bool)
+    if mask_kind == "fp32-rows":
+        allowed = allowed.repeat(B, 1, 1, 1)
+        allowed[1, :, :, 5:] = False
+    masks = {
+        "none": None,
+        "bool": allowed,
+        "bf16": torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, float("-inf")),
+        "fp32-rows": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
+    }
+    mask = masks[mask_kind]
+    upstream = torch.randn(B, H, n, Dh, generator=g, dtype=F64)
+
+    def run(dtype, fn):
+        params = [t.detach().to(dtype).requires_grad_() for t in leaves[: 2 if same_kv else 3]]
+        q, k, v = (t.transpose(1, 2) for t in (params + params[1:] if same_kv else params))
+        m = (
+            mask
+            if mask is None or mask.dtype == torch.bool
+            else mask.to(dtype if dtype == F64 else mask.dtype)
+        )
+        out = fn(q, k, v, m)
+        return out, torch.autograd.grad((out.double() * upstream).sum(), params)
+
+    def ours(q, k, v, m):
+        additive = attention._additive(m, torch.bfloat16) if m is not None and m.dtype == torch.bool else m
+        return attention._FlashFp32Backward.apply(q, k, v, additive, scale)
+
+    out, grads = run(torch.bfloat16, ours)
+    assert type(out.grad_fn).__name__ == "_FlashFp32BackwardBackward"
+    assert out.dtype == torch.bfloat16 and out.stride() == (n * H * Dh, Dh, H * Dh, 1)  # token-major
+
+    def stock(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+
+    stock_out, stock_grads = run(torch.bfloat16, stock)
+    assert torch.equal(out, stock_out)
+    ref_out, ref_grads = run(F64, stock)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    for name, got, bf16, want in zip("qkv", grads, stock_grads, ref_grads, strict=False):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        stock_err = ((bf16.double() - want).norm() / want.norm()).item()
+        assert err < 1e-2 and err <= 1.1 * stock_err, (name, err, stock_err)
+
+
+def test_fp32_backward_only_for_bf16_with_autograd():
+    """fp32, inference, and attention dropout keep their paths (the stock kernel, or
+    attention_with_dropout): _FlashFp32Backward runs only for bf16 CPU tensors with autograd."""
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
+    assert type(attention._sdpa(q, k, v, None, 0.0).grad_fn).__name__.startswith("ScaledDotProduct")
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attention._sdpa(*low, torch.ones(9, 9, dtype=torch.bool), 0.0)
+    assert type(out.grad_fn).__name__ == "_FlashFp32BackwardBackward"
+    with torch.no_grad():
+        assert attention._sdpa(*low, None, 0.0).grad_fn is None
+    out = attention._sdpa(*low, torch.ones(9, 9, dtype=torch.bool), 0.5)
+    assert not type(out.grad_fn).__name__.startswith("_FlashFp32")
+    assert attention.band_mask_dtype(torch.bfloat16) == torch.float32
+    assert attention.band_mask_dtype(torch.float32) == torch.float32
+    with torch.no_grad():
+        assert attention.band_mask_dtype(torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("n", [19, 61], ids=["one-masked-call", "query-blocks"])
+def test_bf16_local_attention_gradients_with_fp32_backward(n, monkeypatch):
+    """bf16 local attention with autograd on both CPU paths that _FlashFp32Backward serves (the short
+    path's one masked call, w + 1 < n <= 2w + 1, and query blocks beyond it; padding, globals, a
+    row mostly padding): the local rows' values and the gradients of q, k, v within bf16 precision
+    of the float64 reference, and no further from it than with the stock bf16 backward."""
+    B, H, Dh, window = 3, 2, 8, 10
+    assert attention.dense_band_applies(n, window, 1, torch.device("cpu")) == (n == 19)
+    am, gm = make_masks(n, [0, 5, n - 4], [[0, 17], [3], [1]])
+    g = torch.Generator().manual_seed(9)
+    data = [torch.randn(B, n, H, Dh, generator=g) for _ in range(3)]
+    index, valid = global_indices(gm & am)
+    local_rows = (am & ~gm)[:, None, :, None]
+    upstream = torch.randn(B, H, n, Dh, generator=g, dtype=F64) * local_rows
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in data]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        if dtype == F64:
+            out = reference_attention(q, k, v, q, k, v, window=window, attention_mask=am, global_mask=gm)
+        else:
+            out = local_attention(q, k, v, window=window, attention_mask=am, global_index=index,
+                                  global_valid=valid, kernel="band")  # fmt: skip
+        out = out.double() * local_rows
+        return out, torch.autograd.grad((out * upstream).sum(), leaves)
+
+    ref, want = run(F64)
+    calls = []
+    apply = attention._FlashFp32Backward.apply
+    monkeypatch.setattr(attention._FlashFp32Backward, "apply", lambda *a: calls.append(1) or apply(*a))
+    out, got = run(torch.bfloat16)
+    assert calls
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=0)
+    monkeypatch.setattr(attention, "_fp32_backward_applies", lambda *a: False)
+    _, stock = run(torch.bfloat16)
+    for name, a, s, w in zip("qkv", got, stock, want, strict=True):
+        err = ((a.double() - w).norm() / w.norm()).item()
+        stock_err = ((s.double() - w).norm() / w.norm()).item()
+        assert err < 2e-2 and err <= 1.1 * stock_err + 1e-3, (name, err, stock_err)
