@@ -636,11 +636,7 @@ def short_band_mask(
     allowed = ((pos[:, None] - pos[None, :]).abs() <= window)[None] | is_global[:, None, :]  # (B, n, n)
     allowed = allowed & key_ok[:, None, :]
     allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, n, n)
-    if dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, float("-inf")
-    )
+    return allowed if dtype == torch.bool else _additive(allowed, dtype)
 
 
 def _dense_banded(

@@ -412,9 +412,7 @@ def index_sentences(
             }
             block = torch.empty(0, d)
         else:
-            block = alone.clone()
-            for m, e in zip(groups, embed_groups(tm, text, spans, groups, batch_size, states), strict=True):
-                block[m] = e
+            block = blocks_over(alone, groups, embed_groups(tm, text, spans, groups, batch_size, states))
     ahead = None
     if states and not lazy:
         ahead = reading_ahead([states[i] for i in range(n)], alone, scoring.reread_tokens)
@@ -520,8 +518,14 @@ def embed_blocks(
     ``token_states`` (span -> its token states): the spans of an embedded block get their tokens'
     states from the block's pass instead (read in the paragraph's context)."""
     groups = block_groups(tm, text, spans, needed, max_tokens, enc)
+    return blocks_over(alone, groups, embed_groups(tm, text, spans, groups, batch_size, token_states))
+
+
+def blocks_over(alone: Tensor, groups: Sequence[list[int]], embedded: Sequence[Tensor] | Tensor) -> Tensor:
+    """(n, d): each span's block embedding, ``embedded[g]`` for the spans of ``groups[g]`` and the
+    span's own ``alone`` row for a span in none of them."""
     block = alone.clone()
-    for m, e in zip(groups, embed_groups(tm, text, spans, groups, batch_size, token_states), strict=True):
+    for m, e in zip(groups, embedded, strict=True):
         block[m] = e
     return block
 
@@ -847,10 +851,8 @@ def _embed_lazily(tm: TaskModel, index: SentenceIndex, groups: set[int], batch_s
 
 def _lazy_block(index: SentenceIndex) -> Tensor:
     """(n, d): the block embeddings of the blocks embedded so far, ``alone``'s rows elsewhere."""
-    block = index.alone.clone()
-    for g, e in index.lazy["embedded"].items():
-        block[index.blocks[g]] = e
-    return block
+    embedded = index.lazy["embedded"]
+    return blocks_over(index.alone, [index.blocks[g] for g in embedded], list(embedded.values()))
 
 
 def passage_embeddings(
