@@ -851,6 +851,60 @@ def _through_values(ph: Tensor, value_weight: Tensor, value_bias: Tensor | None,
     return out if value_bias is None else out + value_bias.view(1, H, 1, Dh)
 
 
+class _GlobalRowsWrittenOut(torch.autograd.Function):
+    """:func:`global_rows_fused`'s attention of the global rows over the hidden state in fp32 (or
+    float64), forward and backward written out: the H*G rows are few, so their scores, softmax and
+    weighted sum are a handful of small matmuls, and the backward reuses the saved probabilities (no
+    recomputed scores, no zero-filled (B, n, d) gradients of the keys and the values summed, as the
+    flash kernel's backward makes them; the hidden state's gradient is one ``baddbmm``). The key
+    bias is an input only for its gradient, exactly 0 (the shift q . b_k of a row's scores cancels
+    in the softmax). ``real``: (B, n) bool keys a row may see, or None for all."""
+
+    @staticmethod
+    def forward(ctx, q_global, hidden, key_weight, key_bias, value_weight, value_bias, real):
+        B, H, G, Dh = q_global.shape
+        d = hidden.shape[-1]
+        qh = q_global.transpose(0, 1).reshape(H, B * G, Dh)
+        wk, wv = key_weight.view(H, Dh, d), value_weight.view(H, Dh, d)
+        qk = torch.bmm(qh, wk).view(H, B, G, d).transpose(0, 1).reshape(B, H * G, d)  # q W_k per head
+        scores = torch.bmm(qk, hidden.transpose(1, 2)).mul_(1 / math.sqrt(Dh))  # (B, H*G, n)
+        if real is not None:
+            scores.masked_fill_(~real[:, None, :], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        ph = torch.bmm(p, hidden).view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)  # P hidden
+        out = torch.bmm(ph, wv.transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)  # (B, H, G, Dh)
+        if value_bias is not None:  # rows of P sum to 1: the bias passes through
+            out = out + value_bias.view(1, H, 1, Dh)
+        ctx.save_for_backward(hidden, qh, key_weight, value_weight, qk, p, ph)
+        ctx.key_bias = key_bias is not None
+        ctx.value_bias = value_bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, qh, key_weight, value_weight, qk, p, ph = ctx.saved_tensors
+        B, H, G, Dh = grad.shape
+        d = hidden.shape[-1]
+        need = ctx.needs_input_grad
+        wk, wv = key_weight.view(H, Dh, d), value_weight.view(H, Dh, d)
+        go = grad.transpose(0, 1).reshape(H, B * G, Dh)
+        d_wv = torch.bmm(go.transpose(1, 2), ph).view(H * Dh, d) if need[4] else None
+        d_bv = grad.sum((0, 2)).reshape(H * Dh) if ctx.value_bias and need[5] else None
+        d_ph = torch.bmm(go, wv).view(H, B, G, d).transpose(0, 1).reshape(B, H * G, d)
+        d_p = torch.bmm(d_ph, hidden.transpose(1, 2))  # (B, H*G, n)
+        d_s = torch._softmax_backward_data(d_p, p, -1, p.dtype).mul_(1 / math.sqrt(Dh))
+        d_x = torch.baddbmm(torch.bmm(p.transpose(1, 2), d_ph), d_s.transpose(1, 2), qk) if need[1] else None
+        d_q = d_wk = None
+        if need[0] or need[2]:
+            d_qk = torch.bmm(d_s, hidden).view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)
+            d_wk = torch.bmm(qh.transpose(1, 2), d_qk).view(H * Dh, d) if need[2] else None
+            if need[0]:
+                d_q = torch.bmm(d_qk, wk.transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
+        d_bk = hidden.new_zeros(H * Dh) if ctx.key_bias and need[3] else None
+        return d_q, d_x, d_wk, d_bk, d_wv, d_bv, None
+
+
 def global_rows_fused(
     q_global: Tensor,
     hidden: Tensor,
@@ -861,27 +915,36 @@ def global_rows_fused(
     attention_mask: Tensor,
 ) -> Tensor:
     """:func:`global_attention_from_hidden` (no dropout) with its softmax(q W_k hidden^T / sqrt(Dh))
-    hidden as one fused scaled-dot-product call: the H*G rows q W_k (width d) are the queries, the
-    hidden state (B, n, d) both keys and values; the CPU flash kernel's forward and backward replace
-    the scores' and probabilities' matmuls, the softmax and their backward passes. Rounding as the
-    unfused path: bf16 inputs, fp32 scores and softmax. The shift q . b_k that the key bias adds to a
-    row's scores cancels in the softmax, so b_k's gradient is exactly 0: joined with weight 0 to get
-    it. Used for short sequences with autograd (``longformer_attention``), where the global rows
-    were a tenth of a bf16 training step of the default model at 512 tokens; forward + backward of
-    one layer's global rows, one global token, 1 x 512 tokens: 1.9 ms against 2.4 (fp32), 2.2
-    against 3.0 (bf16); 4 x 512 in bf16: 4.7 against 7.2 (benchmarks/global_rows_ab.py).
+    hidden fused, for short sequences with autograd (``longformer_attention``), where the global
+    rows were a tenth of a bf16 training step of the default model at 512 tokens. In bf16 one fused
+    scaled-dot-product call: the H*G rows q W_k (width d) are the queries, the hidden state (B, n,
+    d) both keys and values; the CPU flash kernel's forward and backward replace the scores' and
+    probabilities' matmuls, the softmax and their backward passes (rounding as the unfused path:
+    bf16 inputs, fp32 scores and softmax). Forward + backward of one layer's global rows, one
+    global token, 1 x 512 tokens, bf16: 2.2 ms against 3.0 for the matmuls; 4 x 512: 4.7 against
+    7.2 (benchmarks/global_rows_ab.py). In fp32 (and float64) :class:`_GlobalRowsWrittenOut`, the
+    same attention with its backward written out: 1 x 512 tokens fp32: 1.4 ms against 1.7 for the
+    fused call, 4 x 512: 4.1 against 5.5. The key bias's gradient is exactly 0 either way.
     q_global: (B, H, G, Dh); hidden: (B, n, d); weights (H*Dh, d). Returns (B, H, G, Dh)."""
     B, H, G, Dh = q_global.shape
     d = hidden.shape[-1]
+    real = attention_mask | ~attention_mask.any(dim=1, keepdim=True)  # no empty row
+    everything = bool(attention_mask.all())
+    if (
+        hidden.dtype in (torch.float32, torch.float64)
+        and q_global.dtype == hidden.dtype
+        and not torch.is_autocast_enabled(hidden.device.type)
+    ):
+        return _GlobalRowsWrittenOut.apply(
+            q_global, hidden, key_weight, key_bias, value_weight, value_bias, None if everything else real
+        )
     qk = _queries_through_keys(q_global, key_weight).reshape(B, 1, H * G, d)
     keys = hidden[:, None]  # (B, 1, n, d)
-    real = attention_mask[:, None, None, :] | ~attention_mask.any(dim=1)[:, None, None, None]  # no empty row
-    mask = None if bool(attention_mask.all()) else real
     # The stock kernel, also in bf16: its bf16 backward at this shape (H*G queries of width d) was
     # faster than _FlashFp32Backward's fp32 one (2.2 against 3.0 ms per layer at 1 x 512 tokens, 5.0
     # against 7.4 at 4 x 512; benchmarks/global_rows_ab.py).
     ph = F.scaled_dot_product_attention(
-        qk, keys, keys, attn_mask=mask, scale=1 / math.sqrt(Dh)
+        qk, keys, keys, attn_mask=None if everything else real[:, None, None, :], scale=1 / math.sqrt(Dh)
     )  # (B, 1, H*G, d)
     out = _through_values(ph.view(B, H * G, d), value_weight, value_bias, H)
     if key_bias is not None and key_bias.requires_grad:

@@ -346,6 +346,79 @@ def test_global_rows_fused_gradcheck(pads):
     assert torch.autograd.gradcheck(lambda *t: attention.global_rows_fused(*t, am), inputs)
 
 
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
+def test_global_rows_written_out_in_fp32(biases, monkeypatch):
+    """In fp32 (and float64) ``global_rows_fused`` runs ``_GlobalRowsWrittenOut`` (its backward
+    written out), not the SDPA call; bf16 and CPU autocast keep the call. Its fp32 values and
+    gradients are as close to float64 as the SDPA call's; without biases it equals the
+    projected-keys reference (float64); gradcheck with padding and a row of padding only."""
+    B, H, G, Dh, n = 2, 4, 2, 8, 40
+    d = H * Dh
+    g = torch.Generator().manual_seed(7)
+    shapes = [(B, H, G, Dh), (B, n, d), (d, d), (d,), (d, d), (d,)]
+    leaves = [torch.randn(*s, dtype=F64, generator=g).div(d**0.5 if len(s) == 2 and s[0] == d else 1)
+              .requires_grad_() for s in shapes]  # fmt: skip
+    if not biases:
+        leaves[3] = leaves[5] = None
+    am, _ = make_masks(n, [0, 9], [[], []])
+    applied = []
+    real_apply = attention._GlobalRowsWrittenOut.apply
+    monkeypatch.setattr(
+        attention._GlobalRowsWrittenOut, "apply", lambda *a: applied.append(1) or real_apply(*a)
+    )
+
+    def run(tensors, fn=attention.global_rows_fused):
+        out = fn(*tensors, am)
+        ups = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        wrt = [t for t in tensors if t is not None]
+        return out, torch.autograd.grad((out * ups).sum(), wrt)
+
+    want, want_grads = run(leaves)
+    assert len(applied) == 1  # float64: written out
+    if not biases:  # the projected-keys reference
+
+        def heads(t):
+            return t.view(B, n, H, Dh).transpose(1, 2)
+
+        ref = global_attention(leaves[0], heads(leaves[1] @ leaves[2].T), heads(leaves[1] @ leaves[4].T), am)
+        torch.testing.assert_close(want, ref, atol=1e-12, rtol=0)
+    low = [None if t is None else t.detach().float().requires_grad_() for t in leaves]
+    got, got_grads = run(low)
+    assert len(applied) == 2 and got.dtype == torch.float32
+
+    def sdpa_call(qg, x, wk, bk, wv, bv, mask):  # the SDPA call of bf16, run in fp32
+        qk = attention._queries_through_keys(qg, wk).reshape(B, 1, H * G, d)
+        real = (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]
+        ph = F.scaled_dot_product_attention(qk, x[:, None], x[:, None], attn_mask=real, scale=Dh**-0.5)
+        out = attention._through_values(ph.view(B, H * G, d), wv, bv, H)
+        return out if bk is None else out + bk.sum() * 0.0
+
+    stock, stock_grads = run(low, sdpa_call)
+    monkeypatch.undo()
+    assert not applied[2:]  # the SDPA call above ran
+
+    def error(a, w):  # relative to the float64 value's largest element
+        return ((a.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+
+    assert error(got, want) < 1e-6 and error(got, want) <= 4 * error(stock, want) + 1e-7
+    for a, s, w in zip(got_grads, stock_grads, want_grads, strict=True):
+        assert error(a, w) < 1e-5 and error(a, w) <= 4 * error(s, w) + 1e-7
+    applied.clear()
+    monkeypatch.setattr(
+        attention._GlobalRowsWrittenOut, "apply", lambda *a: applied.append(1) or real_apply(*a)
+    )
+    bf16 = [None if t is None else t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+    attention.global_rows_fused(*bf16, am)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.global_rows_fused(*low, am)
+    assert not applied  # bf16 and autocast: the SDPA call
+    am_small, _ = make_masks(7, [0, 7], [[], []])
+    small = [torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+             [(B, 2, 2, 3), (B, 7, 6), (6, 6), (6,), (6, 6), (6,)]]  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: attention._GlobalRowsWrittenOut.apply(
+        *t, am_small | ~am_small.any(dim=1, keepdim=True)), small)  # fmt: skip
+
+
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
     """A bf16 hidden state goes to fp32 a chunk of tokens at a time: values close to the float64
     projected-keys reference, gradients flow through the chunks."""
