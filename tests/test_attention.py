@@ -792,6 +792,27 @@ def test_short_band_mask_is_the_predicate(case):
     assert torch.equal(allowed[:, 0].expand(B, n, n), want)
 
 
+def test_short_band_mask_cached_for_one_row():
+    """A mask of one row (or of a batch whose rows agree) is built once and shared: the same tensor
+    for the same row, window and dtype, equal to one built anew; a different row or dtype gets its
+    own. Built under inference mode, it can still be saved for a backward pass."""
+    n, window = 23, 8
+    am, gm = make_masks(n, [0, 0], [[0, 5], [0, 5]])
+    attention._one_band_mask.cache_clear()
+    with torch.inference_mode():
+        first = attention.short_band_mask(am, gm, window, torch.float32)
+    assert not first.is_inference() and first.shape == (1, 1, n, n)
+    assert attention.short_band_mask(am[:1], gm[:1], window, torch.float32) is first
+    assert torch.equal(first, attention._band_mask(am[:1], gm[:1], window, torch.float32))
+    assert attention.short_band_mask(am, gm, window, F64) is not first
+    other = gm.clone()
+    other[:, 7] = True
+    assert not torch.equal(attention.short_band_mask(am, other, window, torch.float32), first)
+    q = torch.randn(1, 2, n, 4, requires_grad=True)
+    F.scaled_dot_product_attention(q, q, q, attn_mask=first).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 @pytest.mark.parametrize("dropout", [False, True], ids=["sdpa", "dropout-path"])
 @pytest.mark.parametrize("case", SHORT_CASES.values(), ids=SHORT_CASES.keys())
 def test_longformer_attention_with_the_batch_band_mask(case, dropout, monkeypatch):
