@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,7 +353,8 @@ def test_global_rows_written_out_in_fp32(biases, monkeypatch):
     """In fp32 (and float64) ``global_rows_fused`` runs ``_GlobalRowsWrittenOut`` (its backward
     written out), not the SDPA call; bf16 and CPU autocast keep the call. Its fp32 values and
     gradients are as close to float64 as the SDPA call's; without biases it equals the
-    projected-keys reference (float64); gradcheck with padding and a row of padding only."""
+    projected-keys reference (float64); gradcheck with padding, a row of padding only, and a batch
+    of one row with one global token (the weights' gradients as outer products)."""
     B, H, G, Dh, n = 2, 4, 2, 8, 40
     d = H * Dh
     g = torch.Generator().manual_seed(7)
@@ -412,11 +415,16 @@ def test_global_rows_written_out_in_fp32(biases, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attention.global_rows_fused(*low, am)
     assert not applied  # bf16 and autocast: the SDPA call
-    am_small, _ = make_masks(7, [0, 7], [[], []])
-    small = [torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
-             [(B, 2, 2, 3), (B, 7, 6), (6, 6), (6,), (6, 6), (6,)]]  # fmt: skip
-    assert torch.autograd.gradcheck(lambda *t: attention._GlobalRowsWrittenOut.apply(
-        *t, am_small | ~am_small.any(dim=1, keepdim=True)), small)  # fmt: skip
+    for rows, globs, pads in ((2, 2, [0, 7]), (1, 1, [2])):  # a row of padding only; one global row
+        am_small, _ = make_masks(7, pads, [[]] * rows)
+        small = [torch.randn(*s, dtype=F64, generator=g, requires_grad=True) for s in
+                 [(rows, 2, globs, 3), (rows, 7, 6), (6, 6), (6,), (6, 6), (6,)]]  # fmt: skip
+        real = am_small | ~am_small.any(dim=1, keepdim=True)
+        assert torch.autograd.gradcheck(functools.partial(apply_with_mask, real), small)
+
+
+def apply_with_mask(real, *tensors):
+    return attention._GlobalRowsWrittenOut.apply(*tensors, real)
 
 
 def test_global_attention_from_hidden_in_bf16(monkeypatch):
