@@ -16,11 +16,13 @@ session 9), so it is 0 by default.
 ``--before REF`` adds the longdoc of an earlier commit (its ``longdoc_cli`` from ``git archive``,
 imported under another name) as a third model, for a before/after comparison in the same run.
 ``--profile`` prints instead each operator's least self CPU time over the rounds, longdoc against
-BERT, the largest differences first.
+BERT, the largest differences first; with ``--shapes``, per operator and input shapes (which of
+the two attention calls, which matmul).
 
     OMP_NUM_THREADS=1 python benchmarks/train_step_ab.py                      # fp32, bf16; batch 1, 4
     OMP_NUM_THREADS=1 python benchmarks/train_step_ab.py --before 9c48ab8 --rounds 9
     OMP_NUM_THREADS=1 python benchmarks/train_step_ab.py --profile --dtypes bf16 --batches 1
+    OMP_NUM_THREADS=1 python benchmarks/train_step_ab.py --profile --shapes --dtypes fp32 --batches 1
 """
 
 from __future__ import annotations
@@ -79,26 +81,31 @@ def rotated(runs: dict, r: int) -> list[str]:
     return names[r % len(names) :] + names[: r % len(names)]
 
 
-def profile(runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 0) -> None:
+def profile(
+    runs: dict, rounds: int, rows: int, title: str, warm_steps: int = 0, shapes: bool = False
+) -> None:
     best: dict[str, dict[str, tuple[float, int]]] = {impl: {} for impl in runs}
+    activities = [torch.profiler.ProfilerActivity.CPU]
     for r in range(rounds):
         for impl in rotated(runs, r):
             f = runs[impl]
             for _ in range(warm_steps):
                 f()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
                 f()
-            for e in prof.key_averages():
-                old = best[impl].get(e.key, (float("inf"), 0))
-                best[impl][e.key] = (min(old[0], e.self_cpu_time_total / 1000), e.count)
+            for e in prof.key_averages(group_by_input_shape=shapes):
+                key = f"{e.key} {e.input_shapes}" if shapes else e.key
+                old = best[impl].get(key, (float("inf"), 0))
+                best[impl][key] = (min(old[0], e.self_cpu_time_total / 1000), e.count)
     ta, tb = best["longdoc"], best["bert"]
     names = set(ta) | set(tb)
     diff = {k: ta.get(k, (0.0, 0))[0] - tb.get(k, (0.0, 0))[0] for k in names}
     print(f"\n== {title}: least self CPU ms per operator over {rounds} profiled steps; longdoc - bert")
     print(f"{'total':60s} {sum(x[0] for x in ta.values()):9.1f} {sum(x[0] for x in tb.values()):9.1f}")
+    width = 110 if shapes else 60
     for k in sorted(names, key=lambda k: -abs(diff[k]))[:rows]:
         (ma, ca), (mb, cb) = ta.get(k, (0.0, 0)), tb.get(k, (0.0, 0))
-        print(f"{k[:60]:60s} {ma:9.1f} {mb:9.1f} {diff[k]:+8.1f}  calls {ca}/{cb}")
+        print(f"{k[:width]:{width}s} {ma:9.2f} {mb:9.2f} {diff[k]:+8.2f}  calls {ca}/{cb}")
 
 
 def compare(runs: dict, rounds: int, title: str, warm_steps: int = 0) -> None:
@@ -131,6 +138,7 @@ def main() -> None:
     p.add_argument("--before", metavar="REF", help="also time the longdoc of this git commit")
     p.add_argument("--profile", action="store_true", help="operator times, longdoc against BERT")
     p.add_argument("--rows", type=int, default=25, help="operators shown per profile")
+    p.add_argument("--shapes", action="store_true", help="profile per operator and input shapes")
     p.add_argument(
         "--warm-steps", type=int, default=0, help="untimed steps of the same model before each timed one"
     )
@@ -163,6 +171,7 @@ def main() -> None:
                         args.rows,
                         title,
                         args.warm_steps,
+                        args.shapes,
                     )
                 else:
                     compare(runs, args.rounds, title, args.warm_steps)
