@@ -779,6 +779,7 @@ SHORT_CASES = {
     "row-mostly-padding-no-global": (2, 2, 21, 10, [19, 0], [[], []]),
     "same-global-count-padding": (2, 2, 15, 7, [0, 3], [[0, 14], [2, 5]]),
     "all-padding-row": (2, 2, 13, 6, [0, 13], [[0, 12], [0]]),
+    "no-padding-globals-differ": (2, 2, 20, 10, [0, 0], [[0, 7], [3, 19]]),
 }
 
 
