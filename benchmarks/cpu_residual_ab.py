@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     tm = load_task_model(resolve_model("default"), task="classify", dtype="bf16")
     model = getattr(tm.model, "longformer", tm.model)
-    inputs = {"16 x 256": zero_shot_batch(tm.tokenizer)}
+    inputs = {"16 x 256": zero_shot_batch(tm.tokenizer, tm.config.vocab_size)}
     if args.long:
         inputs[f"{args.long} x 4096"] = random_batch(tm.config.vocab_size, args.long, 4096)
     available = binary_add_available()
