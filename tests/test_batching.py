@@ -63,7 +63,8 @@ def test_cpu_pass_workers(monkeypatch):
 
 def test_passes_side_by_side_give_the_same_outputs_in_order(tiny_tm, monkeypatch):
     """Two workers of one thread each against one pass at a time: the same numbers, yielded in the
-    same order, and torch's thread count as it was (in this thread and for new threads)."""
+    same order; one thread for the consumer while they run; and torch's thread count as it was
+    afterwards (in this thread and for new threads)."""
     import threading
 
     import torch
@@ -83,6 +84,9 @@ def test_passes_side_by_side_give_the_same_outputs_in_order(tiny_tm, monkeypatch
         for (_, a), (_, b) in zip(one, side, strict=True):
             assert torch.equal(a, b)
         assert torch.get_num_threads() == 2
+        # between yields the consumer's own ops run on one thread, the cores left to the workers
+        during = [torch.get_num_threads() for _ in runner.run_windows(tiny_tm, windows, 2)]
+        assert set(during) == {1} and torch.get_num_threads() == 2
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
         t.start()

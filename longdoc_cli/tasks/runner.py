@@ -161,6 +161,13 @@ def _side_by_side(
         workers, thread_name_prefix="longdoc-pass", initializer=torch.set_num_threads, initargs=(per_worker,)
     )
     ahead: collections.deque[tuple[list[int], Future]] = collections.deque()
+    # This thread's own ops (each window's states to fp32, the caller's pooling between yields) run on
+    # one thread while the workers hold the cores: with all of torch's threads, each small op waited
+    # for cores the passes held (the 1 MB document, bf16: 833 `.float()` and 833 `.mean()` of 256 x 384
+    # took 1.6 s each, 2 ms apiece against 0.03 ms on an idle core; benchmarks/README.md, "The floor of
+    # CPU inference here"). Element-wise ops and a mean over the tokens give the same numbers on any
+    # number of threads.
+    torch.set_num_threads(1)
     try:
         todo = iter(chunks)
         for chunk in itertools.islice(todo, 2 * workers):  # a pass or two queued per worker
@@ -176,8 +183,8 @@ def _side_by_side(
         for _, future in ahead:
             future.cancel()
         pool.shutdown(wait=True)
-        # A worker's set_num_threads also became torch's default for threads started later; this
-        # thread's own count never changed. Put the default back.
+        # This thread's count was set to 1 above, and a worker's set_num_threads also became torch's
+        # default for threads started later. Put the default back.
         torch.set_num_threads(threads)
 
 
