@@ -868,9 +868,16 @@ def _through_values(ph: Tensor, value_weight: Tensor, value_bias: Tensor | None,
     passes through unchanged)."""
     B, HG, d = ph.shape
     G, Dh = HG // H, value_weight.shape[0] // H
-    ph = ph.view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)  # (H, B*G, d)
-    out = torch.bmm(ph, value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
+    out = torch.bmm(_heads_first(ph, H), value_weight.view(H, Dh, d).transpose(1, 2)).view(H, B, G, Dh)
+    out = out.transpose(0, 1)
     return out if value_bias is None else out + value_bias.view(1, H, 1, Dh)
+
+
+def _heads_first(t: Tensor, H: int) -> Tensor:
+    """(B, H*G, x) rows grouped by head within each batch row -> (H, B*G, x): each head's rows of the
+    whole batch together, for one ``bmm`` per head."""
+    B, HG, x = t.shape
+    return t.view(B, H, HG // H, x).transpose(0, 1).reshape(H, B * (HG // H), x)
 
 
 class _GlobalRowsWrittenOut(torch.autograd.Function):
@@ -886,18 +893,14 @@ class _GlobalRowsWrittenOut(torch.autograd.Function):
     def forward(ctx, q_global, hidden, key_weight, key_bias, value_weight, value_bias, real):
         B, H, G, Dh = q_global.shape
         d = hidden.shape[-1]
-        qh = q_global.transpose(0, 1).reshape(H, B * G, Dh)
-        wk, wv = key_weight.view(H, Dh, d), value_weight.view(H, Dh, d)
-        qk = torch.bmm(qh, wk).view(H, B, G, d).transpose(0, 1).reshape(B, H * G, d)  # q W_k per head
+        qk = _queries_through_keys(q_global, key_weight).reshape(B, H * G, d)  # q W_k per head
         scores = torch.bmm(qk, hidden.transpose(1, 2)).mul_(1 / math.sqrt(Dh))  # (B, H*G, n)
         if real is not None:
             scores.masked_fill_(~real[:, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        ph = torch.bmm(p, hidden).view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)  # P hidden
-        out = torch.bmm(ph, wv.transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)  # (B, H, G, Dh)
-        if value_bias is not None:  # rows of P sum to 1: the bias passes through
-            out = out + value_bias.view(1, H, 1, Dh)
-        ctx.save_for_backward(hidden, qh, key_weight, value_weight, qk, p, ph)
+        ph = torch.bmm(p, hidden)  # P hidden (B, H*G, d)
+        out = _through_values(ph, value_weight, value_bias, H)  # (B, H, G, Dh)
+        ctx.save_for_backward(hidden, q_global, key_weight, value_weight, qk, p, ph)
         ctx.key_bias = key_bias is not None
         ctx.value_bias = value_bias is not None
         return out
@@ -905,13 +908,13 @@ class _GlobalRowsWrittenOut(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        hidden, qh, key_weight, value_weight, qk, p, ph = ctx.saved_tensors
+        hidden, q_global, key_weight, value_weight, qk, p, ph = ctx.saved_tensors
         B, H, G, Dh = grad.shape
         d = hidden.shape[-1]
         need = ctx.needs_input_grad
         wk, wv = key_weight.view(H, Dh, d), value_weight.view(H, Dh, d)
         go = grad.transpose(0, 1).reshape(H, B * G, Dh)
-        d_wv = _outer_sum(go, ph).view(H * Dh, d) if need[4] else None
+        d_wv = _outer_sum(go, _heads_first(ph, H)).view(H * Dh, d) if need[4] else None
         d_bv = grad.sum((0, 2)).reshape(H * Dh) if ctx.value_bias and need[5] else None
         d_ph = torch.bmm(go, wv).view(H, B, G, d).transpose(0, 1).reshape(B, H * G, d)
         d_p = torch.bmm(d_ph, hidden.transpose(1, 2))  # (B, H*G, n)
@@ -919,8 +922,9 @@ class _GlobalRowsWrittenOut(torch.autograd.Function):
         d_x = torch.baddbmm(torch.bmm(p.transpose(1, 2), d_ph), d_s.transpose(1, 2), qk) if need[1] else None
         d_q = d_wk = None
         if need[0] or need[2]:
-            d_qk = torch.bmm(d_s, hidden).view(B, H, G, d).transpose(0, 1).reshape(H, B * G, d)
-            d_wk = _outer_sum(qh, d_qk).view(H * Dh, d) if need[2] else None
+            d_qk = _heads_first(torch.bmm(d_s, hidden), H)  # (H, B*G, d)
+            if need[2]:
+                d_wk = _outer_sum(q_global.transpose(0, 1).reshape(H, B * G, Dh), d_qk).view(H * Dh, d)
             if need[0]:
                 d_q = torch.bmm(d_qk, wk.transpose(1, 2)).view(H, B, G, Dh).transpose(0, 1)
         d_bk = hidden.new_zeros(H * Dh) if ctx.key_bias and need[3] else None
