@@ -580,10 +580,7 @@ def embed_groups(
 def guessed_blocks(alone: Tensor, groups: list[list[int]]) -> Tensor:
     """(n, d): each span's block embedding guessed without a pass: the L2-normalised mean of the
     ``alone`` rows of its group (``alone``'s own row for a span in no group)."""
-    guess = alone.clone()
-    for m in groups:
-        guess[m] = F.normalize(alone[m].mean(0), dim=-1)
-    return guess
+    return blocks_over(alone, groups, [F.normalize(alone[m].mean(0), dim=-1) for m in groups])
 
 
 def lexical_coverage(index: SentenceIndex, question: str) -> Tensor:
